@@ -1,0 +1,1 @@
+"""Figures from trained adapters and run records (never imported by the rest of the suite)."""

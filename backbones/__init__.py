@@ -1,0 +1,55 @@
+"""Backbone registry: create_backbone(name, ...) and adapter_sites(model).
+
+Backbones know nothing of adapters or tasks; each exposes its adaptable places as LayerSites.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .sites import LayerSites, LinearSite, ParallelSite
+from .vit import VIT_SPECS, WeightsError, create_vit, vit_head, vit_sites
+
+__all__ = ["BACKBONES", "LayerSites", "LinearSite", "ParallelSite", "WeightsError", "adapter_sites",
+           "create_backbone", "head_of"]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    create: Callable[..., nn.Module]
+    sites: Callable[[nn.Module], list[LayerSites]]
+    head: Callable[[nn.Module], nn.Module]
+    drop_path_rate: float  # the paper's recipe
+
+
+BACKBONES: dict[str, Backbone] = {
+    name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1)
+    for name in VIT_SPECS
+}
+
+
+def _backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
+                    drop_path_rate: float | None = None, **kwargs) -> nn.Module:
+    """Build backbone `name` with a fresh `num_classes` head. pretrained=False never downloads;
+    `weights` loads a local file instead of the hub."""
+    spec = _backbone(name)
+    rate = spec.drop_path_rate if drop_path_rate is None else drop_path_rate
+    model = spec.create(num_classes, pretrained=pretrained, weights=weights, drop_path_rate=rate, **kwargs)
+    model.backbone_name = name
+    return model
+
+
+def adapter_sites(model: nn.Module) -> list[LayerSites]:
+    return _backbone(model.backbone_name).sites(model)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return _backbone(model.backbone_name).head(model)

@@ -1,0 +1,51 @@
+"""Adapter sites: the places of a backbone that a PEFT method may adapt.
+
+A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of the output, such as
+the K third of ViT's fused qkv) and its parallel sites (read the input of one module, add to the
+output of another). Methods attach by asking for sites by name, never by module paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """The output columns `out` of the Linear `parent.<attr>`."""
+
+    parent: nn.Module
+    attr: str
+    d_in: int
+    out: slice
+
+    @property
+    def d_out(self) -> int:
+        return self.out.stop - self.out.start
+
+
+@dataclass(frozen=True)
+class ParallelSite:
+    """A parallel branch: reads the input of `read` = parent.<read_attr>, adds to the output of
+    `write` = parent.<write_attr> (the same module when both names are equal)."""
+
+    parent: nn.Module
+    read_attr: str
+    write_attr: str
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class LayerSites:
+    index: int
+    linear: dict[str, LinearSite] = field(default_factory=dict)
+    parallel: dict[str, ParallelSite] = field(default_factory=dict)
+
+    def get(self, name: str) -> LinearSite | ParallelSite:
+        site = self.linear.get(name) or self.parallel.get(name)
+        if site is None:
+            known = sorted([*self.linear, *self.parallel])
+            raise KeyError(f"unknown adapter site {name!r}; this backbone has {known}")
+        return site

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from vtab_lily import build_model
+
+TINY = dict(img_size=32, patch_size=8)  # vit-tiny at 32 px: 4 layers, width 64, 16 patches + cls
+
+
+def tiny(method: str, seed: int = 0, num_classes: int = 5, **options):
+    """A tiny ViT with `method` attached; the backbone's weights depend only on `seed`."""
+    torch.manual_seed(seed)
+    return build_model("vit-tiny", method, num_classes, pretrained=False, backbone_options=TINY, **options)
+
+
+def randomize_trainable(model, seed: int = 1, std: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))

@@ -1,0 +1,137 @@
+"""The core methods on ViT: identity at zero init, exact parameter counts, gradients, save/load."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, randomize_trainable, tiny
+
+from backbones import create_backbone
+from vtab_lily import adapter_config, build_model, count_params, disable_adapters, load_adapter, save_adapter
+
+METHODS = [
+    ("lily", {}),
+    ("lily", dict(routing="token", router="lp", ne_1=2, ne_2=3)),
+    ("lily", dict(routing="sample", targets=("q", "v", "mlp"))),
+    ("lily", dict(router="none")),
+    ("lora", {}),
+    ("adaptformer", {}),
+    ("adaptformer", dict(bias=True, width=8)),
+    ("fft", {}),
+    ("linear", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_zero_init_is_identity_and_keeps_fused_attention(method, options, images, monkeypatch):
+    torch.manual_seed(0)
+    plain = create_backbone("vit-tiny", 5, pretrained=False, **TINY).eval()
+    model = tiny(method, **options).eval()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with torch.no_grad():
+        want = plain(images)
+        calls.clear()
+        got = model(images)
+        assert len(calls) == 4  # timm's fused attention ran in all 4 blocks
+        with disable_adapters(model):
+            off = model(images)
+    assert torch.equal(got, want) if method in ("fft", "linear") else torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(off, want)
+
+
+
+
+@pytest.mark.parametrize("method,options,expected", [
+    ("lily", dict(r=16, ne=4), 396_288),
+    ("lily", dict(r=32, ne=4), 792_576),
+    ("lora", dict(r=8), 294_912),
+    ("lora", dict(r=32), 1_179_648),
+    ("adaptformer", dict(width=32), 589_824),
+    ("adaptformer", dict(width=8, bias=True), 156_768),
+    ("linear", {}, 0),
+])
+def test_parameter_counts_on_vit_b(method, options, expected):
+    model = build_model("vit-b", method, 100, pretrained=False, **options)
+    assert count_params(model) == expected
+
+
+def test_lily_parameter_breakdown_on_vit_b():
+    model = build_model("vit-b", "lily", 100, pretrained=False, r=16, ne=4)
+    parts = {k: sum(p.numel() for n, p in model.lily.named_parameters() if n.startswith(k))
+             for k in ("lps", "hps", "routers")}
+    assert parts == {"lps": 196_608, "hps": 196_608, "routers": 3_072}
+
+
+@pytest.mark.parametrize("method", ["lily", "lora", "adaptformer", "linear", "fft"])
+def test_gradients_only_where_they_belong(method, images):
+    model = tiny(method)
+    randomize_trainable(model) if method != "fft" else None
+    model(images).logsumexp(-1).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    prefixes = {"lily": ("lily.", "head."), "linear": ("head.",), "fft": ("",),
+                "lora": ("head.",), "adaptformer": ("head.",)}[method]
+    branch = ".branches." if method in ("lora", "adaptformer") else "\0"
+    assert all(n.startswith(prefixes) or branch in n for n in with_grad)
+    assert any(n.startswith("head.") for n in with_grad)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\].*valid options: \['r', 's'"):
+        tiny("lily", rank=4)
+    with pytest.raises(KeyError, match="unknown method 'lorax'"):
+        tiny("lorax")
+
+
+def test_lily_ne_1_must_divide_the_depth():
+    with pytest.raises(ValueError, match="ne_1=3 must divide the number of layers"):
+        tiny("lily", ne_1=3)
+
+
+def test_save_load_round_trip_stores_shared_tensors_once(tmp_path, images):
+    model = tiny("lily", ne_1=2, ne_2=3).eval()
+    randomize_trainable(model)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    fresh = tiny("lily", ne_1=2, ne_2=3).eval()
+    load_adapter(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+    from safetensors.torch import load_file
+    keys = sorted(load_file(str(path)))
+    assert [k for k in keys if k.startswith("lily.hps")] == ["lily.hps.k", "lily.hps.mlp", "lily.hps.v"]
+    assert len([k for k in keys if k.startswith("lily.lps")]) == 2 * 3  # ne_1 LPs per target, once each
+    assert len([k for k in keys if k.startswith("lily.routers")]) == 4 * 3  # one per layer and target
+    assert adapter_config(path)["options"]["ne_2"] == 3
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_load_adapter_rejects_a_different_config(tmp_path):
+    model = tiny("lily", r=4)
+    save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapter(tiny("lily", r=8), tmp_path / "a.safetensors")
+
+
+def test_deepcopy_keeps_one_shared_copy():
+    model = copy.deepcopy(tiny("lily"))
+    branch = model.blocks[1].attn.qkv.branches[0]
+    assert branch.shared is model.lily
+
+
+def test_disable_adapters_removes_a_trained_adapter(images):
+    model = tiny("lily").eval()
+    with torch.no_grad():
+        base = model(images)
+        randomize_trainable(model)
+        with disable_adapters(model):
+            plain_new_head = model(images)
+        adapted = model(images)
+        model.head.load_state_dict(tiny("lily").head.state_dict())
+        with disable_adapters(model):
+            off = model(images)
+    assert (adapted - plain_new_head).abs().max() > 1e-3
+    assert torch.equal(off, base)

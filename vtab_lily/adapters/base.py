@@ -1,0 +1,126 @@
+"""Shared machinery of all methods: wrappers that add branches to a backbone's modules, and the
+method registry.
+
+A method never replaces a library module's forward: it wraps the module (`Adapted`), so timm's fused
+attention, its keyword arguments and future signature changes keep working.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones import LinearSite, ParallelSite
+
+
+class Tap(nn.Module):
+    """Wraps a module and keeps its last input for a parallel branch that writes elsewhere."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x, *args, **kwargs):
+        self.last = x
+        return self.base(x, *args, **kwargs)
+
+    def pop(self) -> torch.Tensor:
+        x, self.last = self.last, None
+        if x is None:
+            raise RuntimeError("a parallel adapter branch ran before the module it reads from")
+        return x
+
+
+class Adapted(nn.Module):
+    """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input) to a slice
+    of the base output. `enabled = False` makes it compute as the plain base module."""
+
+    def __init__(self, base: nn.Module, tap: Tap | None = None):
+        super().__init__()
+        self.base = base
+        self.branches = nn.ModuleList()
+        self.slices: list[slice] = []
+        self.enabled = True
+        object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
+
+    def add(self, branch: nn.Module, out: slice) -> None:
+        for s in self.slices:
+            if out.start < s.stop and s.start < out.stop:
+                raise ValueError(f"adapter output slices overlap: {s} and {out}")
+        self.branches.append(branch)
+        self.slices.append(out)
+
+    def forward(self, x, *args, **kwargs):
+        y = self.base(x, *args, **kwargs)
+        src = self.tap.pop() if self.tap is not None else x
+        if not self.enabled:
+            return y
+        pieces, pos = [], 0
+        for out, branch in sorted(zip(self.slices, self.branches), key=lambda t: t[0].start):
+            if out.start > pos:
+                pieces.append(y[..., pos:out.start])
+            pieces.append(y[..., out] + branch(src))
+            pos = out.stop
+        if pos < y.shape[-1]:
+            pieces.append(y[..., pos:])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+
+def _wrapped(parent: nn.Module, attr: str, kind: type, **kw) -> nn.Module:
+    module = getattr(parent, attr)
+    if not isinstance(module, kind):
+        module = kind(module, **kw)
+        setattr(parent, attr, module)
+    return module
+
+
+def add_branch(site: LinearSite | ParallelSite, branch: nn.Module) -> None:
+    """Attach `branch` at `site`: its output is added to the site's output (slice)."""
+    if isinstance(site, LinearSite):
+        _wrapped(site.parent, site.attr, Adapted).add(branch, site.out)
+    elif site.read_attr == site.write_attr:
+        _wrapped(site.parent, site.write_attr, Adapted).add(branch, slice(0, site.d_out))
+    else:
+        tap = _wrapped(site.parent, site.read_attr, Tap)
+        _wrapped(site.parent, site.write_attr, Adapted, tap=tap).add(branch, slice(0, site.d_out))
+
+
+def adapted_modules(model: nn.Module) -> list[Adapted]:
+    return [m for m in model.modules() if isinstance(m, Adapted)]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method: its config dataclass, the function that attaches it, and whether the backbone's
+    own weights train (full fine-tuning)."""
+
+    config: type
+    attach: Callable[[nn.Module, Any], None]
+    trains_backbone: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config: type, trains_backbone: bool = False):
+    def wrap(attach):
+        METHODS[name] = Method(config, attach, trains_backbone)
+        return attach
+    return wrap
+
+
+def make_config(method: str, options: dict[str, Any]):
+    """The method's config from keyword options; unknown methods or options raise one clear error."""
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[method].config
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+    return cls(**options)

@@ -1,0 +1,96 @@
+"""The Python API: build a backbone with a PEFT method, count, disable, save and load adapters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from backbones import create_backbone, head_of
+
+from .adapters import METHODS, adapted_modules, make_config
+from .fileio import atomic_path
+
+
+def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
+                weights: str | None = None, drop_path_rate: float | None = None,
+                backbone_options: dict | None = None, **options) -> nn.Module:
+    """Backbone + method, with requires_grad set: the method's parameters and the head train.
+
+    `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
+    raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
+    """
+    cfg = make_config(method, options)
+    model = create_backbone(backbone, num_classes, pretrained=pretrained, weights=weights,
+                            drop_path_rate=drop_path_rate, **(backbone_options or {}))
+    backbone_params = {id(p) for p in model.parameters()}
+    spec = METHODS[method]
+    spec.attach(model, cfg)
+    head = {id(p) for p in head_of(model).parameters()}
+    for p in model.parameters():
+        p.requires_grad = spec.trains_backbone or id(p) not in backbone_params or id(p) in head
+    model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
+                         "options": dataclasses.asdict(cfg)}
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters excluding the classification head; shared tensors counted once."""
+    head = {id(p) for p in head_of(model).parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its plain backbone (the head stays as it is)."""
+    wrappers = adapted_modules(model)
+    previous = [w.enabled for w in wrappers]
+    for w in wrappers:
+        w.enabled = False
+    try:
+        yield model
+    finally:
+        for w, e in zip(wrappers, previous):
+            w.enabled = e
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name (named_parameters lists a shared tensor once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the trainable tensors (head included) as safetensors, with the build config as JSON
+    metadata under the key `vtab_lily`. Atomic."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"vtab_lily": json.dumps(model.peft_config)})
+
+
+def adapter_config(path: str | os.PathLike) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["vtab_lily"])
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy a saved adapter into a model built with the same backbone, method and options."""
+    saved = adapter_config(path)
+    if {k: saved[k] for k in ("backbone", "method", "options")} != {
+            k: json.loads(json.dumps(model.peft_config[k])) for k in ("backbone", "method", "options")}:
+        raise ValueError(f"{path} was saved from {saved}, which does not fit this model "
+                         f"({model.peft_config}); build the model with the saved backbone, method and options")
+    tensors = load_file(str(path))
+    own = trainable_state(model)
+    if set(tensors) != set(own):
+        raise ValueError(f"{path} holds tensors {sorted(set(tensors) ^ set(own))[:5]} that do not match "
+                         "this model's trainable parameters")
+    with torch.no_grad():
+        for name, p in own.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model expects "
+                                 f"{tuple(p.shape)}")
+            p.copy_(tensors[name])
