@@ -1,0 +1,154 @@
+"""Preparing VTAB-1K (tfds mock data), reading it back, its errors, and the decode-once cache."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vtab_lily.data import Batches, DataError, load_split, read_list
+from vtab_lily.prepare import PrepareError, prepare_task
+from vtab_lily.tasks import SPLIT_SIZES, TASKS, VTAB_TASKS
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+class SceneSource:
+    """A lazy, full-size mock split of clevr or kitti scenes whose object fields agree in length (tfds'
+    random mock draws each sequence feature's length independently, 5..49, so scenes are inconsistent)."""
+
+    def __init__(self, builder, n):
+        self.builder, self.n = builder, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        k = int(rng.integers(3, 11))
+        image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        if self.builder == "clevr":
+            coords = np.column_stack([rng.uniform(0, 480, k), rng.uniform(0, 320, k), rng.uniform(7, 13, k)])
+            return {"image": image, "objects": {"size": np.zeros(k, np.int64), "pixel_coords": coords}}
+        location = np.column_stack([rng.uniform(-10, 10, (k, 2)), rng.uniform(2, 60, k)])
+        return {"image": image, "objects": {"type": rng.integers(0, 8, k), "location": location}}
+
+
+def _scene_source(self, split, *args, **kwargs):
+    return SceneSource(self.name, SPLIT_SIZES[self.name][split])
+
+
+@pytest.mark.parametrize("name", VTAB_TASKS)
+def test_prepare_under_tfds_mock_data_writes_the_four_lists(name, tmp_path):
+    task = TASKS[name]
+    kw = {"as_data_source_fn": _scene_source} if task.builder in ("clevr", "kitti") else {}
+    # Full-size lazy mock splits, so VTAB's absolute slices exist; --limit keeps 6 examples per split.
+    with tfds.testing.mock_data(num_examples=737_280, **kw):
+        manifest = prepare_task(name, tmp_path, limit=6)
+    assert manifest["counts"] == {"train800": 6, "val200": 6, "train800val200": 12, "test": 6}
+    for split in ("train800", "val200", "train800val200", "test"):
+        paths, labels = read_list(tmp_path / name, split, task.num_classes)
+        assert len(paths) == manifest["counts"][split]
+        assert ((labels >= 0) & (labels < task.num_classes)).all()
+    assert set(manifest["sha256"]) == {"train800.txt", "val200.txt", "train800val200.txt", "test.txt"}
+
+
+def test_manual_download_tasks_say_what_to_fetch(tmp_path):
+    with pytest.raises(PrepareError, match="NWPU-RESISC45.rar.*downloads/manual"):
+        prepare_task("resisc45", tmp_path, data_dir=str(tmp_path / "tfds"), download=True)
+    assert not (tmp_path / "resisc45" / "manifest.json").exists()
+
+
+def test_mock_split_too_short_is_an_error(tmp_path):
+    with tfds.testing.mock_data(num_examples=10), pytest.raises(PrepareError, match="holds 10 examples"):
+        prepare_task("cifar100", tmp_path)
+    assert not list(tmp_path.glob("cifar100/*.txt"))
+
+
+def test_digits_round_trip_is_pixel_exact(tmp_path):
+    from sklearn.datasets import load_digits
+    manifest = prepare_task("digits", tmp_path)
+    assert manifest["counts"] == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 797}
+    digits = load_digits()
+    paths, labels = read_list(tmp_path / "digits", "test", 10)
+    assert (labels == digits.target[1000:]).all()
+    png = np.asarray(Image.open(paths[5]))
+    assert (png[..., 0] == np.round(digits.images[1005] * 255 / 16)).all()
+    split = load_split(tmp_path, "digits", "val200", size=8, interpolation="nearest", progress=False)
+    assert (split.images[:, :, :, 1] == np.round(digits.images[800:1000] * 255 / 16)).all()
+    assert (split.labels == digits.target[800:1000]).all()
+
+
+def _community_folder(root, n=4, classes=3):
+    """A community-style JPEG folder: oxford_iiit_pet/images/test/*.jpg + test.txt."""
+    folder = root / "oxford_iiit_pet"
+    (folder / "images" / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(
+            folder / "images" / "test" / f"{i:06d}.jpg", quality=75)
+        lines.append(f"images/test/{i:06d}.jpg {i % classes}")
+    (folder / "test.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_community_jpeg_folder_is_read_through_its_alias(tmp_path):
+    folder = _community_folder(tmp_path)
+    split = load_split(tmp_path, "pets", "test", progress=False)
+    assert split.images.shape == (4, 224, 224, 3)
+    want = np.asarray(Image.open(folder / "images/test/000002.jpg").convert("RGB").resize((224, 224), Image.BICUBIC))
+    assert (split.images[2] == want).all()
+    assert split.labels.tolist() == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "test.txt").unlink(), "missing list file .*test.txt"),
+    (lambda f: (f / "images/test/000001.jpg").unlink(), r"test.txt:2: image .*000001.jpg does not exist"),
+    (lambda f: (f / "images/test/000003.jpg").write_bytes(b"not a jpeg"), "corrupt image .*000003.jpg"),
+    (lambda f: (f / "test.txt").write_text("images/test/000000.jpg 37\n"), r"test.txt:1: label 37 outside 0..36"),
+    (lambda f: (f / "test.txt").write_text("images/test/000000.jpg\n"), r"test.txt:1: expected '<image path>"),
+])
+def test_bad_inputs_give_one_clear_error_and_no_cache(tmp_path, damage, message):
+    folder = _community_folder(tmp_path)
+    damage(folder)
+    with pytest.raises(DataError, match=message):
+        load_split(tmp_path, "pets", "test", progress=False)
+    assert not list((folder / ".cache").glob("*.npy")) if (folder / ".cache").exists() else True
+
+
+def test_missing_task_folder_says_how_to_prepare(tmp_path):
+    with pytest.raises(DataError, match="python -m vtab_lily.prepare --task dtd"):
+        load_split(tmp_path, "dtd", "test")
+
+
+def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
+    folder = _community_folder(tmp_path)
+    first = load_split(tmp_path, "pets", "test", progress=False)
+    mtime = os.path.getmtime(first.cache)
+    again = load_split(tmp_path, "pets", "test", progress=False)
+    assert again.cache == first.cache and os.path.getmtime(again.cache) == mtime
+    smaller = load_split(tmp_path, "pets", "test", size=32, progress=False)
+    assert smaller.cache != first.cache and smaller.images.shape[1:] == (32, 32, 3)
+    bilinear = load_split(tmp_path, "pets", "test", interpolation="bilinear", progress=False)
+    assert bilinear.cache != first.cache
+    Image.fromarray(np.zeros((50, 40, 3), np.uint8)).save(folder / "images/test/000000.jpg")
+    changed = load_split(tmp_path, "pets", "test", progress=False)
+    assert changed.cache != first.cache and not first.cache.exists()  # stale cache removed
+    assert changed.images[0].max() == 0
+
+
+def test_batches_shuffle_reproducibly_and_normalise(tmp_path):
+    prepare_task("digits", tmp_path)
+    split = load_split(tmp_path, "digits", "train800", size=16, progress=False)
+    a = Batches(split, 64, shuffle=True, drop_last=True, seed=3)
+    b = Batches(split, 64, shuffle=True, drop_last=True, seed=3)
+    assert len(a) == 12
+    (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    a.set_epoch(1)
+    assert not torch.equal(next(iter(a))[1], ya)
+    x, _ = next(iter(Batches(split, 8)))
+    assert x.shape == (8, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
+    xn, _ = next(iter(Batches(split, 8, normalize=True)))
+    assert torch.allclose(xn[:, 0], (x[:, 0] - 0.485) / 0.229)
