@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vtab_lily.data import Batches, DataError, load_split, read_list
+from vtab_lily.data import Batches, DataError, load_split, read_list, to_float
 from vtab_lily.prepare import PrepareError, prepare_task
 from vtab_lily.tasks import SPLIT_SIZES, TASKS, VTAB_TASKS
 
@@ -148,7 +148,9 @@ def test_batches_shuffle_reproducibly_and_normalise(tmp_path):
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     a.set_epoch(1)
     assert not torch.equal(next(iter(a))[1], ya)
-    x, _ = next(iter(Batches(split, 8)))
-    assert x.shape == (8, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
-    xn, _ = next(iter(Batches(split, 8, normalize=True)))
-    assert torch.allclose(xn[:, 0], (x[:, 0] - 0.485) / 0.229)
+    raw, _ = next(iter(Batches(split, 8)))
+    assert raw.shape == (8, 3, 16, 16) and raw.dtype == torch.uint8
+    assert torch.equal(raw.permute(0, 2, 3, 1), torch.from_numpy(np.array(split.images[:8])))
+    x = to_float(raw)
+    assert x.dtype == torch.float32 and torch.equal(x * 255, raw.float())
+    assert torch.allclose(to_float(raw, normalize=True)[:, 0], (x[:, 0] - 0.485) / 0.229)
