@@ -2,6 +2,7 @@
 224 px, and the cost of Eq. 18 (combine HPs, one matmul) vs Eq. 17 (ne expert matmuls) at the same
 sizes. Prints ratios measured in one run."""
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from common import median_seconds
 from vtab_lily import build_model
 
 
-def step_time(method: str, batch: int, repeats: int, **options) -> float:
+def train_step(method: str, batch: int, **options):
     torch.manual_seed(0)
     model = build_model("vit-b", method, 100, pretrained=False, **options).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -20,7 +21,18 @@ def step_time(method: str, batch: int, repeats: int, **options) -> float:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return median_seconds(step, repeats=repeats)
+    return step
+
+
+def interleaved_medians(steps, repeats: int) -> list[float]:
+    """Median step time of each function, timed in alternation so drift hits all alike."""
+    times = [[] for _ in steps]
+    for step in steps:
+        step()  # warm-up
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            times[i].append(median_seconds(step, repeats=1, warmup=0))
+    return [statistics.median(t) for t in times]
 
 
 def combine_times(batch: int, repeats: int) -> tuple[float, float]:
@@ -41,9 +53,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    lora = step_time("lora", args.batch, args.repeats, r=8)
-    lily = step_time("lily", args.batch, args.repeats, r=16, ne=4)
+    lora, lily = interleaved_medians([train_step("lora", args.batch, r=8),
+                                      train_step("lily", args.batch, r=16, ne=4)], args.repeats)
     print(f"train step, batch {args.batch} @224: LoRA q,v r=8 {lora * 1e3:.0f} ms, "
           f"Lily kvmlp r=16 ne=4 {lily * 1e3:.0f} ms, Lily/LoRA = {lily / lora:.3f}")
     e18, e17 = combine_times(args.batch, args.repeats)

@@ -1,0 +1,178 @@
+"""One VTAB-1K run: build backbone + method, train with the paper's recipe, write a run record.
+
+    python -m vtab_lily.run --backbone vit-b --task cifar100 [--method lily] [--seed 42]
+        [--set s=10 --set ne=3 --set lr=1e-3 ...] [--weights PATH] [--data-root DIR] [--eval test|val200]
+
+`--eval test` (default, the paper's protocol) trains on train800val200 and tests every 10 epochs;
+`--eval val200` trains on train800 and scores val200 (VTAB's hyper-parameter selection stage).
+A finished run with the same config and seed is skipped unless --force; an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from backbones import WeightsError
+
+from .adapters import METHODS
+from .data import Batches, DataError, load_split, task_dir
+from .model import build_model, count_params, save_adapter
+from .prepare import PrepareError, prepare_task
+from .recipes import RECIPE_FIELDS
+from .records import RunLock, RunSpec, environment, read_record, write_record
+from .tasks import get_task
+from .train import NonFiniteLoss, fit
+
+DEFAULT_DATA = "data/vtab-1k"
+DEFAULT_RUNS = "results/runs"
+
+
+class RunBusy(RuntimeError):
+    """Another process holds this run's lock."""
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
+    """key=value settings -> (method options, recipe overrides). Keys may be prefixed '<method>.'."""
+    fields = [f.name for f in dataclasses.fields(METHODS[method].config)] if method in METHODS else []
+    options, recipe = {}, {}
+    for key, value in settings.items():
+        bare = key.split(".", 1)[1] if key.startswith(f"{method}.") else key
+        if bare in fields:
+            options[bare] = value
+        elif bare in RECIPE_FIELDS and "." not in key:
+            recipe[bare] = value
+        else:
+            raise KeyError(f"unknown setting {key!r}: {method} options are {fields}; recipe fields are "
+                           f"{list(RECIPE_FIELDS)}")
+    return options, recipe
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ensure_data(task: str, data_root: str | Path, prepare: bool) -> None:
+    spec = get_task(task)
+    try:
+        task_dir(data_root, spec)
+    except DataError:
+        if not prepare:
+            raise
+        prepare_task(spec.name, data_root)
+
+
+def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
+            weights: str | None = None, device: str | None = None, prepare: bool = False, force: bool = False,
+            pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True) -> Path:
+    """Run `spec` (or skip it when its record is done) and return the record's path."""
+    record_path = spec.path(runs)
+    if record_path.exists() and read_record(record_path).get("status") == "done" and not force:
+        return record_path
+    ensure_data(spec.task, data_root, prepare)
+    device = device or default_device()
+    recipe = spec.full_recipe()
+    task = get_task(spec.task)
+    with RunLock(spec.path(runs, ".lock")) as lock:
+        if not lock.acquire():
+            raise RunBusy(f"run {spec.run_id} is being run by another process ({lock.path})")
+        if record_path.exists() and read_record(record_path).get("status") == "done" and not force:
+            return record_path  # finished by another process while we looked
+        state_path = spec.path(runs, ".state.pt")
+        if force:
+            state_path.unlink(missing_ok=True)
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights,
+                            drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
+                            **spec.options).to(device)
+        train_split, eval_split = (load_split(data_root, spec.task, s, recipe.image_size, recipe.interpolation,
+                                              progress=progress) for s in (spec.train_split, spec.eval_split))
+        resident = device.startswith("cuda")
+        train = Batches(train_split, recipe.batch_size, shuffle=True, drop_last=True, device=device,
+                        resident=resident, seed=spec.seed)
+        test = Batches(eval_split, recipe.eval_batch_size, device=device)
+        started = time.time()
+        common = dict(params=count_params(model), environment=environment(device), weights=weights,
+                      data_root=str(data_root), device=device)
+        try:
+            history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
+                          progress=progress, log=print if progress else None)
+        except NonFiniteLoss as e:
+            write_record(spec, runs, status="failed", error=str(e), **common)
+            state_path.unlink(missing_ok=True)
+            raise
+        best = max(history.evaluations, key=lambda e: e["acc"])
+        save_adapter(model, spec.path(runs, ".safetensors"))
+        path = write_record(
+            spec, runs, status="done", **common, evaluations=history.evaluations, lrs=history.lrs,
+            train_losses=history.train_losses, best_acc=best["acc"], best_epoch=best["epoch"],
+            final_acc=history.evaluations[-1]["acc"], wall_time_s=time.time() - started,
+            train_time_s=history.train_time_s, images_per_s=history.train_images / max(history.train_time_s, 1e-9))
+        state_path.unlink(missing_ok=True)
+        return path
+
+
+def summary(path: Path) -> str:
+    r = read_record(path)
+    head = "| backbone | method | task | params | best acc (epoch) | final acc | wall (s) | train img/s |"
+    row = (f"| {r['backbone']} | {r['method']} | {r['task']} | {r['params']:,} | {r['best_acc']:.2f} "
+           f"({r['best_epoch']}) | {r['final_acc']:.2f} | {r['wall_time_s']:.0f} | {r['images_per_s']:.0f} |")
+    return "\n".join([head, "|---|---|---|---|---|---|---|---|", row, f"record: {path}"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtab_lily.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--method", default="lily")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option (e.g. s=10, lily.ne=3) or a recipe field (e.g. lr=1e-3, epochs=20)")
+    parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
+    parser.add_argument("--eval", default="test", choices=["test", "val200"])
+    parser.add_argument("--weights", help="local pretrained weights (.npz, .safetensors, .pth)")
+    parser.add_argument("--data-root", default=DEFAULT_DATA)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="where run records go")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--prepare", action="store_true", help="prepare the task's data first if it is missing")
+    parser.add_argument("--force", action="store_true", help="run again even if a record exists")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        settings = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise KeyError(f"--set expects KEY=VALUE, got {item!r}")
+            settings[key] = parse_value(value)
+        if args.epochs is not None:
+            settings["epochs"] = args.epochs
+        options, recipe = split_settings(args.method, settings)
+        spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
+        path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
+                       progress=not args.no_progress)
+    except (KeyError, TypeError, ValueError, DataError, PrepareError, WeightsError, RunBusy) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the record is marked failed", file=sys.stderr)
+        return 1
+    print(summary(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Sweeps: backbones x methods x tasks x seeds x hyper-parameter grid, on one machine or a Slurm cluster.
+
+    python -m vtab_lily.sweep --backbones vit-b --methods lily --tasks all --seeds 42 \\
+        --grid lily.s=0.01,0.1,1,10,100 lily.ne=2,3,4 [--set epochs=100] [--protocol paper|vtab]
+    python -m vtab_lily.sweep --preset table4 --tasks all
+    ... --launcher slurm --partition gpu [--timeout-min 240]     # one Slurm job per run, requeued on preemption
+    ... --gpus 4                                                  # local: one worker process per GPU
+
+Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
+share the work without duplicating or corrupting a record. `--protocol vtab` first scores every grid
+point on val200 (trained on train800), then retrains the best point per task and seed on
+train800val200 and tests it (report its final accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+
+from .data import DataError
+from .prepare import PrepareError
+from .recipes import PRESETS
+from .records import RunSpec, read_record
+from .run import DEFAULT_DATA, DEFAULT_RUNS, RunBusy, execute, parse_value, split_settings
+from .tasks import VTAB_TASKS
+from .train import NonFiniteLoss
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise KeyError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        grid[key] = [parse_value(v) for v in values.split(",")]
+    return grid
+
+
+def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[RunSpec]:
+    """RunSpecs for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
+    A grid key prefixed '<method>.' applies to that method only."""
+    specs = []
+    for backbone, method, fixed, row_grid in rows:
+        own = {**row_grid, **{k: v for k, v in grid.items() if "." not in k or k.startswith(f"{method}.")}}
+        keys = list(own)
+        for values in itertools.product(*own.values()):
+            options, recipe = split_settings(method, {**settings, **fixed, **dict(zip(keys, values))})
+            for task in tasks:
+                for seed in seeds:
+                    specs.append(RunSpec(backbone, task, method, options, seed, eval_split, recipe))
+    return specs
+
+
+def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepare: bool) -> str:
+    """Run one spec; return 'ran', 'done' (skipped, finished before), 'busy' or 'failed: ...'."""
+    if spec.path(runs).exists() and read_record(spec.path(runs)).get("status") == "done":
+        return "done"
+    try:
+        execute(spec, runs, data_root, weights, prepare=prepare, progress=False)
+    except RunBusy:
+        return "busy"
+    except NonFiniteLoss as e:
+        return f"failed: {e}"
+    return "ran"
+
+
+def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
+    """VTAB protocol: per (backbone, method, task, seed) the grid point with the best final val200
+    accuracy, as a spec that trains on train800val200 and tests."""
+    best = {}
+    for spec in specs:
+        path = spec.path(runs)
+        if not path.exists() or read_record(path).get("status") != "done":
+            continue
+        acc = read_record(path)["final_acc"]
+        key = (spec.backbone, spec.method, spec.task, spec.seed)
+        if key not in best or acc > best[key][0]:
+            best[key] = (acc, spec)
+    return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
+
+
+def launch(specs: list[RunSpec], args) -> list[str]:
+    if args.launcher in ("slurm", "submitit-local"):
+        return launch_submitit(specs, args)
+    if args.gpus > 1 and not args.worker:
+        return launch_workers(args)
+    statuses = []
+    for i, spec in enumerate(specs, 1):
+        status = run_job(spec, args.runs, args.data_root, args.weights, args.prepare)
+        print(f"[{i}/{len(specs)}] {spec.backbone} {spec.method} {spec.task} seed {spec.seed} {spec.options} "
+              f"{spec.recipe} eval {spec.eval_split}: {status}", flush=True)
+        statuses.append(status)
+    return statuses
+
+
+def launch_workers(args) -> list[str]:
+    """One worker process per GPU over the same job list; lock files split the work."""
+    argv = [a for a in sys.argv[1:] if a != "--worker"] + ["--worker"]
+    procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *argv],
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}) for g in range(args.gpus)]
+    codes = [p.wait() for p in procs]
+    return [f"worker exit {c}" for c in codes]
+
+
+def launch_submitit(specs: list[RunSpec], args) -> list[str]:
+    import submitit
+
+    class Job(submitit.helpers.Checkpointable):
+        """Requeued on preemption or timeout; the run resumes from its saved state."""
+
+        def __call__(self, spec, runs, data_root, weights, prepare):
+            return run_job(spec, runs, data_root, weights, prepare)
+
+    cluster = "slurm" if args.launcher == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=args.logs, cluster=cluster)
+    params = dict(timeout_min=args.timeout_min, name="vtab-lily")
+    if cluster == "slurm":
+        params.update(gpus_per_node=1, slurm_partition=args.partition, slurm_signal_delay_s=120)
+    executor.update_parameters(**params)
+    n = len(specs)
+    jobs = executor.map_array(Job(), specs, [args.runs] * n, [args.data_root] * n, [args.weights] * n,
+                              [args.prepare] * n)
+    print(f"submitted {n} jobs to {cluster} (logs: {args.logs})", flush=True)
+    return [job.result() for job in jobs]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtab_lily.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table")
+    parser.add_argument("--backbones", nargs="+", default=[])
+    parser.add_argument("--methods", nargs="+", default=[])
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, or 'all' (the 19)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed settings for all runs")
+    parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
+    parser.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
+    parser.add_argument("--gpus", type=int, default=1, help="local launcher: worker processes, one per GPU")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--timeout-min", type=int, default=240)
+    parser.add_argument("--logs", default="results/slurm-logs")
+    parser.add_argument("--weights")
+    parser.add_argument("--data-root", default=DEFAULT_DATA)
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--prepare", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        if args.launcher == "slurm" and not args.partition:
+            raise KeyError("--launcher slurm needs --partition")
+        rows = list(PRESETS[args.preset]) if args.preset else []
+        rows += [(b, m, {}, {}) for b in args.backbones for m in args.methods]
+        if not rows:
+            raise KeyError("give --preset, or --backbones and --methods")
+        tasks = list(VTAB_TASKS) if args.tasks == ["all"] else args.tasks
+        settings = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
+        grid = parse_grid(args.grid)
+        stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for spec in stage1:
+            done = spec.path(args.runs).exists()
+            print(f"{spec.run_id} {spec.backbone} {spec.method} {spec.task} {spec.options} {spec.recipe} "
+                  f"eval {spec.eval_split}: {'done' if done else 'to run'}")
+        return 0
+    try:
+        statuses = launch(stage1, args)
+        if args.protocol == "vtab" and not args.worker:
+            statuses += launch(best_on_val(stage1, args.runs), args)
+    except (DataError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [s for s in statuses if s.startswith("failed")]
+    print(f"{len(statuses)} jobs: {statuses.count('ran')} ran, {statuses.count('done')} already done, "
+          f"{statuses.count('busy')} run elsewhere, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

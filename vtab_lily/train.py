@@ -1,0 +1,141 @@
+"""fit / evaluate: the paper's training loop, with resumable state and a guard against NaN losses.
+
+As the official code: AdamW on the trainable parameters, timm's CosineLRScheduler stepped with the
+epoch index after each epoch (so epoch e trains at the scheduler's value for e - 1, and the first two
+epochs at warmup_lr_init), evaluation every `eval_every` epochs and after the last one.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler.cosine_lr import CosineLRScheduler
+from torch import nn
+from tqdm import tqdm
+
+from .data import Batches, to_float
+from .fileio import atomic_path
+from .recipes import Recipe
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on request after an epoch, its resumable state saved (tests, preemption)."""
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not recipe.no_decay_1d:
+        return torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                              {"params": decay, "weight_decay": recipe.weight_decay}], lr=recipe.lr)
+
+
+def make_scheduler(optimizer, recipe: Recipe) -> CosineLRScheduler:
+    return CosineLRScheduler(optimizer, t_initial=recipe.epochs, warmup_t=recipe.warmup_epochs,
+                             warmup_lr_init=recipe.warmup_lr_init, lr_min=recipe.lr_min)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, recipe: Recipe) -> tuple[float, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in batches:
+        with _autocast(batches.device, recipe.precision):
+            logits = model(to_float(x, recipe.normalize)).float()
+        correct += (logits.argmax(-1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+    return 100.0 * correct / n, loss / n
+
+
+@dataclass
+class History:
+    evaluations: list = field(default_factory=list)  # {"epoch", "acc", "loss"}
+    lrs: list = field(default_factory=list)  # lr used in each epoch
+    train_losses: list = field(default_factory=list)  # mean training loss per epoch
+    train_time_s: float = 0.0
+    train_images: int = 0
+
+
+def _state(model, optimizer, scheduler, epoch: int, history: History) -> dict:
+    return {"epoch": epoch, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": history.__dict__}
+
+
+def save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_path: Path | None = None,
+        interrupt_after: int | None = None, progress: bool = True, log=None) -> History:
+    """Train `model` with `recipe`, evaluating on `test`; resume from `state_path` when it exists."""
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    history, start = History(), 0
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        history, start = History(**state["history"]), state["epoch"]
+    for epoch in range(start, recipe.epochs):
+        model.train()
+        train.set_epoch(epoch)
+        lr = optimizer.param_groups[-1]["lr"]
+        bar = tqdm(train, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not progress)
+        t, losses = time.perf_counter(), []
+        for step, (x, y) in enumerate(bar):
+            with _autocast(train.device, recipe.precision):
+                loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {lr:.3g}); lower the learning rate or the adapter scale and run again")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            history.train_images += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        history.train_time_s += time.perf_counter() - t
+        history.lrs.append(lr)
+        history.train_losses.append(sum(losses) / len(losses))
+        scheduler.step(epoch)
+        done = epoch + 1
+        if done % recipe.eval_every == 0 or done == recipe.epochs:
+            acc, test_loss = evaluate(model, test, recipe)
+            history.evaluations.append({"epoch": done, "acc": acc, "loss": test_loss})
+            if log:
+                log(f"epoch {done}: train loss {history.train_losses[-1]:.4f}, lr {lr:.3g}, acc {acc:.2f}")
+        stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
+        if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
+            save_state(state_path, _state(model, optimizer, scheduler, done, history))
+        if stop:
+            raise Interrupted(f"stopped after epoch {done}; run again to resume")
+    return history
