@@ -1,0 +1,240 @@
+"""Tables 4, 5 and 15 from run records, side by side with the paper.
+
+    python -m vtab_lily.tables [--table 4|5|15|all] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+
+One cell per (row, task): the mean over seeds (+- std and n when there are several). `paper` protocol:
+per seed, the best test accuracy of the best configuration (selected on the test set, as the paper).
+`vtab` protocol: per seed, the configuration with the best final val200 accuracy, and the final test
+accuracy of its retrain on train800val200. Group means (Natural 7, Specialized 4, Structured 8), Mean =
+mean of the group means (the paper's definition), Mean19 = plain mean over the 19 tasks, params (M) = mean
+over tasks of the chosen configurations. Missing cells stay empty. Writes Markdown (also printed), LaTeX,
+CSV and a heat map of ours minus paper per table, and checks the paper's own printed Means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fileio import atomic_path
+from .records import load_records
+from .tasks import GROUPS, TASKS, VTAB_TASKS
+
+PAPER_CSV = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_tables.csv"
+
+
+@dataclass(frozen=True)
+class Row:
+    backbone: str
+    label: str  # the paper's row label (column `method` of paper_tables.csv)
+    method: str
+    filters: dict = field(default_factory=dict)  # method-config values a record must have
+
+
+def _lily15(targets):
+    return Row("vit-b", f"lily-{''.join(targets)}", "lily", {"targets": list(targets), "ne_1": 12})
+
+
+TABLES = {
+    "4": [Row("vit-b", "fft", "fft"), Row("vit-b", "linear", "linear"),
+          Row("vit-b", "adaptformer", "adaptformer", {"width": 32}), Row("vit-b", "bilora", "bilora"),
+          Row("vit-b", "lora", "lora", {"r": 32}), Row("vit-b", "fourierft", "fourierft"),
+          Row("vit-b", "mora", "mora"), Row("vit-b", "lily", "lily", {"targets": ["k", "v", "mlp"], "r": 16})],
+    "5": [Row("vim-s", "fft", "fft"), Row("vit-b-in1k", "fft", "fft"), Row("vim-s", "linear", "linear"),
+          Row("vit-b-in1k", "linear", "linear"), Row("vit-b-in1k", "adaptformer", "adaptformer", {"width": 8}),
+          Row("vit-b-in1k", "lora", "lora", {"r": 8}), Row("vim-s", "lora", "lora"),
+          Row("vim-s", "lily-s", "lily", {"preset": "lily-s"}), Row("vim-s", "lily-l", "lily", {"preset": "lily-l"})],
+    "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
+}
+GROUP_TASKS = {g: [t for t in VTAB_TASKS if TASKS[t].group == g] for g in GROUPS}
+
+
+def add_means(frame: pd.DataFrame) -> pd.DataFrame:
+    """Group means, Mean (of the three group means) and Mean19 (plain) for complete rows; else NaN."""
+    out = frame.copy()
+    for g, tasks in GROUP_TASKS.items():
+        out[g] = frame[tasks].mean(axis=1, skipna=False)
+    out["Mean"] = out[list(GROUPS)].mean(axis=1, skipna=False)
+    out["Mean19"] = frame[list(VTAB_TASKS)].mean(axis=1, skipna=False)
+    return out
+
+
+def read_paper(path: str | Path = PAPER_CSV) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"table": str})
+    return df.rename(columns={"method": "label"}).set_index(["table", "backbone", "label"])
+
+
+def check_paper(paper: pd.DataFrame, tolerance: float = 0.1) -> pd.DataFrame:
+    """Recomputed vs printed Mean of every paper row; `flag` where they differ by more than `tolerance`."""
+    recomputed = add_means(paper[list(VTAB_TASKS)])
+    out = pd.DataFrame({"printed": paper["mean"], "recomputed": recomputed["Mean"].round(2)})
+    out["flag"] = (out["printed"] - out["recomputed"]).abs() > tolerance
+    return out
+
+
+def _matching(records: pd.DataFrame, row: Row) -> pd.DataFrame:
+    if records.empty:
+        return records
+    mask = (records["backbone"] == row.backbone) & (records["method"] == row.method)
+    for key, value in row.filters.items():
+        col = f"opt.{key}"
+        if col not in records:
+            return records.iloc[0:0]
+        want = json.dumps(value) if isinstance(value, (list, dict)) else value
+        mask &= records[col] == want
+    return records[mask]
+
+
+def _config_key(frame: pd.DataFrame) -> pd.Series:
+    cols = sorted(c for c in frame.columns if c.startswith("opt."))
+    return frame[cols].apply(lambda r: "|".join(map(str, r)), axis=1) if cols else pd.Series("", index=frame.index)
+
+
+def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame:
+    """Per (task, seed): the reported accuracy and the params of the chosen configuration."""
+    rec = _matching(records, row)
+    if rec.empty:
+        return pd.DataFrame(columns=["task", "seed", "acc", "params"])
+    rec = rec.assign(config=_config_key(rec))
+    test = rec[rec["eval_split"] == "test"]
+    if protocol == "paper":
+        best = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
+        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params"]]
+    val = rec[rec["eval_split"] == "val200"]
+    chosen = val.loc[val.groupby(["task", "seed"])["final_acc"].idxmax()][["task", "seed", "config"]]
+    final = chosen.merge(test, on=["task", "seed", "config"])
+    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params"]]
+
+
+def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
+    """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
+    means, stds, counts, params = {}, {}, {}, {}
+    for row in TABLES[table]:
+        res = cell_results(records, row, protocol)
+        name = f"{row.backbone} {row.label}"
+        agg = res.groupby("task")["acc"].agg(["mean", "std", "count"]) if len(res) else None
+        means[name] = {t: agg["mean"].get(t, np.nan) if agg is not None else np.nan for t in VTAB_TASKS}
+        stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in VTAB_TASKS}
+        counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in VTAB_TASKS}
+        params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
+    mean = add_means(pd.DataFrame.from_dict(means, orient="index")[list(VTAB_TASKS)])
+    rows = TABLES[table]
+    paper_rows = [(table, r.backbone, r.label) for r in rows]
+    printed = [paper.loc[k, "mean"] if k in paper.index else np.nan for k in paper_rows]
+    paper_tasks = pd.DataFrame([paper.loc[k, list(VTAB_TASKS)] if k in paper.index else
+                                pd.Series(np.nan, index=list(VTAB_TASKS)) for k in paper_rows], index=mean.index)
+    mean["params_m"] = pd.Series(params)
+    mean["paper_Mean"] = printed
+    mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"]
+    return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"),
+            "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks.astype(float)}
+
+
+def _fmt(value, std=np.nan, n=1, digits=1) -> str:
+    if pd.isna(value):
+        return ""
+    text = f"{value:.{digits}f}"
+    return f"{text} ± {std:.1f} (n={n})" if n > 1 and not pd.isna(std) else text
+
+
+def to_markdown(result: dict, table: str, protocol: str) -> str:
+    mean, std, n = result["mean"], result["std"], result["n"]
+    header = ["row", "params (M)", *VTAB_TASKS, *GROUPS, "Mean", "Mean19", "paper Mean", "diff"]
+    groups = ["", ""] + [TASKS[t].group for t in VTAB_TASKS] + ["", "", "", "", "", ""]
+    lines = [f"Table {table} ({protocol} protocol): top-1 accuracy (%). Mean = mean of the group means; "
+             "Mean19 = mean over 19 tasks; empty = no record.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             "| " + " | ".join(groups) + " |"]
+    for name, r in mean.iterrows():
+        cells = [name, _fmt(r["params_m"], digits=3)]
+        cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in VTAB_TASKS]
+        cells += [_fmt(r[c]) for c in (*GROUPS, "Mean", "Mean19", "paper_Mean")]
+        cells.append("" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(result: dict, table: str) -> str:
+    mean = result["mean"]
+    cols = ["params_m", *VTAB_TASKS, "Mean"]
+    spans = [("Natural", 7), ("Specialized", 4), ("Structured", 8)]
+    lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+             " & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{g}}}" for g, k in spans) + r" & \\",
+             "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in VTAB_TASKS) + r" & Mean \\",
+             r"\midrule"]
+    for name, r in mean.iterrows():
+        vals = [_fmt(r[c], digits=3 if c == "params_m" else 1) or "--" for c in cols]
+        lines.append(name.replace("_", r"\_") + " & " + " & ".join(vals) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_difference(result: dict, table: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    diff = (result["mean"][list(VTAB_TASKS)] - result["paper"].values).astype(float)
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(diff) + 2))
+    lim = max(1.0, float(np.nanmax(np.abs(diff.values))) if np.isfinite(diff.values).any() else 1.0)
+    im = ax.imshow(np.ma.masked_invalid(diff.values), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(VTAB_TASKS)), VTAB_TASKS, rotation=60, ha="right")
+    ax.set_yticks(range(len(diff)), diff.index)
+    for i, j in zip(*np.where(np.isfinite(diff.values))):
+        ax.text(j, i, f"{diff.values[i, j]:+.1f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="ours - paper (points)")
+    ax.set_title(f"Table {table}: our accuracy minus the paper's (blank: no record)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
+    stem = out / f"table{table}_{protocol}"
+    written = []
+    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result, table)),
+                         (".csv", result["mean"].to_csv(index_label="row"))):
+        with atomic_path(stem.with_suffix(suffix)) as tmp:
+            tmp.write_text(text)
+        written.append(stem.with_suffix(suffix))
+    plot_difference(result, table, stem.with_suffix(".png"))
+    return [*written, stem.with_suffix(".png")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtab_lily.tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", default="all", choices=[*TABLES, "all"])
+    parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
+    parser.add_argument("--runs", default="results/runs")
+    parser.add_argument("--out", default="results/tables")
+    parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
+    args = parser.parse_args(argv)
+    paper = read_paper(args.paper)
+    records = load_records(args.runs)
+    out = Path(args.out)
+    for table in (TABLES if args.table == "all" else [args.table]):
+        result = build_table(table, records, args.protocol, paper)
+        print(to_markdown(result, table, args.protocol))
+        for path in write_outputs(result, table, args.protocol, out):
+            print(f"wrote {path}")
+        print()
+    check = check_paper(paper)
+    flagged = check[check["flag"]]
+    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
+          f"{len(flagged)} differ by more than 0.1:")
+    for (table, backbone, label), r in flagged.iterrows():
+        print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
+    with atomic_path(out / "paper_check.csv") as tmp:
+        check.to_csv(tmp)
+    print(f"wrote {out / 'paper_check.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
