@@ -17,7 +17,8 @@ def _record(runs, backbone, method, task, seed, acc, config, status="done", eval
     write_json(runs / backbone / method / task / f"{run_id}.json", {
         "run_id": run_id, "backbone": backbone, "method": method, "task": task, "seed": seed, "status": status,
         "eval_split": eval_split, "train_split": "train800val200" if eval_split == "test" else "train800",
-        "params": params, "best_acc": acc, "final_acc": acc - 0.5, "method_config": config})
+        "params": params, "storage_bytes": 4 * params, "best_acc": acc, "final_acc": acc - 0.5,
+        "method_config": config})
 
 
 def _feed_paper(runs):
@@ -59,7 +60,7 @@ def test_seeds_aggregate_missing_cells_stay_empty_failed_runs_never_count(tmp_pa
     assert np.isnan(result["mean"].loc[row, "dtd"]) and result["n"].loc[row, "dtd"] == 0
     assert np.isnan(result["mean"].loc[row, "Mean"]) and np.isnan(result["mean"].loc[row, "Natural"])
     md = tables.to_markdown(result, "4", "paper")
-    assert "| vit-b lora | 0.001 | 72.0 ± 2.0 (n=3) |  |" in md
+    assert "| vit-b lora | 0.001 | 4 | 72.0 ± 2.0 (n=3) |  |" in md
 
 
 def test_vtab_protocol_uses_the_val_selected_config_and_final_accuracy(tmp_path):
@@ -84,8 +85,9 @@ def test_cli_writes_every_output_with_table_4_layout(tmp_path, capsys):
     assert "Table 5 vit-b-in1k linear: printed 66.4, recomputed 57.23" in out
     md = (tmp_path / "out" / "table4_paper.md").read_text().splitlines()
     header = md[2].split(" | ")
-    assert header[1:3] == ["params (M)", "cifar100"] and header[-7:-4] == ["Natural", "Specialized", "Structured"]
+    assert header[1:4] == ["params (M)", "storage (KB)", "cifar100"]
+    assert header[-7:-4] == ["Natural", "Specialized", "Structured"]
     assert md[4].count("Natural") == 7 and md[4].count("Specialized") == 4 and md[4].count("Structured") == 8
-    assert "| vit-b lily | 0.318 | 73.9 |" in "\n".join(md)
+    assert "| vit-b lily | 0.318 | 1242 | 73.9 |" in "\n".join(md)
     tex = (tmp_path / "out" / "table4_paper.tex").read_text()
     assert r"\toprule" in tex and r"\multicolumn{7}{c}{Natural}" in tex

@@ -6,6 +6,8 @@ from .model import (
     disable_adapters,
     load_adapter,
     save_adapter,
+    storage_bytes,
 )
 
-__all__ = ["adapter_config", "build_model", "count_params", "disable_adapters", "load_adapter", "save_adapter"]
+__all__ = ["adapter_config", "build_model", "count_params", "disable_adapters", "load_adapter", "save_adapter",
+           "storage_bytes"]

@@ -44,6 +44,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head)
 
 
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes to store the trainable parameters without the head: fp32, except modules that define their
+    own `storage_bytes()` (Bi-LoRA's 1-bit matrices); shared tensors counted once."""
+    head = {id(p) for p in head_of(model).parameters()}
+    custom = {id(m): m for m in model.modules() if hasattr(m, "storage_bytes")}
+    owned = {id(p) for m in custom.values() for p in m.parameters(recurse=False)}
+    fp32 = sum(4 * p.numel() for p in model.parameters()
+               if p.requires_grad and id(p) not in head and id(p) not in owned)
+    return fp32 + sum(m.storage_bytes() for m in custom.values() if any(p.requires_grad for p in m.parameters()))
+
+
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its plain backbone (the head stays as it is)."""

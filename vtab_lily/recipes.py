@@ -55,7 +55,10 @@ PRESETS = {
         ("vit-b", "fft", {}, {}),
         ("vit-b", "linear", {}, {}),
         ("vit-b", "adaptformer", {"width": 32}, {}),
+        ("vit-b", "bilora", {"r": 32}, {}),
         ("vit-b", "lora", {"r": 32}, {}),
+        ("vit-b", "fourierft", {"n": 3000, "scale": 300.0}, {}),
+        ("vit-b", "mora", {"r": 29, "type": 6}, {}),  # 24 x 210^2 = 1,058,400: Table 4's 1.058M
         ("vit-b", "lily", {"r": 16}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne": [2, 3, 4]}),
     ],
     "table5": [

@@ -22,7 +22,7 @@ from backbones import WeightsError
 
 from .adapters import METHODS
 from .data import Batches, DataError, load_split, task_dir
-from .model import build_model, count_params, save_adapter
+from .model import build_model, count_params, save_adapter, storage_bytes
 from .prepare import PrepareError, prepare_task
 from .recipes import RECIPE_FIELDS
 from .records import RunLock, RunSpec, environment, read_record, write_record
@@ -104,8 +104,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                         resident=resident, seed=spec.seed)
         test = Batches(eval_split, recipe.eval_batch_size, device=device)
         started = time.time()
-        common = dict(params=count_params(model), environment=environment(device), weights=weights,
-                      data_root=str(data_root), device=device)
+        common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
+                      weights=weights, data_root=str(data_root), device=device)
         try:
             history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
                           progress=progress, log=print if progress else None)

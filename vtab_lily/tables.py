@@ -7,7 +7,8 @@ per seed, the best test accuracy of the best configuration (selected on the test
 `vtab` protocol: per seed, the configuration with the best final val200 accuracy, and the final test
 accuracy of its retrain on train800val200. Group means (Natural 7, Specialized 4, Structured 8), Mean =
 mean of the group means (the paper's definition), Mean19 = plain mean over the 19 tasks, params (M) = mean
-over tasks of the chosen configurations. Missing cells stay empty. Writes Markdown (also printed), LaTeX,
+over tasks of the chosen configurations, storage (KB) likewise (fp32, but 1 bit per Bi-LoRA weight).
+Missing cells stay empty. Writes Markdown (also printed), LaTeX,
 CSV and a heat map of ours minus paper per table, and checks the paper's own printed Means.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _lily15(targets):
 
 TABLES = {
     "4": [Row("vit-b", "fft", "fft"), Row("vit-b", "linear", "linear"),
-          Row("vit-b", "adaptformer", "adaptformer", {"width": 32}), Row("vit-b", "bilora", "bilora"),
+          Row("vit-b", "adaptformer", "adaptformer", {"width": 32}), Row("vit-b", "bilora", "bilora", {"r": 32}),
           Row("vit-b", "lora", "lora", {"r": 32}), Row("vit-b", "fourierft", "fourierft"),
           Row("vit-b", "mora", "mora"), Row("vit-b", "lily", "lily", {"targets": ["k", "v", "mlp"], "r": 16})],
     "5": [Row("vim-s", "fft", "fft"), Row("vit-b-in1k", "fft", "fft"), Row("vim-s", "linear", "linear"),
@@ -99,21 +100,21 @@ def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame
     """Per (task, seed): the reported accuracy and the params of the chosen configuration."""
     rec = _matching(records, row)
     if rec.empty:
-        return pd.DataFrame(columns=["task", "seed", "acc", "params"])
+        return pd.DataFrame(columns=["task", "seed", "acc", "params", "storage_bytes"])
     rec = rec.assign(config=_config_key(rec))
     test = rec[rec["eval_split"] == "test"]
     if protocol == "paper":
         best = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
-        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params"]]
+        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes"]]
     val = rec[rec["eval_split"] == "val200"]
     chosen = val.loc[val.groupby(["task", "seed"])["final_acc"].idxmax()][["task", "seed", "config"]]
     final = chosen.merge(test, on=["task", "seed", "config"])
-    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params"]]
+    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes"]]
 
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
-    means, stds, counts, params = {}, {}, {}, {}
+    means, stds, counts, params, storage = {}, {}, {}, {}, {}
     for row in TABLES[table]:
         res = cell_results(records, row, protocol)
         name = f"{row.backbone} {row.label}"
@@ -122,6 +123,7 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
         stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in VTAB_TASKS}
         counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in VTAB_TASKS}
         params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
+        storage[name] = res["storage_bytes"].astype(float).mean() / 1024 if len(res) else np.nan
     mean = add_means(pd.DataFrame.from_dict(means, orient="index")[list(VTAB_TASKS)])
     rows = TABLES[table]
     paper_rows = [(table, r.backbone, r.label) for r in rows]
@@ -129,6 +131,7 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     paper_tasks = pd.DataFrame([paper.loc[k, list(VTAB_TASKS)] if k in paper.index else
                                 pd.Series(np.nan, index=list(VTAB_TASKS)) for k in paper_rows], index=mean.index)
     mean["params_m"] = pd.Series(params)
+    mean["storage_kb"] = pd.Series(storage)
     mean["paper_Mean"] = printed
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"]
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"),
@@ -144,14 +147,14 @@ def _fmt(value, std=np.nan, n=1, digits=1) -> str:
 
 def to_markdown(result: dict, table: str, protocol: str) -> str:
     mean, std, n = result["mean"], result["std"], result["n"]
-    header = ["row", "params (M)", *VTAB_TASKS, *GROUPS, "Mean", "Mean19", "paper Mean", "diff"]
-    groups = ["", ""] + [TASKS[t].group for t in VTAB_TASKS] + ["", "", "", "", "", ""]
+    header = ["row", "params (M)", "storage (KB)", *VTAB_TASKS, *GROUPS, "Mean", "Mean19", "paper Mean", "diff"]
+    groups = ["", "", ""] + [TASKS[t].group for t in VTAB_TASKS] + ["", "", "", "", "", ""]
     lines = [f"Table {table} ({protocol} protocol): top-1 accuracy (%). Mean = mean of the group means; "
              "Mean19 = mean over 19 tasks; empty = no record.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              "| " + " | ".join(groups) + " |"]
     for name, r in mean.iterrows():
-        cells = [name, _fmt(r["params_m"], digits=3)]
+        cells = [name, _fmt(r["params_m"], digits=3), _fmt(r["storage_kb"], digits=0)]
         cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in VTAB_TASKS]
         cells += [_fmt(r[c]) for c in (*GROUPS, "Mean", "Mean19", "paper_Mean")]
         cells.append("" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}")
