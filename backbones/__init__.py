@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from .sites import LayerSites, LinearSite, ParallelSite
+from .vim import VIM_SPECS, create_vim, vim_head, vim_sites
 from .vit import VIT_SPECS, WeightsError, create_vit, vit_head, vit_sites
 
 __all__ = ["BACKBONES", "LayerSites", "LinearSite", "ParallelSite", "WeightsError", "adapter_sites",
-           "create_backbone", "head_of"]
+           "create_backbone", "family", "head_of"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,16 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1)
-    for name in VIT_SPECS
+    **{name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1)
+       for name in VIT_SPECS},
+    **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05)
+       for name in VIM_SPECS},
 }
+
+
+def family(name: str) -> str:
+    """'vim' for Vision Mamba backbones, 'vit' for the rest: methods pick their defaults by family."""
+    return "vim" if name.startswith("vim") else "vit"
 
 
 def _backbone(name: str) -> Backbone:

@@ -87,7 +87,7 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_lily_ne_1_must_divide_the_depth():
-    with pytest.raises(ValueError, match="ne_1=3 must divide the number of layers"):
+    with pytest.raises(ValueError, match=r"ne_1=3 \(LPs for .k.\) must divide the number of layers \(4\)"):
         tiny("lily", ne_1=3)
 
 

@@ -93,7 +93,7 @@ def test_lily_equals_naive_loop_over_layers_and_experts(images):
         want = _naive_lily(model, images, r=4, s=0.7, ne_1=2, ne_2=3)
         assert (got - want).abs().max() < 1e-5
     lps = [model.blocks[i].attn.qkv.branches[0] for i in range(4)]
-    assert [b.shared.lp_index(b.layer) for b in lps] == [0, 0, 1, 1]  # layers 0-1 share LP 0, 2-3 LP 1
+    assert [b.shared.lp_index("k", b.layer) for b in lps] == [0, 0, 1, 1]  # layers 0-1 share LP 0, 2-3 LP 1
     assert model.lily.hps["k"].shape == (3, 4, 64)  # one HP bank for all layers
     assert model.lily.lps["mlp"][0].weight.shape == (8, 64)  # the MLP adapter is 2r wide
 

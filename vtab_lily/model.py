@@ -24,7 +24,7 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
     raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
     """
-    cfg = make_config(method, options)
+    cfg = make_config(method, options, backbone)
     model = create_backbone(backbone, num_classes, pretrained=pretrained, weights=weights,
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
     backbone_params = {id(p) for p in model.parameters()}

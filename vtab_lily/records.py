@@ -53,7 +53,7 @@ class RunSpec:
 
     def identity(self) -> dict:
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
-                "method_config": dataclasses.asdict(make_config(self.method, self.options)),
+                "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
                 "train_split": self.train_split, "eval_split": self.eval_split,
                 "recipe": dataclasses.asdict(self.full_recipe())}
 

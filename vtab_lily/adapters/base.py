@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones import LinearSite, ParallelSite
+from backbones import LinearSite, ParallelSite, family
 
 
 class Tap(nn.Module):
@@ -114,8 +114,9 @@ def register(name: str, config: type, trains_backbone: bool = False):
     return wrap
 
 
-def make_config(method: str, options: dict[str, Any]):
-    """The method's config from keyword options; unknown methods or options raise one clear error."""
+def make_config(method: str, options: dict[str, Any], backbone: str | None = None):
+    """The method's config from keyword options; unknown methods or options raise one clear error.
+    With a backbone, options left None take the defaults of its family (config.FAMILY_DEFAULTS)."""
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[method].config
@@ -123,4 +124,21 @@ def make_config(method: str, options: dict[str, Any]):
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
-    return cls(**options)
+    cfg = cls(**options)
+    defaults = getattr(cls, "FAMILY_DEFAULTS", {}).get(family(backbone)) if backbone else None
+    for key, value in (defaults or {}).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+    return cfg
+
+
+def split_targets(targets):
+    """'q+v+mlp' -> ('q', 'v', 'mlp'); tuples and lists pass through as tuples; None stays None."""
+    if targets is None:
+        return None
+    return tuple(targets.split("+") if isinstance(targets, str) else targets)
+
+
+TARGETS_BY_FAMILY = {"vit": {"targets": ("q", "v")}, "vim": {"targets": ("in_proj",)}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from backbones import adapter_sites
 
 from ..fileio import atomic_path
-from .base import add_branch, register
+from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
 
 CODE = float(norm.ppf(0.75))  # 0.6744897...
 
@@ -57,10 +58,11 @@ class BiLoRAConfig:
     r: int = 32
     s: float = 1.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
+    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = tuple(self.targets.split("+") if isinstance(self.targets, str) else self.targets)
+        self.targets = split_targets(self.targets)
 
 
 class BiLoRABranch(nn.Module):

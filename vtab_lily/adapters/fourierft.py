@@ -8,6 +8,7 @@ default (so the model does NOT start as the plain backbone); `init="zeros"` star
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
-from .base import add_branch, register
+from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
 
 
 @dataclass
@@ -24,10 +25,11 @@ class FourierFTConfig:
     scale: float = 300.0
     loc_seed: int = 777  # seed of the spectral locations (peft's random_loc_seed default)
     init: str = "normal"
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
+    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = tuple(self.targets.split("+") if isinstance(self.targets, str) else self.targets)
+        self.targets = split_targets(self.targets)
         if self.init not in ("normal", "zeros"):
             raise ValueError(f"fourierft init must be 'normal' or 'zeros', got {self.init!r}")
 

@@ -1,23 +1,27 @@
-"""Lily: low-rank interconnected adaptation across layers (the paper's method, official ViT semantics).
+"""Lily: low-rank interconnected adaptation across layers (the paper's method, official semantics).
 
-Per adapted target (e.g. the K slice of qkv) and layer: an LP (d_in -> r, no bias) shared by a group
-of consecutive layers; a router (r -> ne_2, no bias) reading the LP output; ne_2 zero-initialised HP
-experts (r -> d_out) shared by ALL layers; output = s * LP(x) @ sum_j w_j HP_j (Eq. 18).
-Parallel targets (the MLP) use a 2r-wide LP followed by a ReLU, as the official code.
+Per adapted target (e.g. the K slice of qkv) and layer: an LP (d_in -> r, no bias) shared by a group of
+consecutive layers; a router (r -> ne_2, no bias) reading the LP output; ne_2 zero-initialised HP experts
+(r -> d_out) shared by ALL layers; output = s * LP(x) @ sum_j w_j HP_j (Eq. 18). All Lily parameters live
+once in `model.lily` (a LilyModule); the per-layer branches only refer to it.
 
-All Lily parameters live once in `model.lily` (a LilyModule); the per-layer branches only refer to it.
+ViT defaults (official ViT code): targets k, v, mlp; the MLP adapter is 2r wide with a ReLU after its LP;
+ne_1 LPs (consecutive layers share one); one router per layer and target; routing averaged over batch and
+tokens ("batch"): one weight vector per forward pass, so a test prediction depends on the rest of its batch.
+Vim defaults (official Vim code): target in_proj with one LP per layer, dropout 0.1 on the LP output, ONE
+router for the whole model, per-token routing; plus, with dt_r > 0, a low-rank update of dt_proj and
+dt_proj_b: a per-layer down (dt_rank -> dt_r) and one shared zero-initialised up (dt_r -> d_inner) per
+scan direction, i.e. Lily targets with a single HP expert and no router. s is fixed at 1.
 
-Routing (`routing`):
-- "batch" (default, official): softmax over experts, averaged over batch and tokens: one weight vector
-  per forward pass, so a test prediction depends on the rest of its batch (official eval batch: 256).
-- "sample": averaged over tokens, one vector per sample; "token": one vector per token (Eq. 17 with
-  per-token weights), computed as (w (x) h) @ HP_flat without per-token HP matrices.
-Router placement (`router`): "layer" (official: one per layer and target), "lp" (one per LP),
-"none" (the router-free ablation of Appendix G: HPs summed and scaled by 1/ne_2).
+Options: routing "batch" | "sample" (per sample) | "token" (per token: Eq. 17 with per-token weights,
+computed as (w (x) h) @ HP_flat, never materialising per-token HP matrices); router "layer" | "lp" (one per
+LP) | "model" (one for all layers) | "none" (the router-free ablation of Appendix G: HPs summed and
+scaled by 1/ne_2).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,61 +29,95 @@ from torch import nn
 
 from backbones import adapter_sites
 
-from .base import add_branch, register
+from .base import add_branch, register, split_targets
 
 ROUTINGS = ("batch", "sample", "token")
-ROUTERS = ("layer", "lp", "none")
+ROUTERS = ("layer", "lp", "model", "none")
+
+# Vim-S presets (Table 5). The paper's ranks are lost in its PDF; these settings reproduce its parameter
+# counts: P = r (24 * 384 + 1537 ne_2) + 2688 dt_r on Vim-S (see README).
+PRESETS = {
+    "lily-s": {"ne_2": 3, "r": 4, "dt_r": 7},  # 74,124 parameters (paper: 0.074M)
+    "lily-l": {"ne_2": 6, "r": 8, "dt_r": 18},  # 195,888 parameters (paper: 0.196M)
+}
 
 
 @dataclass
 class LilyConfig:
-    r: int = 16
+    r: int | None = None
     s: float = 1.0
-    ne_1: int = 4
-    ne_2: int = 4
-    ne: int | None = None  # shorthand: sets ne_1 = ne_2 = ne (the paper's ViT sweeps)
-    targets: tuple[str, ...] = ("k", "v", "mlp")
+    ne_1: int | None = None  # number of LPs per target (None: one per layer)
+    ne_2: int | None = None  # number of HP experts
+    ne: int | None = None  # shorthand: ne_1 = ne_2 = ne (the paper's ViT sweeps)
+    targets: tuple[str, ...] | None = None
     mlp_r: int | None = None  # LP width of parallel targets; None: 2r (official)
     mlp_relu: bool = True  # ReLU after the LP of parallel targets (official)
-    router: str = "layer"
-    routing: str = "batch"
+    router: str | None = None
+    routing: str | None = None
+    lp_dropout: float | None = None  # dropout on the LP output (official Vim: 0.1)
+    dt_r: int | None = None  # Vim: rank of the dt_proj / dt_proj_b update (0: off)
+    preset: str | None = None  # Vim: "lily-s" or "lily-l" (Table 5)
+
+    FAMILY_DEFAULTS: ClassVar[dict] = {
+        "vit": dict(r=16, ne_1=4, ne_2=4, targets=("k", "v", "mlp"), router="layer", routing="batch",
+                    lp_dropout=0.0, dt_r=0),
+        "vim": dict(r=8, ne_2=5, targets=("in_proj",), router="model", routing="token", lp_dropout=0.1, dt_r=4),
+    }
 
     def __post_init__(self):
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"lily preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+            for key, value in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         if self.ne is not None:
             self.ne_1 = self.ne_2 = self.ne
-        self.targets = tuple(self.targets.split("+") if isinstance(self.targets, str) else self.targets)
-        if self.routing not in ROUTINGS:
+        self.targets = split_targets(self.targets)
+        if self.routing not in (None, *ROUTINGS):
             raise ValueError(f"lily routing must be one of {ROUTINGS}, got {self.routing!r}")
-        if self.router not in ROUTERS:
+        if self.router not in (None, *ROUTERS):
             raise ValueError(f"lily router must be one of {ROUTERS}, got {self.router!r}")
 
 
-class LilyModule(nn.Module):
-    """The model-wide Lily parameters: lps[t][j], hps[t] (ne_2, r_t, d_out), routers[t][i]."""
+@dataclass(frozen=True)
+class TargetSpec:
+    d_in: int
+    r: int
+    d_out: int
+    n_lp: int  # LPs for this target; consecutive layers share one
+    ne: int  # HP experts
+    router: str  # "layer" | "lp" | "model" | "none"
+    dropout: float
+    relu: bool
 
-    def __init__(self, cfg: LilyConfig, dims: dict[str, tuple[int, int, int]], num_layers: int):
+
+class LilyModule(nn.Module):
+    """The model-wide Lily parameters: lps[t][j], hps[t] (ne, r, d_out), routers[t][i]."""
+
+    def __init__(self, specs: dict[str, TargetSpec], num_layers: int, routing: str, s: float):
         super().__init__()
-        if num_layers % cfg.ne_1:
-            raise ValueError(f"lily ne_1={cfg.ne_1} must divide the number of layers ({num_layers})")
-        self.cfg = cfg
-        self.stride = num_layers // cfg.ne_1
+        self.specs, self.num_layers, self.routing, self.s = specs, num_layers, routing, s
         self.lps = nn.ModuleDict()
         self.hps = nn.ParameterDict()
         self.routers = nn.ModuleDict()
-        n_routers = {"layer": num_layers, "lp": cfg.ne_1, "none": 0}[cfg.router]
-        for t, (d_in, r, d_out) in dims.items():
-            self.lps[t] = nn.ModuleList(nn.Linear(d_in, r, bias=False) for _ in range(cfg.ne_1))
-            self.hps[t] = nn.Parameter(torch.zeros(cfg.ne_2, r, d_out))
+        for t, sp in specs.items():
+            if num_layers % sp.n_lp:
+                raise ValueError(f"lily ne_1={sp.n_lp} (LPs for {t!r}) must divide the number of layers ({num_layers})")
+            self.lps[t] = nn.ModuleList(nn.Linear(sp.d_in, sp.r, bias=False) for _ in range(sp.n_lp))
+            self.hps[t] = nn.Parameter(torch.zeros(sp.ne, sp.r, sp.d_out))
+            n_routers = {"layer": num_layers, "lp": sp.n_lp, "model": 1, "none": 0}[sp.router]
             if n_routers:
-                self.routers[t] = nn.ModuleList(nn.Linear(r, cfg.ne_2, bias=False) for _ in range(n_routers))
+                self.routers[t] = nn.ModuleList(nn.Linear(sp.r, sp.ne, bias=False) for _ in range(n_routers))
 
-    def lp_index(self, layer: int) -> int:
-        return layer // self.stride
+    def lp_index(self, target: str, layer: int) -> int:
+        return layer // (self.num_layers // self.specs[target].n_lp)
 
     def router_for(self, target: str, layer: int) -> nn.Linear | None:
-        if self.cfg.router == "none":
+        kind = self.specs[target].router
+        if kind == "none":
             return None
-        return self.routers[target][layer if self.cfg.router == "layer" else self.lp_index(layer)]
+        return self.routers[target][{"layer": layer, "lp": self.lp_index(target, layer), "model": 0}[kind]]
 
 
 def lily_combine(h: torch.Tensor, hps: torch.Tensor, router: nn.Linear | None, routing: str) -> torch.Tensor:
@@ -100,34 +138,43 @@ def lily_combine(h: torch.Tensor, hps: torch.Tensor, router: nn.Linear | None, r
 class LilyBranch(nn.Module):
     """One layer's Lily branch for one target; parameters are looked up in the shared LilyModule."""
 
-    def __init__(self, shared: LilyModule, target: str, layer: int, relu: bool):
+    def __init__(self, shared: LilyModule, target: str, layer: int):
         super().__init__()
         object.__setattr__(self, "shared", shared)  # not registered: stored once, in model.lily
-        self.target, self.layer, self.relu = target, layer, relu
+        self.target, self.layer = target, layer
+        self.dropout = nn.Dropout(shared.specs[target].dropout)
 
     def forward(self, x):
-        shared = self.shared
-        h = shared.lps[self.target][shared.lp_index(self.layer)](x)
-        if self.relu:
+        shared, t = self.shared, self.target
+        h = self.dropout(shared.lps[t][shared.lp_index(t, self.layer)](x))
+        if shared.specs[t].relu:
             h = F.relu(h)
-        router = shared.router_for(self.target, self.layer)
-        return lily_combine(h, shared.hps[self.target], router, shared.cfg.routing) * shared.cfg.s
+        return lily_combine(h, shared.hps[t], shared.router_for(t, self.layer), shared.routing) * shared.s
 
     def extra_repr(self):
-        return f"target={self.target}, layer={self.layer}, lp={self.shared.lp_index(self.layer)}"
+        return f"target={self.target}, layer={self.layer}, lp={self.shared.lp_index(self.target, self.layer)}"
+
+
+def target_specs(layer0, cfg: LilyConfig, num_layers: int) -> dict[str, TargetSpec]:
+    specs = {}
+    n_lp = cfg.ne_1 or num_layers
+    for t in cfg.targets:
+        site = layer0.get(t)
+        parallel = t in layer0.parallel
+        r = (cfg.mlp_r or 2 * cfg.r) if parallel else cfg.r
+        specs[t] = TargetSpec(site.d_in, r, site.d_out, n_lp, cfg.ne_2, cfg.router, cfg.lp_dropout,
+                              cfg.mlp_relu and parallel)
+    if cfg.dt_r:
+        for t in ("dt_proj", "dt_proj_b"):
+            site = layer0.get(t)
+            specs[t] = TargetSpec(site.d_in, cfg.dt_r, site.d_out, num_layers, 1, "none", 0.0, False)
+    return specs
 
 
 @register("lily", LilyConfig)
 def attach_lily(model: nn.Module, cfg: LilyConfig) -> None:
     layers = adapter_sites(model)
-    dims = {}
-    for t in cfg.targets:
-        site = layers[0].get(t)
-        parallel = t in layers[0].parallel
-        r = (cfg.mlp_r or 2 * cfg.r) if parallel else cfg.r
-        dims[t] = (site.d_in, r, site.d_out)
-    model.lily = LilyModule(cfg, dims, len(layers))
+    model.lily = LilyModule(target_specs(layers[0], cfg, len(layers)), len(layers), cfg.routing, cfg.s)
     for layer in layers:
-        for t in cfg.targets:
-            relu = cfg.mlp_relu and t in layer.parallel
-            add_branch(layer.get(t), LilyBranch(model.lily, t, layer.index, relu))
+        for t in model.lily.specs:
+            add_branch(layer.get(t), LilyBranch(model.lily, t, layer.index))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from backbones import adapter_sites
 
-from .base import add_branch, register
+from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
 
 
 @dataclass
@@ -16,10 +17,11 @@ class LoRAConfig:
     r: int = 8
     s: float = 1.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
+    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = tuple(self.targets.split("+") if isinstance(self.targets, str) else self.targets)
+        self.targets = split_targets(self.targets)
 
 
 class LoRABranch(nn.Module):

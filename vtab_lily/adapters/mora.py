@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites
 
-from .base import add_branch, register
+from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
 
 
 def mora_rank(d_in: int, d_out: int, r: int, kind: int) -> int:
@@ -31,10 +32,11 @@ class MoRAConfig:
     type: int = 1
     s: float = 1.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
+    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = tuple(self.targets.split("+") if isinstance(self.targets, str) else self.targets)
+        self.targets = split_targets(self.targets)
         if self.type not in (1, 6):
             raise ValueError(f"mora type must be 1 or 6, got {self.type}")
 

@@ -1,0 +1,207 @@
+"""Vision Mamba (Vim, Zhu et al. 2024) as hustvl/Vim defines it: bidirectional Mamba ("bimamba v2")
+blocks, a middle class token, and module names that load the official checkpoints with strict=True.
+
+- vim-t / vim-s / vim-b: depth 24, patch 16, d_state 16, d_conv 4, expand 2, dt_rank = ceil(D / 16);
+  D = 192 / 384 / 768. Weights: `vim_{t,s,b}_midclstok_*.pth` (under ckpt["model"]) from a local file, or
+  from the Hugging Face hub (hustvl/Vim-{tiny,small,base}-midclstok) when online.
+- vim-tiny-test: 2 layers of width 32, random init, for tests.
+Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> blocks with a fused
+"add + RMSNorm" residual kept in fp32 -> norm_f -> the token at M//2 -> head.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from .sites import LayerSites, LinearSite
+from .ssm import causal_conv1d, selective_scan
+from .vit import WeightsError
+
+
+@dataclass(frozen=True)
+class VimSpec:
+    dim: int
+    depth: int = 24
+    hub: tuple[str, str] | None = None  # (repo, file)
+
+
+VIM_SPECS = {
+    "vim-t": VimSpec(192, hub=("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth")),
+    "vim-s": VimSpec(384, hub=("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")),
+    "vim-b": VimSpec(768, hub=("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")),
+    "vim-tiny-test": VimSpec(32, depth=2),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class Mixer(nn.Module):
+    """Bidirectional Mamba mixer: shared in_proj / out_proj, one conv, x_proj, dt_proj, A, D per direction."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+        super().__init__()
+        di, self.dt_rank, self.d_state = expand * dim, math.ceil(dim / 16), d_state
+        self.in_proj = nn.Linear(dim, 2 * di, bias=False)
+        for suffix in ("", "_b"):
+            conv = nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1, bias=True)
+            x_proj = nn.Linear(di, self.dt_rank + 2 * d_state, bias=False)
+            dt_proj = nn.Linear(self.dt_rank, di, bias=True)
+            _init_dt(dt_proj, self.dt_rank)
+            A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(di, 1)
+            self.add_module(f"conv1d{suffix}", conv)
+            self.add_module(f"x_proj{suffix}", x_proj)
+            self.add_module(f"dt_proj{suffix}", dt_proj)
+            self.register_parameter(f"A{suffix}_log", nn.Parameter(torch.log(A)))
+            self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
+        self.out_proj = nn.Linear(di, dim, bias=False)
+
+    def scan(self, xz, suffix: str):
+        """One direction: causal conv + SiLU, x_proj -> (dt, B, C), dt_proj (its bias is the delta bias),
+        selective scan gated by SiLU(z). xz: (b, 2 di, l)."""
+        x, z = xz.chunk(2, dim=1)
+        conv = getattr(self, f"conv1d{suffix}")
+        x = causal_conv1d(x, conv.weight, conv.bias)
+        x_dbl = getattr(self, f"x_proj{suffix}")(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = getattr(self, f"dt_proj{suffix}")(dt).transpose(1, 2)  # W dt + b: softplus(. ) in the scan
+        A = -torch.exp(getattr(self, f"A{suffix}_log").float())
+        return selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{suffix}"), z)
+
+    def forward(self, h):
+        xz = self.in_proj(h).transpose(1, 2)  # (b, 2 di, l)
+        y = self.scan(xz, "") + self.scan(xz.flip(-1), "_b").flip(-1)
+        return self.out_proj((y / 2).transpose(1, 2).to(h.dtype))
+
+
+def _init_dt(dt_proj: nn.Linear, dt_rank: int, dt_min=1e-3, dt_max=0.1):
+    """Mamba's dt init: weights uniform in +-dt_rank^-0.5, bias = softplus^-1(dt), dt log-uniform."""
+    nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+    dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, drop_path: float):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mixer = Mixer(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, h, residual):
+        residual = h.float() if residual is None else residual + self.drop_path(h).float()
+        return self.mixer(self.norm(residual).to(h.dtype)), residual
+
+
+class VisionMamba(nn.Module):
+    def __init__(self, dim: int, depth: int, num_classes: int = 1000, img_size: int = 224, patch_size: int = 16,
+                 drop_path_rate: float = 0.05):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.token_position = self.num_patches // 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        rates = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()  # layer i uses rates[i]
+        self.layers = nn.ModuleList(Block(dim, rates[i]) for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        m = self.token_position
+        x = torch.cat([x[:, :m], self.cls_token.expand(x.shape[0], -1, -1), x[:, m:]], dim=1) + self.pos_embed
+        h, residual = x, None
+        for layer in self.layers:
+            h, residual = layer(h, residual)
+        return self.norm_f(residual + self.drop_path(h).float())[:, m]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).to(self.head.weight.dtype))
+
+
+def vim_sites(model: VisionMamba) -> list[LayerSites]:
+    """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs)."""
+    layers = []
+    for i, layer in enumerate(model.layers):
+        m = layer.mixer
+        linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
+                  for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
+        layers.append(LayerSites(index=i, linear=linear))
+    return layers
+
+
+def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
+               drop_path_rate: float = 0.05, img_size: int = 224) -> VisionMamba:
+    spec = VIM_SPECS[name]
+    model = VisionMamba(spec.dim, spec.depth, num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
+    if weights is None and pretrained and spec.hub is not None:
+        try:
+            from huggingface_hub import hf_hub_download
+            weights = hf_hub_download(*spec.hub)
+        except Exception as e:
+            raise WeightsError(f"could not download {spec.hub[1]} from the Hugging Face hub ({spec.hub[0]}): "
+                               f"{type(e).__name__}: {e}. Offline, bring the file and pass it with --weights PATH "
+                               "(Python: weights=PATH)") from e
+    if weights is not None:
+        load_vim_weights(model, weights)
+    return model
+
+
+def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
+    """Load an official checkpoint (weights under ckpt["model"]) strictly; the head is dropped when its
+    class count differs and pos_embed is resized around the middle class token when the size differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = dict(ckpt.get("model", ckpt))
+    if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
+        state["head.weight"], state["head.bias"] = model.head.weight.detach(), model.head.bias.detach()
+    if state["pos_embed"].shape != model.pos_embed.shape:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.num_patches)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path} does not fit {type(model).__name__}: {e}") from e
+
+
+def resize_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Bicubic resize of the patch positions; the class slot is index M//2 (not 0, as the official
+    fine-tuning code assumes; a no-op at 224 px)."""
+    old = pos.shape[1] - 1
+    cls_at = old // 2
+    cls, patches = pos[:, cls_at:cls_at + 1], torch.cat([pos[:, :cls_at], pos[:, cls_at + 1:]], dim=1)
+    g_old, g_new = int(math.isqrt(old)), int(math.isqrt(num_patches))
+    grid = patches.reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1)
+    m = num_patches // 2
+    return torch.cat([patches[:, :m], cls, patches[:, m:]], dim=1)
+
+
+def vim_head(model: VisionMamba) -> nn.Module:
+    return model.head
