@@ -27,15 +27,14 @@ def cuda_kernels():
 
 
 def _states(u, dt, A, B, C):
-    """All hidden states h_t (b, d, l, n) and the outputs sum_n h_t C_t (b, d, l)."""
-    dA = torch.exp(dt.unsqueeze(-1) * A[:, None, :])  # (b, d, l, n)
-    dBu = (dt * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, l, n)
-    h = torch.zeros_like(dBu[:, :, 0])
-    hs = torch.empty_like(dBu)
-    for t in range(u.shape[-1]):
-        h = dA[:, :, t] * h + dBu[:, :, t]
-        hs[:, :, t] = h
-    y = torch.einsum("bdln,bnl->bdl", hs, C)
+    """All hidden states h_t, time-major (l, b, d, n), the decays exp(dt_t A) (l, b, d, n) and the outputs
+    sum_n h_t C_t (b, d, l)."""
+    time_major = dt.permute(2, 0, 1).contiguous().unsqueeze(-1)  # (l, b, d, 1): contiguous steps below
+    dA = torch.exp(time_major * A)  # (l, b, d, n)
+    hs = (time_major * u.permute(2, 0, 1).unsqueeze(-1)) * B.permute(2, 0, 1).unsqueeze(2)  # dt B u, then h
+    for t in range(1, hs.shape[0]):
+        hs[t].addcmul_(dA[t], hs[t - 1])
+    y = torch.einsum("lbdn,bnl->bdl", hs, C)
     return hs, dA, y
 
 
@@ -59,28 +58,27 @@ class SelectiveScan(torch.autograd.Function):
     def backward(ctx, g):
         u, pre, A, B, C, D, z = ctx.saved_tensors
         dt = F.softplus(pre)
-        hs, dA, y = _states(u, dt, A, B, C)
+        hs, dA, y = _states(u, dt, A, B, C)  # recomputed: nothing of size (l, b, d, n) is kept between passes
         y = y + u * D[:, None]
         sig = torch.sigmoid(z)
         dz = g * y * sig * (1 + z * (1 - sig))
         gy = g * z * sig  # dL/dy
         dD = (gy * u).sum((0, 2))
         du = gy * D[:, None]
-        dC = torch.einsum("bdl,bdln->bnl", gy, hs)
+        dC = torch.einsum("bdl,lbdn->bnl", gy, hs)
         # reverse scan: lam_t = dL/dh_t = gy_t C_t + exp(dt_{t+1} A) lam_{t+1}
-        lam = torch.zeros_like(hs[:, :, 0])
-        d_dA = torch.empty_like(hs)  # dL/d(exp(dt_t A))
-        d_dBu = torch.empty_like(hs)  # dL/d(dt_t B_t u_t)
-        for t in range(u.shape[-1] - 1, -1, -1):
-            lam = gy[:, :, t, None] * C[:, None, :, t] + (dA[:, :, t + 1] * lam if t + 1 < u.shape[-1] else 0)
-            d_dBu[:, :, t] = lam
-            d_dA[:, :, t] = lam * hs[:, :, t - 1] if t > 0 else 0
-        dAdt = d_dA * dA  # dL/d(dt_t A) per (b, d, l, n)
-        Bt = B.transpose(1, 2).unsqueeze(1)  # (b, 1, l, n)
-        ddt = (dAdt * A[:, None, :]).sum(-1) + (d_dBu * Bt).sum(-1) * u
-        dA_param = (dAdt * dt.unsqueeze(-1)).sum((0, 2))
-        dB = torch.einsum("bdln,bdl->bnl", d_dBu, dt * u)
-        du = du + (d_dBu * Bt).sum(-1) * dt
+        lam = gy.permute(2, 0, 1).contiguous().unsqueeze(-1) * C.permute(2, 0, 1).unsqueeze(2)  # (l, b, d, n)
+        for t in range(lam.shape[0] - 2, -1, -1):
+            lam[t].addcmul_(dA[t + 1], lam[t + 1])
+        # dL/d(dt_t A) = lam_t h_{t-1} exp(dt_t A); dL/d(dt_t B_t u_t) = lam_t
+        dAdt = torch.zeros_like(hs)
+        torch.mul(lam[1:] * hs[:-1], dA[1:], out=dAdt[1:])
+        Bt = B.permute(2, 0, 1).unsqueeze(2)  # (l, b, 1, n)
+        lamB = (lam * Bt).sum(-1).permute(1, 2, 0)  # (b, d, l)
+        ddt = (dAdt * A).sum(-1).permute(1, 2, 0) + lamB * u
+        dA_param = torch.einsum("lbdn,bdl->dn", dAdt, dt)
+        dB = torch.einsum("lbdn,bdl->bnl", lam, dt * u)
+        du = du + lamB * dt
         dpre = ddt * torch.sigmoid(pre)
         dbias = dpre.sum((0, 2)) if ctx.has_bias else None
         return du, dpre, dA_param, dB, dC, dD, dz, dbias

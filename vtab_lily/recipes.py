@@ -62,6 +62,11 @@ PRESETS = {
         ("vit-b", "lily", {"r": 16}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne": [2, 3, 4]}),
     ],
     "table5": [
+        ("vim-s", "fft", {}, {}),
+        ("vim-s", "linear", {}, {}),
+        ("vim-s", "lora", {"r": 1, "targets": ("in_proj",)}, {}),
+        ("vim-s", "lily", {"preset": "lily-s"}, {}),
+        ("vim-s", "lily", {"preset": "lily-l"}, {}),
         ("vit-b-in1k", "fft", {}, {}),
         ("vit-b-in1k", "linear", {}, {}),
         ("vit-b-in1k", "adaptformer", {"width": 8}, {}),

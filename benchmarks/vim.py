@@ -1,0 +1,94 @@
+"""Vision Mamba on the CPU, ratios measured in one run:
+1. forward+backward of one Vim-S mixer (batch 2, L = 197): the custom-backward scan vs autograd through a
+   plain sequential loop (target >= 4x);
+2. memory of the per-token Lily in_proj branch (batch 8, L = 197, r = 8, ne = 5) vs the official
+   computation that materialises a per-token HP matrix [B, L, r, 1536] (target <= 0.25x): the bytes autograd
+   saves for the backward (measured with saved_tensors_hooks) and the largest saved tensor."""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import median_seconds
+
+from backbones import ssm
+from backbones.vim import Mixer
+
+
+def loop_scan(u, delta, A, B, C, D, z, delta_bias=None):
+    """The selective scan as a plain loop, differentiated by autograd (the baseline)."""
+    dt = F.softplus(delta + delta_bias[:, None] if delta_bias is not None else delta)
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z)
+
+
+def mixer_time(scan, repeats: int) -> float:
+    torch.manual_seed(0)
+    mixer, h = Mixer(384), torch.randn(2, 197, 384, requires_grad=True)
+    original = ssm.selective_scan
+    import backbones.vim as vim
+    vim.selective_scan = scan
+    try:
+        return median_seconds(lambda: mixer(h).sum().backward(), repeats=repeats)
+    finally:
+        vim.selective_scan = original
+
+
+def scan_time(scan, repeats: int) -> float:
+    """fwd+bwd of one Vim-S scan direction alone (d_inner 768, d_state 16, batch 2, L = 197)."""
+    torch.manual_seed(0)
+    b, d, l, n = 2, 768, 197, 16
+    args = [torch.randn(b, d, l), torch.randn(b, d, l) - 2, -torch.rand(d, n) - 0.1, torch.randn(b, n, l),
+            torch.randn(b, n, l), torch.randn(d), torch.randn(b, d, l), torch.randn(d)]
+    args = [a.requires_grad_() for a in args]
+    return median_seconds(lambda: scan(*args).sum().backward(), repeats=repeats)
+
+
+def branch_memory(kind: str) -> tuple[int, int]:
+    """Bytes saved for the backward and the largest tensor made, for one forward of the in_proj branch."""
+    torch.manual_seed(0)
+    b, l, d, r, ne, d_out = 8, 197, 384, 8, 5, 1536
+    x = torch.randn(b, l, d)
+    lp = torch.randn(r, d, requires_grad=True)
+    router = torch.randn(ne, r, requires_grad=True)
+    hps = torch.randn(ne, r, d_out, requires_grad=True)
+    saved, largest = {}, [0]
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        largest[0] = max(largest[0], t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = x @ lp.T
+        probs = torch.softmax(h @ router.T, -1)
+        if kind == "official":  # the official Vim code: a per-token HP matrix [B, L, r, d_out]
+            out = torch.einsum("bld,blde->ble", h, torch.einsum("ble,eio->blio", probs, hps))
+        else:
+            out = (probs.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2) @ hps.flatten(0, 1)
+    out.square().sum().backward()
+    return sum(saved.values()), largest[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    ours = mixer_time(ssm.selective_scan, args.repeats)
+    loop = mixer_time(loop_scan, args.repeats)
+    print(f"Vim-S mixer fwd+bwd, batch 2, L=197, CPU: custom-backward scan {ours * 1e3:.0f} ms, autograd loop "
+          f"{loop * 1e3:.0f} ms: {loop / ours:.1f}x faster")
+    ours, loop = scan_time(ssm.selective_scan, args.repeats), scan_time(loop_scan, args.repeats)
+    print(f"one scan direction alone (d_inner 768): custom-backward {ours * 1e3:.0f} ms, autograd loop "
+          f"{loop * 1e3:.0f} ms: {loop / ours:.1f}x faster")
+    (ours_saved, ours_max), (off_saved, off_max) = branch_memory("ours"), branch_memory("official")
+    print(f"per-token Lily in_proj branch, batch 8, L=197, r=8, ne=5: saved for backward {ours_saved / 2**20:.1f} MiB "
+          f"(ours) vs {off_saved / 2**20:.1f} MiB (per-token HP matrices) = {ours_saved / off_saved:.3f}x; largest "
+          f"tensor {ours_max / 2**20:.1f} vs {off_max / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
