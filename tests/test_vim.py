@@ -47,8 +47,10 @@ def test_official_vim_s_checkpoint_loads_strictly(tmp_path):
 
 
 def test_offline_without_weights_names_the_file(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
     from backbones import WeightsError
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
     with pytest.raises(WeightsError, match="vim_s_midclstok_80p5acc.pth.*--weights PATH"):
         create_backbone("vim-s", 10, pretrained=True)
 

@@ -1,0 +1,81 @@
+"""Router selectivity (paper Fig. 6): the total router weight each HP expert receives at chosen layers
+over a dataset (probability mass summed over all tokens of all images), as bar charts. ViT and Vim.
+
+    python -m analysis.routers --adapter lily.safetensors --task dtd --n 64 --target k --out routers.png
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtab_lily.adapters.lily import LilyBranch
+
+from .common import load_trained, model_arguments, save_figure, task_images
+
+
+@torch.no_grad()
+def router_weights(model: nn.Module, images: torch.Tensor, target: str, batch_size: int = 64) -> torch.Tensor:
+    """(layers, ne): the router probability mass per expert, summed over tokens and images. Without a
+    router (router="none") every expert gets an equal share."""
+    totals: dict[int, torch.Tensor] = defaultdict(lambda: 0)
+    shared = model.lily
+
+    def hook(branch, inputs, output):
+        h = shared.lps[target][shared.lp_index(target, branch.layer)](inputs[0])
+        if shared.specs[target].relu:
+            h = F.relu(h)
+        router = shared.router_for(target, branch.layer)
+        ne = shared.hps[target].shape[0]
+        probs = F.softmax(router(h), -1) if router is not None else torch.full((*h.shape[:-1], ne), 1 / ne)
+        totals[branch.layer] = totals[branch.layer] + probs.reshape(-1, ne).sum(0)
+
+    branches = [m for m in model.modules() if isinstance(m, LilyBranch) and m.target == target]
+    if not branches:
+        raise ValueError(f"the model has no Lily branch for target {target!r}; it has {list(shared.specs)}")
+    hooks = [b.register_forward_hook(hook) for b in branches]
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([totals[layer] for layer in sorted(totals)])
+
+
+def plot_router_weights(weights: torch.Tensor, layers: list[int], title: str):
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.6), squeeze=False, sharey=True)
+    share = weights / weights.sum(-1, keepdim=True)
+    for ax, layer in zip(axes[0], layers):
+        ax.bar(range(1, share.shape[1] + 1), share[layer].numpy(), color="tab:blue")
+        ax.set_title(f"layer {layer + 1}", fontsize=9)
+        ax.set_xlabel("HP expert")
+        ax.set_xticks(range(1, share.shape[1] + 1))
+    axes[0, 0].set_ylabel("share of router weight")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.routers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(parser)
+    parser.add_argument("--target", default=None, help="Lily target (default: the first one)")
+    parser.add_argument("--layers", type=int, nargs="+", help="0-based layers (default: 4 evenly spaced)")
+    args = parser.parse_args(argv)
+    model = load_trained(args.adapter[0], args.weights, image_size=args.image_size)
+    target = args.target or next(iter(model.lily.specs))
+    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
+    weights = router_weights(model, images, target)
+    layers = args.layers or sorted({round(i * (len(weights) - 1) / 3) for i in range(4)})
+    fig = plot_router_weights(weights, layers, f"router weight per HP expert, target {target}, {args.task}")
+    print(f"wrote {save_figure(fig, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
