@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from backbones import adapter_sites
-
-from .base import add_branch, register
+from .base import attach_each, register
 
 
 @dataclass
@@ -43,6 +41,5 @@ class AdaptFormerBranch(nn.Module):
 
 @register("adaptformer", AdaptFormerConfig)
 def attach_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
-    for layer in adapter_sites(model):
-        site = layer.get(cfg.site)
-        add_branch(site, AdaptFormerBranch(site.d_in, site.d_out, cfg.width, cfg.s, cfg.dropout, cfg.bias))
+    attach_each(model, [cfg.site],
+                lambda site: AdaptFormerBranch(site.d_in, site.d_out, cfg.width, cfg.s, cfg.dropout, cfg.bias))

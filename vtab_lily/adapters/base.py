@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from backbones import LinearSite, ParallelSite, family
+from backbones import LinearSite, ParallelSite, adapter_sites, family
 
 
 class Tap(nn.Module):
@@ -141,4 +141,20 @@ def split_targets(targets):
     return tuple(targets.split("+") if isinstance(targets, str) else targets)
 
 
-TARGETS_BY_FAMILY = {"vit": {"targets": ("q", "v")}, "vim": {"targets": ("in_proj",)}}
+@dataclass
+class TargetedConfig:
+    """Base of the per-target methods: `targets` default to q, v on ViT and in_proj on Vim."""
+
+    targets: tuple[str, ...] | None = None
+    FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"targets": ("q", "v")}, "vim": {"targets": ("in_proj",)}}
+
+    def __post_init__(self):
+        self.targets = split_targets(self.targets)
+
+
+def attach_each(model: nn.Module, targets, make_branch: Callable[[LinearSite | ParallelSite], nn.Module]) -> None:
+    """One branch per layer and target, made from its site."""
+    for layer in adapter_sites(model):
+        for t in targets:
+            site = layer.get(t)
+            add_branch(site, make_branch(site))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,10 +22,9 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import norm
 from torch import nn
 
-from backbones import adapter_sites
-
 from ..fileio import atomic_path
-from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
+from .base import attach_each, register
+from .lora import LoRABranch, LoRAConfig
 
 CODE = float(norm.ppf(0.75))  # 0.6744897...
 
@@ -40,50 +38,35 @@ def binarize(w: torch.Tensor) -> torch.Tensor:
 
 
 class BiLinear(nn.Linear):
-    """A bias-free Linear whose weight is binarised in the forward (until `load_bits` fixes it)."""
+    """A Linear whose weight is binarised in the forward (until `load_bits` fixes it)."""
 
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__(d_in, d_out, bias=False)
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
         self.fake_quant = True
 
     def forward(self, x):
-        return F.linear(x, binarize(self.weight) if self.fake_quant else self.weight)
+        return F.linear(x, binarize(self.weight) if self.fake_quant else self.weight, self.bias)
 
     def storage_bytes(self) -> int:
         return self.weight.numel() // 8 + 8  # the bits, plus mean and std in fp32
 
 
 @dataclass
-class BiLoRAConfig:
+class BiLoRAConfig(LoRAConfig):
     r: int = 32
-    s: float = 1.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
-    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
-
-    def __post_init__(self):
-        self.targets = split_targets(self.targets)
 
 
-class BiLoRABranch(nn.Module):
+class BiLoRABranch(LoRABranch):
+    linear = BiLinear
+
     def __init__(self, d_in: int, d_out: int, r: int, s: float, dropout: float):
-        super().__init__()
-        self.down = BiLinear(d_in, r)
-        self.dropout = nn.Dropout(dropout)
-        self.up = BiLinear(r, d_out)
+        super().__init__(d_in, d_out, r, s, dropout)
         nn.init.trunc_normal_(self.up.weight, mean=0.0, std=0.001, a=-0.002, b=0.002)
-        self.s = s
-
-    def forward(self, x):
-        return self.up(self.dropout(self.down(x))) * self.s
 
 
 @register("bilora", BiLoRAConfig)
 def attach_bilora(model: nn.Module, cfg: BiLoRAConfig) -> None:
-    for layer in adapter_sites(model):
-        for t in cfg.targets:
-            site = layer.get(t)
-            add_branch(site, BiLoRABranch(site.d_in, site.d_out, cfg.r, cfg.s, cfg.dropout))
+    attach_each(model, cfg.targets, lambda site: BiLoRABranch(site.d_in, site.d_out, cfg.r, cfg.s, cfg.dropout))
 
 
 def _bilinears(model: nn.Module) -> dict[str, BiLinear]:

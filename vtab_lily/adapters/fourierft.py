@@ -8,28 +8,23 @@ default (so the model does NOT start as the plain backbone); `init="zeros"` star
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import adapter_sites
-
-from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
+from .base import TargetedConfig, attach_each, register
 
 
 @dataclass
-class FourierFTConfig:
+class FourierFTConfig(TargetedConfig):
     n: int = 3000
     scale: float = 300.0
     loc_seed: int = 777  # seed of the spectral locations (peft's random_loc_seed default)
     init: str = "normal"
-    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
-    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = split_targets(self.targets)
+        super().__post_init__()
         if self.init not in ("normal", "zeros"):
             raise ValueError(f"fourierft init must be 'normal' or 'zeros', got {self.init!r}")
 
@@ -56,7 +51,4 @@ class FourierFTBranch(nn.Module):
 
 @register("fourierft", FourierFTConfig)
 def attach_fourierft(model: nn.Module, cfg: FourierFTConfig) -> None:
-    for layer in adapter_sites(model):
-        for t in cfg.targets:
-            site = layer.get(t)
-            add_branch(site, FourierFTBranch(site.d_in, site.d_out, cfg))
+    attach_each(model, cfg.targets, lambda site: FourierFTBranch(site.d_in, site.d_out, cfg))

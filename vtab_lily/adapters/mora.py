@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from backbones import adapter_sites
-
-from .base import TARGETS_BY_FAMILY, add_branch, register, split_targets
+from .base import TargetedConfig, attach_each, register
 
 
 def mora_rank(d_in: int, d_out: int, r: int, kind: int) -> int:
@@ -27,16 +24,14 @@ def mora_rank(d_in: int, d_out: int, r: int, kind: int) -> int:
 
 
 @dataclass
-class MoRAConfig:
+class MoRAConfig(TargetedConfig):
     r: int = 8
     type: int = 1
     s: float = 1.0
     dropout: float = 0.1
-    targets: tuple[str, ...] | None = None  # ViT: q, v; Vim: in_proj
-    FAMILY_DEFAULTS: ClassVar[dict] = TARGETS_BY_FAMILY
 
     def __post_init__(self):
-        self.targets = split_targets(self.targets)
+        super().__post_init__()
         if self.type not in (1, 6):
             raise ValueError(f"mora type must be 1 or 6, got {self.type}")
 
@@ -79,7 +74,4 @@ class MoRABranch(nn.Module):
 
 @register("mora", MoRAConfig)
 def attach_mora(model: nn.Module, cfg: MoRAConfig) -> None:
-    for layer in adapter_sites(model):
-        for t in cfg.targets:
-            site = layer.get(t)
-            add_branch(site, MoRABranch(site.d_in, site.d_out, cfg))
+    attach_each(model, cfg.targets, lambda site: MoRABranch(site.d_in, site.d_out, cfg))
