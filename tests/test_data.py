@@ -154,3 +154,22 @@ def test_batches_shuffle_reproducibly_and_normalise(tmp_path):
     x = to_float(raw)
     assert x.dtype == torch.float32 and torch.equal(x * 255, raw.float())
     assert torch.allclose(to_float(raw, normalize=True)[:, 0], (x[:, 0] - 0.485) / 0.229)
+
+
+def test_interrupted_prepare_continues_and_a_finished_task_is_skipped(tmp_path):
+    prepare_task("digits", tmp_path)
+    folder = tmp_path / "digits"
+    # as if killed half-way through the test split: no manifest, no lists, half the images
+    (folder / "manifest.json").unlink()
+    for split in ("train800", "val200", "train800val200", "test"):
+        (folder / f"{split}.txt").unlink()
+    images = sorted((folder / "images" / "test").glob("*.png"))
+    for p in images[400:]:
+        p.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in images[:400]}
+    manifest = prepare_task("digits", tmp_path)
+    assert manifest["counts"]["test"] == 797 and len(list((folder / "images" / "test").glob("*.png"))) == 797
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished images were not rewritten
+    before = (folder / "manifest.json").stat().st_mtime_ns
+    prepare_task("digits", tmp_path)
+    assert (folder / "manifest.json").stat().st_mtime_ns == before

@@ -112,7 +112,9 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
         "task": task.name, "group": task.group, "num_classes": task.num_classes,
         "source": task.builder, "version_requested": task.version,
         "version_used": str(info.version) if info is not None else task.version,
-        "tfds": _version("tensorflow-datasets"), "format": fmt, "limit": limit, "note": task.note,
+        "library": {lib: _version(lib) for lib in
+                    (["scikit-learn"] if task.name == "digits" else ["tensorflow-datasets"])},
+        "format": fmt, "limit": limit, "note": task.note,
         "counts": {s: len(lines[s]) for s in SPLITS},
         "sha256": {f"{s}.txt": _sha256(out / f"{s}.txt") for s in SPLITS},
     }
