@@ -158,3 +158,16 @@ def test_vtab_protocol_selects_on_val200_then_tests(data_root, tmp_path):
     assert len(test) == 1 and test.iloc[0]["train_split"] == "train800val200"
     chosen = val[val["opt.r"] == test.iloc[0]["opt.r"]]
     assert chosen.final_acc.max() == val.final_acc.max()
+
+
+def test_tensorboard_logs_every_epoch(data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    spec = RunSpec("vit-tiny", "digits", "linear", {}, 0, "test", TINY)
+    execute(spec, tmp_path / "runs", data_root, progress=False, tensorboard=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb" / spec.run_id))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/acc")] == [2, 4]
+    record = read_record(spec.path(tmp_path / "runs"))
+    assert [e.value for e in events.Scalars("eval/acc")] == pytest.approx([e["acc"] for e in record["evaluations"]])

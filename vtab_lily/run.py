@@ -74,9 +74,34 @@ def ensure_data(task: str, data_root: str | Path, prepare: bool) -> None:
         prepare_task(spec.name, data_root)
 
 
+def print_epoch(m: dict) -> None:
+    if "acc" in m:
+        print(f"epoch {m['epoch']}: train loss {m['train_loss']:.4f}, lr {m['lr']:.3g}, acc {m['acc']:.2f}")
+
+
+class TensorBoardLog:
+    """Per-epoch scalars (train/loss, train/lr, eval/acc, eval/loss) under <dir>/<run-id>."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from e
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, m: dict) -> None:
+        self.writer.add_scalar("train/loss", m["train_loss"], m["epoch"])
+        self.writer.add_scalar("train/lr", m["lr"], m["epoch"])
+        if "acc" in m:
+            self.writer.add_scalar("eval/acc", m["acc"], m["epoch"])
+            self.writer.add_scalar("eval/loss", m["loss"], m["epoch"])
+        self.writer.flush()
+
+
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
             weights: str | None = None, device: str | None = None, prepare: bool = False, force: bool = False,
-            pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True) -> Path:
+            pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True,
+            tensorboard: str | Path | None = None) -> Path:
     """Run `spec` (or skip it when its record is done) and return the record's path."""
     record_path = spec.path(runs)
     if record_path.exists() and read_record(record_path).get("status") == "done" and not force:
@@ -106,9 +131,11 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         started = time.time()
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
                       weights=weights, data_root=str(data_root), device=device)
+        on_epoch = ([print_epoch] if progress else []) + ([TensorBoardLog(Path(tensorboard) / spec.run_id)]
+                                                          if tensorboard else [])
         try:
             history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
-                          progress=progress, log=print if progress else None)
+                          progress=progress, on_epoch=on_epoch)
         except NonFiniteLoss as e:
             write_record(spec, runs, status="failed", error=str(e), **common)
             state_path.unlink(missing_ok=True)
@@ -150,6 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prepare", action="store_true", help="prepare the task's data first if it is missing")
     parser.add_argument("--force", action="store_true", help="run again even if a record exists")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard scalars to DIR/<run-id>")
     args = parser.parse_args(argv)
     try:
         settings = {}
@@ -163,8 +191,8 @@ def main(argv=None) -> int:
         options, recipe = split_settings(args.method, settings)
         spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
         path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
-                       progress=not args.no_progress)
-    except (KeyError, TypeError, ValueError, DataError, PrepareError, WeightsError, RunBusy) as e:
+                       progress=not args.no_progress, tensorboard=args.tensorboard)
+    except (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -88,8 +88,9 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_path: Path | None = None,
-        interrupt_after: int | None = None, progress: bool = True, log=None) -> History:
-    """Train `model` with `recipe`, evaluating on `test`; resume from `state_path` when it exists."""
+        interrupt_after: int | None = None, progress: bool = True, on_epoch=()) -> History:
+    """Train `model` with `recipe`, evaluating on `test`; resume from `state_path` when it exists.
+    Each callable in `on_epoch` gets {"epoch", "lr", "train_loss"[, "acc", "loss"]} after every epoch."""
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     history, start = History(), 0
@@ -128,11 +129,13 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         history.train_losses.append(sum(losses) / len(losses))
         scheduler.step(epoch)
         done = epoch + 1
+        metrics = {"epoch": done, "lr": lr, "train_loss": history.train_losses[-1]}
         if done % recipe.eval_every == 0 or done == recipe.epochs:
             acc, test_loss = evaluate(model, test, recipe)
             history.evaluations.append({"epoch": done, "acc": acc, "loss": test_loss})
-            if log:
-                log(f"epoch {done}: train loss {history.train_losses[-1]:.4f}, lr {lr:.3g}, acc {acc:.2f}")
+            metrics.update(acc=acc, loss=test_loss)
+        for callback in on_epoch:
+            callback(metrics)
         stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
         if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
             save_state(state_path, _state(model, optimizer, scheduler, done, history))
