@@ -2,11 +2,10 @@
 224 px, and the cost of Eq. 18 (combine HPs, one matmul) vs Eq. 17 (ne expert matmuls) at the same
 sizes. Prints ratios measured in one run."""
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
-from common import median_seconds
+from common import interleaved_medians, median_seconds
 
 from vtab_lily import build_model
 
@@ -22,17 +21,6 @@ def train_step(method: str, batch: int, **options):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return step
-
-
-def interleaved_medians(steps, repeats: int) -> list[float]:
-    """Median step time of each function, timed in alternation so drift hits all alike."""
-    times = [[] for _ in steps]
-    for step in steps:
-        step()  # warm-up
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            times[i].append(median_seconds(step, repeats=1, warmup=0))
-    return [statistics.median(t) for t in times]
 
 
 def combine_times(batch: int, repeats: int) -> tuple[float, float]:

@@ -9,8 +9,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import median_seconds
+from common import interleaved_medians
 
+import backbones.vim as vim
 from backbones import ssm
 from backbones.vim import Mixer
 
@@ -40,26 +41,28 @@ def reference_loop_scan(u, delta, A, B, C, D, z, delta_bias=None):
     return (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z)
 
 
-def mixer_time(scan, repeats: int) -> float:
+def mixer_step(scan):
+    """fwd+bwd of one Vim-S mixer (batch 2, L = 197) with `scan` as its selective scan."""
     torch.manual_seed(0)
     mixer, h = Mixer(384), torch.randn(2, 197, 384, requires_grad=True)
-    original = ssm.selective_scan
-    import backbones.vim as vim
-    vim.selective_scan = scan
-    try:
-        return median_seconds(lambda: mixer(h).sum().backward(), repeats=repeats)
-    finally:
-        vim.selective_scan = original
+
+    def step():
+        original, vim.selective_scan = vim.selective_scan, scan
+        try:
+            mixer(h).sum().backward()
+        finally:
+            vim.selective_scan = original
+    return step
 
 
-def scan_time(scan, repeats: int) -> float:
+def scan_step(scan):
     """fwd+bwd of one Vim-S scan direction alone (d_inner 768, d_state 16, batch 2, L = 197)."""
     torch.manual_seed(0)
     b, d, l, n = 2, 768, 197, 16
     args = [torch.randn(b, d, l), torch.randn(b, d, l) - 2, -torch.rand(d, n) - 0.1, torch.randn(b, n, l),
             torch.randn(b, n, l), torch.randn(d), torch.randn(b, d, l), torch.randn(d)]
     args = [a.requires_grad_() for a in args]
-    return median_seconds(lambda: scan(*args).sum().backward(), repeats=repeats)
+    return lambda: scan(*args).sum().backward()
 
 
 def branch_memory(kind: str) -> tuple[int, int]:
@@ -92,9 +95,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    for label, time in (("Vim-S mixer fwd+bwd, batch 2, L=197", mixer_time),
-                        ("one scan direction alone (d_inner 768)", scan_time)):
-        ours, ref, loop = (time(scan, args.repeats) for scan in (ssm.selective_scan, reference_loop_scan, loop_scan))
+    for label, make in (("Vim-S mixer fwd+bwd, batch 2, L=197", mixer_step),
+                        ("one scan direction alone (d_inner 768)", scan_step)):
+        scans = (ssm.selective_scan, reference_loop_scan, loop_scan)
+        ours, ref, loop = interleaved_medians([make(scan) for scan in scans], args.repeats)
         print(f"{label}, CPU: custom-backward scan {ours * 1e3:.0f} ms; autograd through the reference loop "
               f"{ref * 1e3:.0f} ms ({ref / ours:.1f}x); autograd through a loop vectorised per step "
               f"{loop * 1e3:.0f} ms ({loop / ours:.1f}x)")
