@@ -171,3 +171,13 @@ def test_tensorboard_logs_every_epoch(data_root, tmp_path):
     assert [e.step for e in events.Scalars("eval/acc")] == [2, 4]
     record = read_record(spec.path(tmp_path / "runs"))
     assert [e.value for e in events.Scalars("eval/acc")] == pytest.approx([e["acc"] for e in record["evaluations"]])
+
+
+def test_local_workers_run_both_vtab_stages(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two worker processes on two cores
+    code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--seeds", "4",
+                           "--grid", "lora.r=1,2", "--set", *[f"{k}={v}" for k, v in TINY.items()], "epochs=2",
+                           "--protocol", "vtab", "--gpus", "2", "--data-root", str(data_root), "--runs", str(tmp_path)])
+    assert code == 0
+    df = load_records(tmp_path)
+    assert sorted(df.eval_split) == ["test", "val200", "val200"]

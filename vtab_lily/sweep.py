@@ -81,11 +81,11 @@ def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
     return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
 
 
-def launch(specs: list[RunSpec], args) -> list[str]:
+def launch(specs: list[RunSpec], args, stage: str) -> list[str]:
     if args.launcher in ("slurm", "submitit-local"):
         return launch_submitit(specs, args)
-    if args.gpus > 1 and not args.worker:
-        return launch_workers(args)
+    if args.gpus > 1 and not args.stage:
+        return launch_workers(args, stage)
     statuses = []
     for i, spec in enumerate(specs, 1):
         status = run_job(spec, args.runs, args.data_root, args.weights, args.prepare)
@@ -95,13 +95,12 @@ def launch(specs: list[RunSpec], args) -> list[str]:
     return statuses
 
 
-def launch_workers(args) -> list[str]:
-    """One worker process per GPU over the same job list; lock files split the work."""
-    argv = [a for a in sys.argv[1:] if a != "--worker"] + ["--worker"]
-    procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *argv],
+def launch_workers(args, stage: str) -> list[str]:
+    """One worker process per GPU over the same job list (of `stage`); lock files split the work."""
+    procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *args.argv, "--stage", stage],
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}) for g in range(args.gpus)]
     codes = [p.wait() for p in procs]
-    return [f"worker exit {c}" for c in codes]
+    return ["ran" if c == 0 else f"failed: worker exit {c}" for c in codes]
 
 
 def launch_submitit(specs: list[RunSpec], args) -> list[str]:
@@ -147,8 +146,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--prepare", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=["all", "select", "final"], help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.launcher == "slurm" and not args.partition:
             raise KeyError("--launcher slurm needs --partition")
@@ -170,9 +170,12 @@ def main(argv=None) -> int:
                   f"eval {spec.eval_split}: {'done' if done else 'to run'}")
         return 0
     try:
-        statuses = launch(stage1, args)
-        if args.protocol == "vtab" and not args.worker:
-            statuses += launch(best_on_val(stage1, args.runs), args)
+        if args.stage:  # a worker process of --gpus N: run its stage's list
+            statuses = launch(best_on_val(stage1, args.runs) if args.stage == "final" else stage1, args, args.stage)
+        else:
+            statuses = launch(stage1, args, "select" if args.protocol == "vtab" else "all")
+            if args.protocol == "vtab":
+                statuses += launch(best_on_val(stage1, args.runs), args, "final")
     except (DataError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
