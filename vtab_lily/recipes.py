@@ -72,4 +72,10 @@ PRESETS = {
         ("vit-b-in1k", "adaptformer", {"width": 8}, {}),
         ("vit-b-in1k", "lora", {"r": 8}, {}),
     ],
+    # Appendix D: Lily on different modules without LP sharing (one LP per layer); the paper tunes the
+    # settings to similar parameter counts without publishing them, so the row is a sweep over s and ne_2.
+    "table15": [
+        ("vit-b", "lily", {"targets": targets, "ne_1": 12}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne_2": [2, 3, 4]})
+        for targets in (("q", "v"), ("mlp",), ("q", "v", "mlp"), ("k", "v", "mlp"))
+    ],
 }
