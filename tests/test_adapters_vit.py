@@ -135,3 +135,11 @@ def test_disable_adapters_removes_a_trained_adapter(images):
             off = model(images)
     assert (adapted - plain_new_head).abs().max() > 1e-3
     assert torch.equal(off, base)
+
+
+def test_branches_keep_slice_order_and_overlaps_are_refused(images):
+    model = tiny("lora", targets=("v", "q"))
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.slices == [slice(0, 64), slice(128, 192)]
+    with pytest.raises(ValueError, match="adapter output slices overlap"):
+        tiny("lora", targets=("qkv", "k"))

@@ -49,11 +49,13 @@ class Adapted(nn.Module):
         object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
 
     def add(self, branch: nn.Module, out: slice) -> None:
+        """Add a branch writing to output columns `out`; branches stay sorted by their slice."""
         for s in self.slices:
             if out.start < s.stop and s.start < out.stop:
                 raise ValueError(f"adapter output slices overlap: {s} and {out}")
-        self.branches.append(branch)
-        self.slices.append(out)
+        at = sum(s.start < out.start for s in self.slices)
+        self.branches.insert(at, branch)
+        self.slices.insert(at, out)
 
     def forward(self, x, *args, **kwargs):
         y = self.base(x, *args, **kwargs)
@@ -61,7 +63,7 @@ class Adapted(nn.Module):
         if not self.enabled:
             return y
         pieces, pos = [], 0
-        for out, branch in sorted(zip(self.slices, self.branches), key=lambda t: t[0].start):
+        for out, branch in zip(self.slices, self.branches):
             if out.start > pos:
                 pieces.append(y[..., pos:out.start])
             pieces.append(y[..., out] + branch(src))
