@@ -104,3 +104,28 @@ def test_accuracy_vs_ne_from_records(tmp_path):
     assert save_figure(plot_granularity(table), tmp_path / "g.pdf").stat().st_size > 0
     with pytest.raises(ValueError, match="no finished Lily test records"):
         accuracy_vs_ne(records[records.method == "lora"])
+
+
+def test_command_lines_write_their_figures(tmp_path, capsys):
+    from analysis import attention, features, granularity, rank, routers
+    from vtab_lily.prepare import prepare_task
+    from vtab_lily.records import RunSpec
+    from vtab_lily.run import execute
+    prepare_task("digits", tmp_path / "data")
+    recipe = {"image_size": 32, "batch_size": 100, "epochs": 1, "warmup_epochs": 1}
+    adapters = []
+    for method, options in (("lily", {"r": 4, "ne": 2}), ("lora", {"r": 2})):
+        spec = RunSpec("vit-tiny", "digits", method, options, 0, "test", recipe)
+        execute(spec, tmp_path / "runs", tmp_path / "data", progress=False)
+        adapters.append(str(spec.path(tmp_path / "runs", ".safetensors")))
+    common = ["--task", "digits", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--n", "3"]
+    both = ["--adapter", adapters[0], "--adapter", adapters[1]]
+    runs = [(attention, both + common), (features, both + common), (rank, both + common),
+            (routers, ["--adapter", adapters[0], "--target", "k"] + common)]
+    for module, argv in runs:
+        out = tmp_path / f"{module.__name__.split('.')[-1]}.png"
+        assert module.main(argv + ["--out", str(out)]) == 0 and out.stat().st_size > 0
+    out = tmp_path / "granularity.pdf"
+    assert granularity.main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "effective rank mean" in printed and printed.count("wrote ") == 5
