@@ -11,19 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vtab_lily import adapter_config, build_model, load_adapter  # noqa: E402
+from vtab_lily import adapter_config, load_model  # noqa: E402
 from vtab_lily.data import load_split, to_float  # noqa: E402
 from vtab_lily.fileio import atomic_path  # noqa: E402
 
 
 def load_trained(adapter: str | Path, weights: str | None = None, pretrained: bool = True,
                  image_size: int = 224) -> nn.Module:
-    """The model an adapter file was saved from (backbone + method + options), with its tensors, in eval mode."""
-    cfg = adapter_config(adapter)
-    model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"], pretrained=pretrained, weights=weights,
-                        backbone_options={"img_size": image_size}, **cfg["options"])
-    load_adapter(model, adapter)
-    return model.eval()
+    """The model an adapter file was saved from, at `image_size`, in eval mode."""
+    return load_model(adapter, weights, pretrained, backbone_options={"img_size": image_size})
 
 
 def task_images(data_root: str | Path, task: str, n: int, size: int = 224, split: str = "test",

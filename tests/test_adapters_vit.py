@@ -143,3 +143,16 @@ def test_branches_keep_slice_order_and_overlaps_are_refused(images):
     assert qkv.slices == [slice(0, 64), slice(128, 192)]
     with pytest.raises(ValueError, match="adapter output slices overlap"):
         tiny("lora", targets=("qkv", "k"))
+
+
+def test_load_model_rebuilds_the_saved_model(tmp_path, images):
+    from vtab_lily import load_model
+    model = tiny("lora", r=3).eval()
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "a.safetensors")
+    rebuilt = load_model(tmp_path / "a.safetensors", pretrained=False, backbone_options=TINY)
+    assert rebuilt.peft_config == model.peft_config and not rebuilt.training
+    # the backbone is rebuilt from the same seed-free random init, so compare only the adapter tensors
+    for (n, p), (m, q) in zip(sorted(rebuilt.named_parameters()), sorted(model.named_parameters())):
+        if q.requires_grad:
+            assert n == m and torch.equal(p, q)

@@ -1,4 +1,5 @@
 """Preparing VTAB-1K (tfds mock data), reading it back, its errors, and the decode-once cache."""
+import json
 import os
 
 import numpy as np
@@ -128,11 +129,13 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     mtime = os.path.getmtime(first.cache)
     again = load_split(tmp_path, "pets", "test", progress=False)
     assert again.cache == first.cache and os.path.getmtime(again.cache) == mtime
+    assert json.loads((folder / ".cache" / "test.checksum").read_text())["checksum"] in first.cache.name
     smaller = load_split(tmp_path, "pets", "test", size=32, progress=False)
     assert smaller.cache != first.cache and smaller.images.shape[1:] == (32, 32, 3)
     bilinear = load_split(tmp_path, "pets", "test", interpolation="bilinear", progress=False)
     assert bilinear.cache != first.cache
     Image.fromarray(np.zeros((50, 40, 3), np.uint8)).save(folder / "images/test/000000.jpg")
+    os.utime(folder / "images/test/000000.jpg", ns=(1, 1))  # even a file whose mtime goes back is noticed
     changed = load_split(tmp_path, "pets", "test", progress=False)
     assert changed.cache != first.cache and not first.cache.exists()  # stale cache removed
     assert changed.images[0].max() == 0

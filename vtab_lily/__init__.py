@@ -5,9 +5,10 @@ from .model import (
     count_params,
     disable_adapters,
     load_adapter,
+    load_model,
     save_adapter,
     storage_bytes,
 )
 
-__all__ = ["adapter_config", "build_model", "count_params", "disable_adapters", "load_adapter", "save_adapter",
-           "storage_bytes"]
+__all__ = ["adapter_config", "build_model", "count_params", "disable_adapters", "load_adapter", "load_model",
+           "save_adapter", "storage_bytes"]

@@ -2,11 +2,13 @@
 
 The first read of a split decodes and resizes every image once (PIL bicubic to 224 x 224, as the
 official pipeline's Resize) into a uint8 array cached on disk and memory-mapped afterwards. The cache
-is keyed by a checksum of the list file and every image file, the size and the interpolation.
+is keyed by a checksum of the list file and every image file (memoised under their sizes and mtimes), the
+size and the interpolation.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .fileio import atomic_path
+from .fileio import atomic_path, write_json
 from .tasks import SPLITS, Task, get_task
 
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -75,10 +77,20 @@ def decode(path: Path, size: int, interpolation: str) -> np.ndarray:
 
 
 def _checksum(list_file: Path, paths: list[Path]) -> str:
+    """blake2b of the list file and every image's bytes. Memoised in <task>/.cache/<split>.checksum under a
+    signature of (path, size, mtime) of each file, so an unchanged split is not read again."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [list_file, *paths]]
+    signature = hashlib.blake2b(json.dumps(stats).encode(), digest_size=16).hexdigest()
+    memo = list_file.parent / ".cache" / f"{list_file.stem}.checksum"
+    if memo.exists():
+        known = json.loads(memo.read_text())
+        if known["signature"] == signature:
+            return known["checksum"]
     h = hashlib.blake2b(digest_size=16)
     h.update(list_file.read_bytes())
     for p in paths:
         h.update(p.read_bytes())
+    write_json(memo, {"signature": signature, "checksum": h.hexdigest()})
     return h.hexdigest()
 
 

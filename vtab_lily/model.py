@@ -87,6 +87,17 @@ def adapter_config(path: str | os.PathLike) -> dict:
         return json.loads(f.metadata()["vtab_lily"])
 
 
+def load_model(path: str | os.PathLike, weights: str | None = None, pretrained: bool = True,
+               backbone_options: dict | None = None) -> nn.Module:
+    """Rebuild the model an adapter file was saved from (backbone, method, options, classes), load its
+    tensors, and return it in eval mode. `weights` / `pretrained` give the backbone as in build_model."""
+    cfg = adapter_config(path)
+    model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"], pretrained=pretrained, weights=weights,
+                        backbone_options=backbone_options, **cfg["options"])
+    load_adapter(model, path)
+    return model.eval()
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy a saved adapter into a model built with the same backbone, method and options."""
     saved = adapter_config(path)
