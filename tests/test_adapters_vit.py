@@ -156,3 +156,16 @@ def test_load_model_rebuilds_the_saved_model(tmp_path, images):
     for (n, p), (m, q) in zip(sorted(rebuilt.named_parameters()), sorted(model.named_parameters())):
         if q.requires_grad:
             assert n == m and torch.equal(p, q)
+
+
+def test_adaptformer_reads_the_stream_before_norm2_and_adds_after_the_mlp():
+    """Official AdaptFormer / Lily copy: x + drop_path(mlp(norm2(x))) + s * up(relu(down(x)))."""
+    model = tiny("adaptformer", width=4, s=0.3).eval()
+    randomize_trainable(model, std=0.3)
+    block = model.blocks[1]
+    branch = block.drop_path2.branches[0]
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        h = x + block.attn(block.norm1(x))
+        want = h + block.mlp(block.norm2(h)) + 0.3 * branch.up(torch.relu(branch.down(h)))
+        assert (block(x) - want).abs().max() < 1e-5
