@@ -176,3 +176,17 @@ def test_interrupted_prepare_continues_and_a_finished_task_is_skipped(tmp_path):
     before = (folder / "manifest.json").stat().st_mtime_ns
     prepare_task("digits", tmp_path)
     assert (folder / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_jpeg_format_writes_quality_75_files_like_the_community_copy(tmp_path):
+    manifest = prepare_task("digits", tmp_path, fmt="jpeg", limit=5)
+    assert manifest["format"] == "jpeg" and manifest["counts"]["test"] == 5
+    paths, _ = read_list(tmp_path / "digits", "test", 10)
+    assert all(p.suffix == ".jpg" for p in paths)
+    q75 = tmp_path / "q75.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(q75, quality=75)
+    with Image.open(paths[0]) as im, Image.open(q75) as ref:
+        assert im.format == "JPEG" and im.quantization == ref.quantization  # the quality-75 tables
+    assert load_split(tmp_path, "digits", "test", size=8, progress=False).images.shape == (5, 8, 8, 3)
+    with pytest.raises(PrepareError, match="unknown format 'gif'"):
+        prepare_task("digits", tmp_path / "other", fmt="gif")
