@@ -71,10 +71,10 @@ def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
     accuracy, as a spec that trains on train800val200 and tests."""
     best = {}
     for spec in specs:
-        path = spec.path(runs)
-        if not path.exists() or read_record(path).get("status") != "done":
+        record = read_record(spec.path(runs)) if spec.path(runs).exists() else {}
+        if record.get("status") != "done":
             continue
-        acc = read_record(path)["final_acc"]
+        acc = record["final_acc"]
         key = (spec.backbone, spec.method, spec.task, spec.seed)
         if key not in best or acc > best[key][0]:
             best[key] = (acc, spec)
