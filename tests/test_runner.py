@@ -181,3 +181,20 @@ def test_local_workers_run_both_vtab_stages(data_root, tmp_path, monkeypatch, ca
     assert code == 0
     df = load_records(tmp_path)
     assert sorted(df.eval_split) == ["test", "val200", "val200"]
+
+
+def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
+    from vtab_lily import build_model
+    from vtab_lily.recipes import recipe_for
+    from vtab_lily.train import make_optimizer
+    recipe = recipe_for("vim-s")
+    assert (recipe.lr, recipe.weight_decay, recipe.warmup_epochs, recipe.drop_path, recipe.precision) == (
+        1e-2 * 64 / 512, 1e-3, 5, 0.05, "fp32")
+    model = build_model("vim-tiny-test", "fft", 5, pretrained=False, backbone_options={"img_size": 32})
+    groups = make_optimizer(model, recipe).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all((id(p) in decayed) == (p.ndim > 1 and not n.endswith(".bias")) for n, p in model.named_parameters())
+    spec = RunSpec("vim-tiny-test", "digits", "lily", {}, 0, "test", {**TINY, "epochs": 1})
+    record = read_record(execute(spec, tmp_path, data_root, progress=False))
+    assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr
+    assert record["method_config"]["router"] == "model" and record["method_config"]["routing"] == "token"
