@@ -5,14 +5,12 @@ adapted q and k (the output of the wrapped qkv), averaged over heads.
 """
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import label_of, load_trained, model_arguments, save_figure, task_images
+from .common import evenly_spaced, parse_model_args, per_adapter, save_figure
 
 
 @torch.no_grad()
@@ -60,16 +58,10 @@ def plot_attention(maps: dict[str, torch.Tensor], images: torch.Tensor, layers: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(parser)
-    parser.add_argument("--layers", type=int, nargs="+", help="0-based layers to show (default: 4 evenly spaced)")
-    args = parser.parse_args(argv)
-    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
-    maps = {label_of(a): cls_attention(load_trained(a, args.weights, image_size=args.image_size), images)
-            for a in args.adapter}
-    depth = next(iter(maps.values())).shape[0]
-    layers = args.layers or sorted({round(i * (depth - 1) / 3) for i in range(4)})
+    args = parse_model_args("python -m analysis.attention", __doc__, argv, lambda p: p.add_argument(
+        "--layers", type=int, nargs="+", help="0-based layers to show (default: 4 evenly spaced)"))
+    images, maps = per_adapter(args, cls_attention)
+    layers = args.layers or evenly_spaced(next(iter(maps.values())).shape[0])
     print(f"wrote {save_figure(plot_attention(maps, images, layers), args.out)}")
     return 0
 

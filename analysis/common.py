@@ -54,3 +54,24 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
 def label_of(adapter: str | Path) -> str:
     cfg = adapter_config(adapter)
     return f"{cfg['method']} ({Path(adapter).stem})"
+
+
+def parse_model_args(prog: str, doc: str, argv=None, extra=None) -> argparse.Namespace:
+    """The command line of a figure over trained adapters: model_arguments plus `extra(parser)`."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(parser)
+    if extra:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def per_adapter(args: argparse.Namespace, measure) -> tuple[torch.Tensor, dict]:
+    """The task's images and {label: measure(model, images)} for every --adapter."""
+    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
+    return images, {label_of(a): measure(load_trained(a, args.weights, image_size=args.image_size), images)
+                    for a in args.adapter}
+
+
+def evenly_spaced(depth: int, k: int = 4) -> list[int]:
+    """k layers spread over 0..depth-1 (fewer when the model is shallower)."""
+    return sorted({round(i * (depth - 1) / (k - 1)) for i in range(k)})

@@ -6,14 +6,12 @@ diagonal and for identical layers), as a heat map per method.
 """
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import label_of, load_trained, model_arguments, save_figure, task_images
+from .common import parse_model_args, per_adapter, save_figure
 
 
 @torch.no_grad()
@@ -56,14 +54,8 @@ def plot_differences(matrices: dict[str, torch.Tensor]):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.features", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(parser)
-    args = parser.parse_args(argv)
-    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
-    matrices = {label_of(a): feature_difference(block_features(load_trained(a, args.weights,
-                                                                            image_size=args.image_size), images))
-                for a in args.adapter}
+    args = parse_model_args("python -m analysis.features", __doc__, argv)
+    _, matrices = per_adapter(args, lambda model, images: feature_difference(block_features(model, images)))
     print(f"wrote {save_figure(plot_differences(matrices), args.out)}")
     return 0
 

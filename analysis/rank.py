@@ -11,8 +11,6 @@ singular values above max(d) * eps * s_max.
 """
 from __future__ import annotations
 
-import argparse
-
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
@@ -20,7 +18,7 @@ from torch import nn
 from vtab_lily.adapters.lily import LilyBranch
 from vtab_lily.adapters.lora import LoRABranch
 
-from .common import label_of, load_trained, model_arguments, save_figure, task_images
+from .common import parse_model_args, per_adapter, save_figure
 from .routers import router_weights
 
 
@@ -88,17 +86,11 @@ def plot_spectra(spectra: dict[str, dict[str, torch.Tensor]]):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.rank", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(parser)
-    args = parser.parse_args(argv)
-    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
-    spectra = {}
-    for adapter in args.adapter:
-        ups = updates(load_trained(adapter, args.weights, image_size=args.image_size), images)
-        spectra[label_of(adapter)] = ups
+    args = parse_model_args("python -m analysis.rank", __doc__, argv)
+    _, spectra = per_adapter(args, updates)
+    for name, ups in spectra.items():
         ranks = [effective_rank(u) for u in ups.values()]
-        print(f"{label_of(adapter)}: {len(ups)} updates, effective rank mean {sum(ranks) / len(ranks):.2f}, "
+        print(f"{name}: {len(ups)} updates, effective rank mean {sum(ranks) / len(ranks):.2f}, "
               f"numerical rank max {max(numerical_rank(u) for u in ups.values())}")
     print(f"wrote {save_figure(plot_spectra(spectra), args.out)}")
     return 0

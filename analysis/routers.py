@@ -5,7 +5,6 @@ over a dataset (probability mass summed over all tokens of all images), as bar c
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import matplotlib.pyplot as plt
@@ -15,7 +14,7 @@ from torch import nn
 
 from vtab_lily.adapters.lily import LilyBranch
 
-from .common import load_trained, model_arguments, save_figure, task_images
+from .common import evenly_spaced, load_trained, parse_model_args, save_figure, task_images
 
 
 @torch.no_grad()
@@ -61,18 +60,16 @@ def plot_router_weights(weights: torch.Tensor, layers: list[int], title: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.routers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(parser)
-    parser.add_argument("--target", default=None, help="Lily target (default: the first one)")
-    parser.add_argument("--layers", type=int, nargs="+", help="0-based layers (default: 4 evenly spaced)")
-    args = parser.parse_args(argv)
+    def extra(parser):
+        parser.add_argument("--target", default=None, help="Lily target (default: the first one)")
+        parser.add_argument("--layers", type=int, nargs="+", help="0-based layers (default: 4 evenly spaced)")
+    args = parse_model_args("python -m analysis.routers", __doc__, argv, extra)
     model = load_trained(args.adapter[0], args.weights, image_size=args.image_size)
     target = args.target or next(iter(model.lily.specs))
     images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
     weights = router_weights(model, images, target)
-    layers = args.layers or sorted({round(i * (len(weights) - 1) / 3) for i in range(4)})
-    fig = plot_router_weights(weights, layers, f"router weight per HP expert, target {target}, {args.task}")
+    fig = plot_router_weights(weights, args.layers or evenly_spaced(len(weights)),
+                              f"router weight per HP expert, target {target}, {args.task}")
     print(f"wrote {save_figure(fig, args.out)}")
     return 0
 

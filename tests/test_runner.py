@@ -198,3 +198,12 @@ def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
     record = read_record(execute(spec, tmp_path, data_root, progress=False))
     assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr
     assert record["method_config"]["router"] == "model" and record["method_config"]["routing"] == "token"
+
+
+def test_only_done_records_count_as_finished(tmp_path):
+    from vtab_lily.fileio import write_json
+    from vtab_lily.records import finished
+    write_json(tmp_path / "a.json", {"status": "failed"})
+    write_json(tmp_path / "b.json", {"status": "done", "final_acc": 1.0})
+    assert finished(tmp_path / "a.json") is None and finished(tmp_path / "none.json") is None
+    assert finished(tmp_path / "b.json")["final_acc"] == 1.0

@@ -100,6 +100,13 @@ def read_record(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def finished(path: str | Path) -> dict | None:
+    """The record at `path` if it exists and its run is done, else None."""
+    path = Path(path)
+    record = read_record(path) if path.exists() else None
+    return record if record and record.get("status") == "done" else None
+
+
 def load_records(runs: str | Path = "results/runs", include_failed: bool = False) -> pd.DataFrame:
     """All records under `runs`, one row each: identity columns, flattened method options (opt.<name>),
     params, best/final accuracy. Failed runs are left out unless `include_failed`."""

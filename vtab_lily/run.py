@@ -25,7 +25,7 @@ from .data import Batches, DataError, load_split, task_dir
 from .model import build_model, count_params, save_adapter, storage_bytes
 from .prepare import PrepareError, prepare_task
 from .recipes import RECIPE_FIELDS
-from .records import RunLock, RunSpec, environment, read_record, write_record
+from .records import RunLock, RunSpec, environment, finished, read_record, write_record
 from .tasks import get_task
 from .train import NonFiniteLoss, fit
 
@@ -104,7 +104,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             tensorboard: str | Path | None = None) -> Path:
     """Run `spec` (or skip it when its record is done) and return the record's path."""
     record_path = spec.path(runs)
-    if record_path.exists() and read_record(record_path).get("status") == "done" and not force:
+    if finished(record_path) and not force:
         return record_path
     ensure_data(spec.task, data_root, prepare)
     device = device or default_device()
@@ -113,7 +113,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
             raise RunBusy(f"run {spec.run_id} is being run by another process ({lock.path})")
-        if record_path.exists() and read_record(record_path).get("status") == "done" and not force:
+        if finished(record_path) and not force:
             return record_path  # finished by another process while we looked
         state_path = spec.path(runs, ".state.pt")
         if force:

@@ -22,7 +22,7 @@ import sys
 from .data import DataError
 from .prepare import PrepareError
 from .recipes import PRESETS
-from .records import RunSpec, read_record
+from .records import RunSpec, finished
 from .run import DEFAULT_DATA, DEFAULT_RUNS, RunBusy, execute, parse_value, split_settings
 from .tasks import VTAB_TASKS
 from .train import NonFiniteLoss
@@ -55,7 +55,7 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
 
 def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepare: bool) -> str:
     """Run one spec; return 'ran', 'done' (skipped, finished before), 'busy' or 'failed: ...'."""
-    if spec.path(runs).exists() and read_record(spec.path(runs)).get("status") == "done":
+    if finished(spec.path(runs)):
         return "done"
     try:
         execute(spec, runs, data_root, weights, prepare=prepare, progress=False)
@@ -71,8 +71,8 @@ def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
     accuracy, as a spec that trains on train800val200 and tests."""
     best = {}
     for spec in specs:
-        record = read_record(spec.path(runs)) if spec.path(runs).exists() else {}
-        if record.get("status") != "done":
+        record = finished(spec.path(runs))
+        if record is None:
             continue
         acc = record["final_acc"]
         key = (spec.backbone, spec.method, spec.task, spec.seed)
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         for spec in stage1:
-            done = spec.path(args.runs).exists()
+            done = finished(spec.path(args.runs)) is not None
             print(f"{spec.run_id} {spec.backbone} {spec.method} {spec.task} {spec.options} {spec.recipe} "
                   f"eval {spec.eval_split}: {'done' if done else 'to run'}")
         return 0

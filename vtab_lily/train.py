@@ -7,6 +7,7 @@ epochs at warmup_lr_init), evaluation every `eval_every` epochs and after the la
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,15 +116,16 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         for step, (x, y) in enumerate(bar):
             with _autocast(train.device, recipe.precision):
                 loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+            value = loss.item()  # the one host sync of a step
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
                                     f"(lr {lr:.3g}); lower the learning rate or the adapter scale and run again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value)
             history.train_images += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
         history.train_time_s += time.perf_counter() - t
         history.lrs.append(lr)
         history.train_losses.append(sum(losses) / len(losses))
