@@ -12,14 +12,17 @@ from torch import nn
 
 from backbones import create_backbone, head_of
 
-from .adapters import METHODS, adapted_modules, make_config
+from .adapters import adapted_modules, get_method, make_config
+from .adapters.peft_tuners import tuner_layers
 from .fileio import atomic_path
 
 
 def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
                 weights: str | None = None, drop_path_rate: float | None = None,
                 backbone_options: dict | None = None, **options) -> nn.Module:
-    """Backbone + method, with requires_grad set: the method's parameters and the head train.
+    """Backbone + method, with requires_grad set: the backbone is frozen before the method attaches, so
+    what trains is the method's parameters (those it leaves with requires_grad), the head, and, for
+    full fine-tuning (trains_backbone), everything.
 
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
     raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
@@ -27,12 +30,12 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     cfg = make_config(method, options, backbone)
     model = create_backbone(backbone, num_classes, pretrained=pretrained, weights=weights,
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
-    backbone_params = {id(p) for p in model.parameters()}
-    spec = METHODS[method]
+    model.requires_grad_(False)
+    spec = get_method(method)
     spec.attach(model, cfg)
     head = {id(p) for p in head_of(model).parameters()}
     for p in model.parameters():
-        p.requires_grad = spec.trains_backbone or id(p) not in backbone_params or id(p) in head
+        p.requires_grad = spec.trains_backbone or p.requires_grad or id(p) in head
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
                          "options": dataclasses.asdict(cfg)}
     return model
@@ -57,16 +60,24 @@ def storage_bytes(model: nn.Module) -> int:
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes as its plain backbone (the head stays as it is)."""
-    wrappers = adapted_modules(model)
+    """Within the block the model computes as its plain backbone (the head stays as it is); for
+    peft's tuners through their own switch (enable_adapters), keeping every requires_grad as it was."""
+    wrappers, peft_layers = adapted_modules(model), tuner_layers(model)
     previous = [w.enabled for w in wrappers]
+    trainable = [p.requires_grad for p in model.parameters()]
     for w in wrappers:
         w.enabled = False
+    for layer in peft_layers:
+        layer.enable_adapters(False)
     try:
         yield model
     finally:
         for w, e in zip(wrappers, previous):
             w.enabled = e
+        for layer in peft_layers:
+            layer.enable_adapters(True)
+        for p, t in zip(model.parameters(), trainable):
+            p.requires_grad = t
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .adapters import make_config
+from .adapters import get_method, make_config, origin
+from .adapters.plugins import origin_label
 from .fileio import write_json
 from .recipes import Recipe, recipe_for
 from .tasks import get_task
@@ -52,10 +53,14 @@ class RunSpec:
         return recipe_for(self.backbone, **self.recipe)
 
     def identity(self) -> dict:
+        """The run's defining fields; a method from outside the suite adds its `origin` (module and version
+        or file hash), so two methods of the same name, or two versions of one, never share a run id."""
+        method_origin = origin(get_method(self.method).module)
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
                 "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
                 "train_split": self.train_split, "eval_split": self.eval_split,
-                "recipe": dataclasses.asdict(self.full_recipe())}
+                "recipe": dataclasses.asdict(self.full_recipe()),
+                **({"origin": method_origin} if method_origin else {})}
 
     @property
     def run_id(self) -> str:
@@ -108,8 +113,9 @@ def finished(path: str | Path) -> dict | None:
 
 
 def load_records(runs: str | Path = "results/runs", include_failed: bool = False) -> pd.DataFrame:
-    """All records under `runs`, one row each: identity columns, flattened method options (opt.<name>),
-    params, best/final accuracy. Failed runs are left out unless `include_failed`."""
+    """All records under `runs`, one row each: identity columns, the method's origin ('' for built-in
+    methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>), params,
+    best/final accuracy. Failed runs are left out unless `include_failed`."""
     rows = []
     for path in sorted(Path(runs).glob("*/*/*/*.json")):
         r = read_record(path)
@@ -118,6 +124,7 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         row = {k: r.get(k) for k in ("run_id", "backbone", "method", "task", "seed", "train_split", "eval_split",
                                      "status", "params", "storage_bytes", "best_acc", "best_epoch", "final_acc",
                                      "wall_time_s", "images_per_s")}
+        row["origin"] = origin_label(r.get("origin"))
         row.update({f"opt.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
                     for k, v in r.get("method_config", {}).items()})
         row["path"] = str(path)

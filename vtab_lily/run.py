@@ -20,7 +20,7 @@ import torch
 
 from backbones import WeightsError
 
-from .adapters import METHODS
+from .adapters import get_method
 from .data import Batches, DataError, load_split, task_dir
 from .model import build_model, count_params, save_adapter, storage_bytes
 from .prepare import PrepareError, prepare_task
@@ -46,7 +46,7 @@ def parse_value(text: str):
 
 def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
     """key=value settings -> (method options, recipe overrides). Keys may be prefixed '<method>.'."""
-    fields = [f.name for f in dataclasses.fields(METHODS[method].config)] if method in METHODS else []
+    fields = [f.name for f in dataclasses.fields(get_method(method).config)]
     options, recipe = {}, {}
     for key, value in settings.items():
         bare = key.split(".", 1)[1] if key.startswith(f"{method}.") else key
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--task", required=True)
-    parser.add_argument("--method", default="lily")
+    parser.add_argument("--method", default="lily", help="lily (default), a baseline (lora, ...), peft:<tuner> "
+                        "(e.g. peft:lora), or your own: <module>:<name> or an entry-point name")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (e.g. s=10, lily.ne=3) or a recipe field (e.g. lr=1e-3, epochs=20)")

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         settings = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
         grid = parse_grid(args.grid)
         stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ImportError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     if args.dry_run:

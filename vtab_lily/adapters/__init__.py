@@ -1,5 +1,24 @@
-"""PEFT methods: one module per method, all registered in METHODS (name -> config + attach)."""
-from . import adaptformer, bilora, fourierft, full, lily, lora, mora  # noqa: F401  (registration)
-from .base import METHODS, Adapted, adapted_modules, make_config
+"""PEFT methods: one module per method, all registered in METHODS (name -> config + attach).
 
-__all__ = ["METHODS", "Adapted", "adapted_modules", "make_config"]
+The public API to add a method: a config dataclass and an attach function on sites, registered with
+`register` (see README, "Add your method"); `get_method` also finds `peft:<tuner>`, `<module>:<name>`
+and entry points of the group `vtab_lily.methods` (adapters/plugins.py).
+"""
+from . import adaptformer, bilora, fourierft, full, lily, lora, mora  # noqa: F401  (registration)
+from .base import (
+    METHODS,
+    Adapted,
+    Method,
+    TargetedConfig,
+    add_branch,
+    adapted_modules,
+    attach_each,
+    get_method,
+    make_config,
+    register,
+    split_targets,
+)
+from .plugins import origin
+
+__all__ = ["METHODS", "Adapted", "Method", "TargetedConfig", "add_branch", "adapted_modules", "attach_each",
+           "get_method", "make_config", "origin", "register", "split_targets"]

@@ -98,30 +98,44 @@ def adapted_modules(model: nn.Module) -> list[Adapted]:
 
 @dataclass(frozen=True)
 class Method:
-    """A PEFT method: its config dataclass, the function that attaches it, and whether the backbone's
-    own weights train (full fine-tuning)."""
+    """A PEFT method: its config dataclass, the function that attaches it, whether the backbone's own
+    weights train (full fine-tuning), and the module that defines it (its origin in run records)."""
 
     config: type
     attach: Callable[[nn.Module, Any], None]
     trains_backbone: bool = False
+    module: str = __name__
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config: type, trains_backbone: bool = False):
+    """Decorator: register `attach(model, cfg)` as method `name` with its config dataclass. The public
+    way to add a method, inside the suite or in your own module (see README, "Add your method")."""
     def wrap(attach):
-        METHODS[name] = Method(config, attach, trains_backbone)
+        known = METHODS.get(name)
+        if known is not None and known.module != attach.__module__:
+            raise ValueError(f"method name {name!r} is already taken by {known.module}; register yours under "
+                             "another name")
+        METHODS[name] = Method(config, attach, trains_backbone, attach.__module__)
         return attach
     return wrap
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`: a registered one, `peft:<tuner>`, `<module>:<name>` (imports the module,
+    which registers it) or the name of an entry point in the group `vtab_lily.methods`."""
+    if name not in METHODS:
+        from .plugins import resolve
+        METHODS[name] = resolve(name)
+    return METHODS[name]
 
 
 def make_config(method: str, options: dict[str, Any], backbone: str | None = None):
     """The method's config from keyword options; unknown methods or options raise one clear error.
     With a backbone, options left None take the defaults of its family (config.FAMILY_DEFAULTS)."""
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    cls = METHODS[method].config
+    cls = get_method(method).config
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -1,0 +1,157 @@
+"""HuggingFace peft's tuners as methods: `peft:<tuner>` (peft:lora, peft:dora, peft:loha, peft:vera, ...).
+
+The config is peft's own config dataclass with `target_modules` replaced by `targets`, our site names
+(default qkv on ViT, in_proj on Vim), each mapped to the whole module it belongs to: peft adapts whole
+Linear layers, so it cannot adapt the q, k or v slice of a fused qkv (use `qkv`; on a timm model with
+separate q/k/v projections `q`, `k`, `v` are whole modules). Parallel sites (`mlp`) are refused.
+IA3's `feedforward_modules` takes site names too. Every other peft option keeps peft's default and can be
+set with `--set` (e.g. `--set r=16 --set lora_alpha=32`). The tuner is injected in place by peft's own
+tuner class, so tuners with state shared across layers (VeRA, VBLoRA, ...) work; parameters shared across
+layers appear once in the model. Tuners that cannot run here are listed in UNSUPPORTED with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from backbones import LinearSite, adapter_sites
+
+from .base import Method, split_targets
+
+# peft config fields that the suite sets itself, or that name modules / configure other libraries
+EXCLUDED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+            "layers_pattern", "megatron_config", "megatron_core", "target_parameters", "trainable_token_indices"}
+SITE_FIELDS = ("feedforward_modules",)  # peft fields listing modules, given as site names here
+ALIASES = {"dora": ("LORA", {"use_dora": True})}  # tuner name -> (peft type, changed defaults)
+UNSUPPORTED = {
+    "ADALORA": "its rank allocation needs a call to update_and_allocate in every training step",
+    "LN_TUNING": "it tunes LayerNorm modules, not Linear sites",
+    "POLY": "it needs task ids in every forward pass",
+    "TRAINABLE_TOKENS": "it adapts token embeddings",
+    "XLORA": "it mixes already trained LoRA adapters",
+}
+
+
+def _peft():
+    try:
+        import peft
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    except ImportError as e:
+        raise ImportError("peft:<tuner> methods need HuggingFace peft: pip install peft") from e
+    return peft, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+
+def tuners() -> dict[str, tuple[str, dict]]:
+    """Tuner name -> (peft type, changed defaults), for every tuner of the installed peft that injects
+    into Linear modules by `target_modules` (prompt-learning methods have no target modules)."""
+    _, configs, tuner_classes = _peft()
+    names = {}
+    for peft_type in tuner_classes:
+        fields = {f.name for f in dataclasses.fields(configs[peft_type])}
+        if "target_modules" in fields and peft_type.value not in UNSUPPORTED:
+            names[peft_type.value.lower()] = (peft_type.value, {})
+    return {**names, **ALIASES}
+
+
+@dataclass
+class PeftOptions:
+    """Base of the generated config classes: site names instead of peft's target_modules."""
+
+    targets: tuple[str, ...] | None = None
+    FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"targets": ("qkv",)}, "vim": {"targets": ("in_proj",)}}
+    PEFT_TYPE: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.targets = split_targets(self.targets)
+        for name in SITE_FIELDS:
+            if hasattr(self, name):
+                setattr(self, name, split_targets(getattr(self, name)) or ())
+        self.peft_config(["site"])  # peft checks its options here, before a run starts
+
+    def peft_config(self, target_modules: list[str], modules: dict[str, list[str]] | None = None):
+        """peft's config for these options, adapting `target_modules` (and site fields mapped in `modules`)."""
+        peft, configs, _ = _peft()
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k != "targets"}
+        options.update({k: list(v) for k, v in (modules or {}).items()})
+        for name in SITE_FIELDS:
+            if name in options and modules is None:
+                options[name] = []
+        return configs[peft.PeftType[self.PEFT_TYPE]](target_modules=target_modules, **options)
+
+
+def _json_simple(value) -> bool:
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _options_fields(config_cls, changed: dict) -> list[tuple]:
+    out = []
+    for f in dataclasses.fields(config_cls):
+        if not f.init or f.name in EXCLUDED or f.name.endswith("_config"):
+            continue
+        if f.name in SITE_FIELDS:
+            out.append((f.name, tuple, dataclasses.field(default=())))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = changed.get(f.name, default)
+        if default is dataclasses.MISSING or not _json_simple(default):
+            continue
+        out.append((f.name, f.type, dataclasses.field(default_factory=lambda d=default: type(d)(d))
+                    if isinstance(default, (dict, list)) else dataclasses.field(default=default)))
+    return out
+
+
+def peft_method(tuner: str) -> Method:
+    """The Method for `peft:<tuner>`: a config class generated from peft's, and an attach function."""
+    known = tuners()
+    if tuner not in known:
+        why = UNSUPPORTED.get(tuner.upper())
+        raise KeyError(f"peft tuner {tuner!r} is not usable here: {why}" if why else
+                       f"unknown peft tuner {tuner!r}; the installed peft offers {sorted(known)}")
+    peft, configs, tuner_classes = _peft()
+    peft_type, changed = known[tuner]
+    config_cls = configs[peft.PeftType[peft_type]]
+    cls = dataclasses.make_dataclass(f"Peft{tuner.title()}Options", _options_fields(config_cls, changed),
+                                     bases=(PeftOptions,), namespace={"PEFT_TYPE": peft_type})
+    tuner_cls = tuner_classes[peft.PeftType[peft_type]]
+
+    def attach(model: nn.Module, cfg: PeftOptions) -> None:
+        modules = {name: module_names(model, getattr(cfg, name)) for name in SITE_FIELDS if hasattr(cfg, name)}
+        tuner_cls(model, cfg.peft_config(module_names(model, cfg.targets), modules), "default")
+        del model.peft_config  # peft copies its config dict onto the model; build_model writes ours
+
+    return Method(cls, attach, module="peft")
+
+
+def module_names(model: nn.Module, targets) -> list[str]:
+    """The names of the whole modules behind site names, in every layer; slices and parallel sites fail."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for layer in adapter_sites(model):
+        for t in targets:
+            site = layer.get(t)
+            if not isinstance(site, LinearSite):
+                raise ValueError(f"site {t!r} is a parallel site; peft adapts whole Linear modules only")
+            module = getattr(site.parent, site.attr)
+            if site.out != slice(0, module.out_features):
+                raise ValueError(f"site {t!r} is a slice of {site.attr}; peft adapts whole modules and cannot adapt "
+                                 f"the slice alone: use {site.attr!r} as the target")
+            out.append(f"{names[id(site.parent)]}.{site.attr}")
+    return out
+
+
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's tuner layers in `model` (none when peft was never imported)."""
+    import sys
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
