@@ -1,9 +1,11 @@
 """Backbone registry: create_backbone(name, ...) and adapter_sites(model).
 
 Backbones know nothing of adapters or tasks; each exposes its adaptable places as LayerSites.
+Names: the named ViTs and Vims below, and `timm:<model name>` for any timm model of the ViT family.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,10 +13,19 @@ from torch import nn
 
 from .sites import LayerSites, LinearSite, ParallelSite
 from .vim import VIM_SPECS, create_vim, vim_head, vim_sites
-from .vit import VIT_SPECS, WeightsError, create_vit, vit_head, vit_sites
+from .vit import (
+    TIMM_PREFIX,
+    VIT_SPECS,
+    UnmappableBackbone,
+    WeightsError,
+    check_timm_model,
+    create_vit,
+    vit_head,
+    vit_sites,
+)
 
-__all__ = ["BACKBONES", "LayerSites", "LinearSite", "ParallelSite", "WeightsError", "adapter_sites",
-           "create_backbone", "family", "head_of"]
+__all__ = ["BACKBONES", "LayerSites", "LinearSite", "ParallelSite", "UnmappableBackbone", "WeightsError",
+           "adapter_sites", "check_backbone", "create_backbone", "family", "head_of"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +50,20 @@ def family(name: str) -> str:
 
 
 def _backbone(name: str) -> Backbone:
+    if name.startswith(TIMM_PREFIX):
+        return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1)
     if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model name>")
     return BACKBONES[name]
+
+
+@functools.cache
+def check_backbone(name: str) -> None:
+    """Raise one clear error for an unknown backbone, or a timm model that is unknown or cannot be mapped
+    to adapter sites, without building it for real (nothing is downloaded)."""
+    _backbone(name)
+    if name.startswith(TIMM_PREFIX):
+        check_timm_model(name)
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

@@ -6,16 +6,24 @@
 - vit-b-in1k: ViT-B/16 trained on ImageNet-1K only (timm tag `augreg_in1k`), for Table 5's ViT rows.
   The Lily repository does not name the checkpoint it used; this is the ImageNet-1K-only ViT-B/16 in timm.
 - vit-tiny: a 4-layer, 64-wide ViT/16 with random weights, for tests and offline demos.
+- vit-l, dinov2-b, clip-b: the other backbones of recent VTAB-1K papers: ViT-L/16 ImageNet-21K (timm
+  `orig_in21k`), DINOv2 ViT-B/14 (`lvd142m`), CLIP ViT-B/16 (OpenAI); they run with the ViT recipe.
+- timm:<model name>: any timm model of the ViT family (ViT, DeiT, DINOv2 with registers and layer scale,
+  CLIP with its pre-norm, MAE, EVA with separate q/k/v), with `.<tag>` for its pretrained weights.
+Adapter sites are derived from each block's modules (vit_sites), so all of these adapt alike.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
 
 from .sites import LayerSites, LinearSite, ParallelSite
 
@@ -31,7 +39,41 @@ VIT_SPECS = {
     "vit-b": ViTSpec("vit_base_patch16_224.orig_in21k", "ViT-B_16.npz (or timm/vit_base_patch16_224.orig_in21k)"),
     "vit-b-in1k": ViTSpec("vit_base_patch16_224.augreg_in1k", "timm/vit_base_patch16_224.augreg_in1k"),
     "vit-tiny": ViTSpec("vit_base_patch16_224", None, dict(embed_dim=64, depth=4, num_heads=4)),
+    "vit-l": ViTSpec("vit_large_patch16_224.orig_in21k", "timm/vit_large_patch16_224.orig_in21k"),
+    "dinov2-b": ViTSpec("vit_base_patch14_dinov2.lvd142m", "timm/vit_base_patch14_dinov2.lvd142m"),
+    "clip-b": ViTSpec("vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai"),
 }
+TIMM_PREFIX = "timm:"
+
+
+class UnmappableBackbone(ValueError):
+    """A model whose blocks do not have the modules that adapter sites are made of."""
+
+
+def timm_spec(name: str) -> ViTSpec:
+    """The spec of `timm:<model name>[.<tag>]`; an unknown model or tag raises one clear KeyError."""
+    model_name = name.removeprefix(TIMM_PREFIX)
+    arch, _, tag = model_name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise KeyError(f"unknown timm model {arch!r}" + (f"; did you mean {close}?" if close else "") +
+                       " (timm.list_models('*vit*') lists them)")
+    if tag and model_name not in timm.list_pretrained(f"{arch}.*"):
+        raise KeyError(f"timm model {arch!r} has no pretrained tag {tag!r}; it has {timm.list_pretrained(arch + '.*')}")
+    return ViTSpec(model_name, f"timm/{model_name} (a .safetensors or .pth file)")
+
+
+def check_timm_model(name: str) -> None:
+    """Refuse a timm model whose blocks cannot be mapped to sites, before anything is built or written:
+    the model is built on the meta device (no memory, no weights)."""
+    spec = timm_spec(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.timm_name, pretrained=False)
+    except Exception:  # a model that cannot be built on meta is checked when it is built for real
+        return
+    _call_qkv_as_module(model)
+    vit_sites(model, name)
 
 
 class WeightsError(RuntimeError):
@@ -39,8 +81,14 @@ class WeightsError(RuntimeError):
 
 
 def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
-               drop_path_rate: float = 0.1, **kwargs) -> VisionTransformer:
-    spec = VIT_SPECS[name]
+               drop_path_rate: float = 0.1, **kwargs) -> nn.Module:
+    spec = VIT_SPECS[name] if name in VIT_SPECS else timm_spec(name)
+    model = _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **kwargs)
+    _call_qkv_as_module(model)
+    return model
+
+
+def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **kwargs) -> nn.Module:
     args = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **spec.kwargs, **kwargs)
     if weights is not None:
         model = timm.create_model(spec.timm_name, pretrained=False, **args)
@@ -58,7 +106,7 @@ def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: st
         ) from e
 
 
-def load_vit_weights(model: VisionTransformer, path: str | os.PathLike) -> None:
+def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint (.npz from Google, or a timm .safetensors / .pth); the head is kept only
     when its class count matches."""
     path = Path(path)
@@ -68,7 +116,7 @@ def load_vit_weights(model: VisionTransformer, path: str | os.PathLike) -> None:
         model.load_pretrained(str(path))
         return
     state = timm.models.load_state_dict(str(path))
-    state = checkpoint_filter_fn(state, model)
+    state = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", checkpoint_filter_fn)(state, model)
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     if any(k in state and state[k].shape != v.shape for k, v in head.items()):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -79,32 +127,73 @@ def load_vit_weights(model: VisionTransformer, path: str | os.PathLike) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def vit_sites(model: VisionTransformer) -> list[LayerSites]:
-    """Per block: q, k, v (slices of the fused qkv), qkv, proj, fc1, fc2; parallel sites `mlp` (reads
-    the MLP input after norm2, adds to the MLP output, inside drop_path) and `mlp_residual` (reads the
-    block's stream before norm2, adds after drop_path2: AdaptFormer's placement)."""
+def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
+    """Per block, derived from its modules: q, k, v (slices of a fused `attn.qkv`, or the separate
+    `attn.q_proj`, `k_proj`, `v_proj`), qkv (fused only), proj, fc1, fc2; parallel sites `mlp` (reads the MLP
+    input after norm2, adds to the MLP output, inside layer scale and drop_path) and `mlp_residual` (reads
+    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement). A model without
+    such blocks raises UnmappableBackbone naming what is missing."""
+    blocks = getattr(model, "blocks", None)
+    label = f"{name or type(model).__name__} ({type(model).__name__})"
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise UnmappableBackbone(f"{label} cannot be adapted: it has no `blocks` list of transformer blocks, "
+                                 "so there is nothing to map to adapter sites")
     layers = []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(blocks):
+        missing = _missing_modules(block)
+        if missing:
+            raise UnmappableBackbone(f"{label} cannot be adapted: block {i} ({type(block).__name__}) has no "
+                                     f"{', no '.join(missing)}")
         attn, mlp = block.attn, block.mlp
-        d = attn.qkv.in_features
-        layers.append(LayerSites(
-            index=i,
-            linear={
-                "q": LinearSite(attn, "qkv", d, slice(0, d)),
-                "k": LinearSite(attn, "qkv", d, slice(d, 2 * d)),
-                "v": LinearSite(attn, "qkv", d, slice(2 * d, 3 * d)),
-                "qkv": LinearSite(attn, "qkv", d, slice(0, 3 * d)),
-                "proj": LinearSite(attn, "proj", d, slice(0, d)),
-                "fc1": LinearSite(mlp, "fc1", d, slice(0, mlp.fc1.out_features)),
-                "fc2": LinearSite(mlp, "fc2", mlp.fc2.in_features, slice(0, d)),
-            },
-            parallel={
-                "mlp": ParallelSite(block, "mlp", "mlp", d, d),
-                "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
-            },
-        ))
+        linear = _attention_sites(attn)
+        d = linear["q"].d_in
+        linear.update(proj=LinearSite(attn, "proj", d, slice(0, d)),
+                      fc1=LinearSite(mlp, "fc1", d, slice(0, mlp.fc1.out_features)),
+                      fc2=LinearSite(mlp, "fc2", mlp.fc2.in_features, slice(0, d)))
+        layers.append(LayerSites(index=i, linear=linear, parallel={
+            "mlp": ParallelSite(block, "mlp", "mlp", d, d),
+            "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
+        }))
     return layers
 
 
-def vit_head(model: VisionTransformer) -> torch.nn.Module:
+def _is_linear(module: nn.Module, path: str) -> bool:
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+    return isinstance(module, nn.Linear)
+
+
+def _missing_modules(block: nn.Module) -> list[str]:
+    qkv = _is_linear(block, "attn.qkv") or all(_is_linear(block, f"attn.{n}_proj") for n in "qkv")
+    missing = [] if qkv else ["attn.qkv (a fused Linear) nor attn.q_proj/k_proj/v_proj (Linears)"]
+    if _qkv_bypassed(getattr(block, "attn", None)):
+        missing.append("attn.qkv called as a module (it applies F.linear to qkv.weight; set attn.qkv_bias_separate)")
+    missing += [f"{p} (Linear)" for p in ("attn.proj", "mlp.fc1", "mlp.fc2") if not _is_linear(block, p)]
+    return missing + [f"{m} (module)" for m in ("norm2", "drop_path2") if not isinstance(getattr(block, m, None),
+                                                                                          nn.Module)]
+
+
+def _qkv_bypassed(attn) -> bool:
+    """EVA's fused qkv with separate q/k/v biases runs F.linear on qkv.weight, skipping any wrapper."""
+    return getattr(attn, "q_bias", None) is not None and getattr(attn, "qkv_bias_separate", True) is False
+
+
+def _call_qkv_as_module(model: nn.Module) -> None:
+    """Switch EVA's attention to its `qkv_bias_separate` path, qkv(x) + bias: the same computation, through
+    the qkv module, so that adapters wrapping it run."""
+    for m in model.modules():
+        if _qkv_bypassed(m):
+            m.qkv_bias_separate = True
+
+
+def _attention_sites(attn: nn.Module) -> dict[str, LinearSite]:
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        d = attn.qkv.in_features
+        spans = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "qkv": (0, 3 * d)}
+        return {n: LinearSite(attn, "qkv", d, slice(*span)) for n, span in spans.items()}
+    return {n: LinearSite(attn, f"{n}_proj", getattr(attn, f"{n}_proj").in_features,
+                          slice(0, getattr(attn, f"{n}_proj").out_features)) for n in "qkv"}
+
+
+def vit_head(model: nn.Module) -> nn.Module:
     return model.get_classifier()

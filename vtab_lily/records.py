@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from backbones import check_backbone
+
 from .adapters import get_method, make_config, origin
 from .adapters.plugins import origin_label
 from .fileio import write_json
@@ -40,6 +42,7 @@ class RunSpec:
     recipe: dict = field(default_factory=dict)  # overrides of the backbone's paper recipe
 
     def __post_init__(self):
+        check_backbone(self.backbone)
         self.task = get_task(self.task).name
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval split must be one of {sorted(EVAL_SPLITS)}, got {self.eval_split!r}")
