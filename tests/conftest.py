@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vtab_lily import build_model
+from vtab_lily.prepare import prepare_task
 
 TINY = dict(img_size=32, patch_size=8)  # vit-tiny at 32 px: 4 layers, width 64, 16 patches + cls
 
@@ -23,3 +24,11 @@ def randomize_trainable(model, seed: int = 1, std: float = 0.05):
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """The offline digits task in VTAB-1K layout, prepared once per session."""
+    root = tmp_path_factory.mktemp("vtab")
+    prepare_task("digits", root)
+    return root

@@ -11,7 +11,6 @@ from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from vtab_lily import run as run_cli
 from vtab_lily import sweep as sweep_cli
-from vtab_lily.prepare import prepare_task
 from vtab_lily.records import RunSpec, load_records, read_record
 from vtab_lily.run import execute
 from vtab_lily.train import Interrupted
@@ -19,13 +18,6 @@ from vtab_lily.train import Interrupted
 TINY = {"image_size": 32, "batch_size": 50, "epochs": 4, "eval_every": 2, "warmup_epochs": 2, "lr": 3e-3,
         "checkpoint_every": 100}
 TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtab")
-    prepare_task("digits", root)
-    return root
 
 
 def _cli(data_root, runs, *extra):

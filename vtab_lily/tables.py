@@ -1,6 +1,9 @@
-"""Tables 4, 5 and 15 from run records, side by side with the paper.
+"""Tables 4, 5 and 15 from run records, side by side with the paper; and the `runs` table.
 
-    python -m vtab_lily.tables [--table 4|5|15|all] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+    python -m vtab_lily.tables [--table 4|5|15|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+
+`--table runs` has one row per backbone, method and origin found in the records (built-in, peft:<tuner>
+and your own methods), chosen and averaged as the paper rows; it has no paper numbers to compare with.
 
 One cell per (row, task): the mean over seeds (+- std and n when there are several). `paper` protocol:
 per seed, the best test accuracy of the best configuration (selected on the test set, as the paper).
@@ -35,6 +38,7 @@ class Row:
     label: str  # the paper's row label (column `method` of paper_tables.csv)
     method: str
     filters: dict = field(default_factory=dict)  # method-config values a record must have
+    origin: str | None = None  # the records' origin label (records.load_records), when it must match
 
 
 def _lily15(targets):
@@ -52,6 +56,24 @@ TABLES = {
           Row("vim-s", "lily-s", "lily", {"preset": "lily-s"}), Row("vim-s", "lily-l", "lily", {"preset": "lily-l"})],
     "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
 }
+RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method and origin found in the records
+
+
+def rows_from_records(records: pd.DataFrame) -> list[Row]:
+    """The rows of the `runs` table: every (backbone, method, origin) in the records, the suite's methods
+    and outside ones alike; a method name with several origins gets one row per origin, labelled with it."""
+    if records.empty:
+        return []
+    keys = records[["backbone", "method", "origin"]].drop_duplicates().sort_values(["backbone", "method", "origin"])
+    several = keys.groupby(["backbone", "method"])["origin"].transform("size") > 1
+    return [Row(b, f"{m} [{o}]" if many else m, m, origin=o)
+            for (b, m, o), many in zip(keys.itertuples(index=False), several)]
+
+
+def table_rows(table: str, records: pd.DataFrame) -> list[Row]:
+    return rows_from_records(records) if table == RUNS_TABLE else TABLES[table]
+
+
 GROUP_TASKS = {g: [t for t in VTAB_TASKS if TASKS[t].group == g] for g in GROUPS}
 
 
@@ -82,6 +104,8 @@ def _matching(records: pd.DataFrame, row: Row) -> pd.DataFrame:
     if records.empty:
         return records
     mask = (records["backbone"] == row.backbone) & (records["method"] == row.method)
+    if row.origin is not None:
+        mask &= records["origin"] == row.origin
     for key, value in row.filters.items():
         col = f"opt.{key}"
         if col not in records:
@@ -115,7 +139,8 @@ def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
     means, stds, counts, params, storage = {}, {}, {}, {}, {}
-    for row in TABLES[table]:
+    rows = table_rows(table, records)
+    for row in rows:
         res = cell_results(records, row, protocol)
         name = f"{row.backbone} {row.label}"
         agg = res.groupby("task")["acc"].agg(["mean", "std", "count"]) if len(res) else None
@@ -124,8 +149,7 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
         counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in VTAB_TASKS}
         params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
         storage[name] = res["storage_bytes"].astype(float).mean() / 1024 if len(res) else np.nan
-    mean = add_means(pd.DataFrame.from_dict(means, orient="index")[list(VTAB_TASKS)])
-    rows = TABLES[table]
+    mean = add_means(pd.DataFrame.from_dict(means, orient="index", columns=list(VTAB_TASKS)))
     paper_rows = [(table, r.backbone, r.label) for r in rows]
     printed = [paper.loc[k, "mean"] if k in paper.index else np.nan for k in paper_rows]
     paper_tasks = pd.DataFrame([paper.loc[k, list(VTAB_TASKS)] if k in paper.index else
@@ -198,7 +222,7 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
 
 
 def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
-    stem = out / f"table{table}_{protocol}"
+    stem = out / (f"{table}_{protocol}" if table == RUNS_TABLE else f"table{table}_{protocol}")
     written = []
     for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result, table)),
                          (".csv", result["mean"].to_csv(index_label="row"))):
@@ -212,7 +236,9 @@ def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Pa
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", default="all", choices=[*TABLES, "all"])
+    parser.add_argument("--table", default="all", choices=[*TABLES, RUNS_TABLE, "all"],
+                        help="a paper table, all of them, or `runs`: one row per backbone, method and origin in "
+                             "the records (your own methods included)")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
@@ -223,6 +249,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     for table in (TABLES if args.table == "all" else [args.table]):
         result = build_table(table, records, args.protocol, paper)
+        if result["mean"].empty:
+            print(f"Table {table}: no records under {args.runs}")
+            continue
         print(to_markdown(result, table, args.protocol))
         for path in write_outputs(result, table, args.protocol, out):
             print(f"wrote {path}")
