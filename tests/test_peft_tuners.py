@@ -23,13 +23,16 @@ TUNERS = {  # tuner -> peft's own config for the same target modules (whole qkv 
     "vera": lambda t: peft.VeraConfig(target_modules=t),
     "oft": lambda t: peft.OFTConfig(target_modules=t),
     "fourierft": lambda t: peft.FourierFTConfig(target_modules=t),
+    "vblora": lambda t: peft.VBLoRAConfig(target_modules=t, vector_length=16),  # one vector bank for all layers
 }
+OPTIONS = {"vblora": {"vector_length": 16}}  # the default 256 does not divide vit-tiny's width
 CASES = [("vit-tiny", VIT, t, "qkv") for t in TUNERS] + [("vim-tiny-test", VIM, "lora", "in_proj")]
 
 
 def _model(backbone, options, method):
     torch.manual_seed(0)
-    return build_model(backbone, method, 5, pretrained=False, backbone_options=options)
+    return build_model(backbone, method, 5, pretrained=False, backbone_options=options,
+                       **OPTIONS.get(method.removeprefix("peft:"), {}))
 
 
 @pytest.mark.parametrize("backbone,options,tuner,target", CASES)
@@ -38,6 +41,8 @@ def test_peft_tuner_counts_trains_switches_and_round_trips(backbone, options, tu
     torch.manual_seed(0)
     reference = peft.get_peft_model(create_backbone(backbone, 5, pretrained=False, **options), TUNERS[tuner]([target]))
     assert count_params(model) == reference.get_nb_trainable_parameters()[0] > 0  # peft freezes the head
+    banks = {id(m.vblora_vector_bank) for m in model.modules() if hasattr(m, "vblora_vector_bank")}
+    assert len(banks) == (1 if tuner == "vblora" else 0)  # shared by every layer, counted once above
 
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     F.cross_entropy(model(x), torch.arange(4)).backward()

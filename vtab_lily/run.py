@@ -162,7 +162,8 @@ def summary(path: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--backbone", required=True, help="vit-b, vit-b-in1k, vim-s, vit-l, dinov2-b, clip-b, ... "
+                        "or timm:<model name>[.<tag>] (any timm ViT-family model)")
     parser.add_argument("--task", required=True)
     parser.add_argument("--method", default="lily", help="lily (default), a baseline (lora, ...), peft:<tuner> "
                         "(e.g. peft:lora), or your own: <module>:<name> or an entry-point name")

@@ -30,6 +30,8 @@ SITE_FIELDS = ("feedforward_modules",)  # peft fields listing modules, given as 
 ALIASES = {"dora": ("LORA", {"use_dora": True})}  # tuner name -> (peft type, changed defaults)
 UNSUPPORTED = {
     "ADALORA": "its rank allocation needs a call to update_and_allocate in every training step",
+    "ADAPTION_PROMPT": "it adapts LLaMA-style attention modules, not Linear sites",
+    "SHADOW": "it wraps a whole language-model backbone, not Linear sites",
     "LN_TUNING": "it tunes LayerNorm modules, not Linear sites",
     "POLY": "it needs task ids in every forward pass",
     "TRAINABLE_TOKENS": "it adapts token embeddings",
