@@ -8,11 +8,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from .sites import LayerSites, LinearSite, ParallelSite
-from .vim import VIM_SPECS, create_vim, vim_head, vim_sites
+from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_sites
 from .vit import (
     TIMM_PREFIX,
     VIT_SPECS,
@@ -21,6 +22,7 @@ from .vit import (
     check_timm_model,
     create_vit,
     vit_head,
+    vit_hub_file,
     vit_sites,
 )
 
@@ -34,12 +36,13 @@ class Backbone:
     sites: Callable[[nn.Module], list[LayerSites]]
     head: Callable[[nn.Module], nn.Module]
     drop_path_rate: float  # the paper's recipe
+    hub_file: tuple[str, str] | None = None  # (Hugging Face repo, file) of its pretrained weights
 
 
 BACKBONES: dict[str, Backbone] = {
-    **{name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1)
+    **{name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name))
        for name in VIT_SPECS},
-    **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05)
+    **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05, vim_hub_file(name))
        for name in VIM_SPECS},
 }
 
@@ -51,7 +54,7 @@ def family(name: str) -> str:
 
 def _backbone(name: str) -> Backbone:
     if name.startswith(TIMM_PREFIX):
-        return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1)
+        return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name))
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model name>")
     return BACKBONES[name]
@@ -74,7 +77,43 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     rate = spec.drop_path_rate if drop_path_rate is None else drop_path_rate
     model = spec.create(num_classes, pretrained=pretrained, weights=weights, drop_path_rate=rate, **kwargs)
     model.backbone_name = name
+    if not getattr(model, "head_loaded", False):
+        init_head(spec.head(model), family(name))
     return model
+
+
+def init_head(head: nn.Module, family_name: str) -> None:
+    """The official code's initialisation of a new classification head, per family.
+
+    ViT (Lily / FacT code, timm 0.4.12 `reset_classifier`): PyTorch's default nn.Linear init, weight and bias
+    uniform in +-1/sqrt(fan_in) (timm 1.x would give trunc_normal(0.02), bias 0). Vim (hustvl's
+    `segm_init_weights`): trunc_normal(std 0.02), bias 0."""
+    if not isinstance(head, nn.Linear):
+        return  # num_classes=0: no head
+    if family_name == "vim":
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    else:
+        head.reset_parameters()
+
+
+def pretrained_file(name: str) -> tuple[str, dict] | None:
+    """The local file of backbone `name`'s pretrained weights (from the Hugging Face cache, downloaded when
+    missing) and where it came from ({"repo", "file", "revision"}); None when the backbone has none."""
+    hub = _backbone(name).hub_file
+    if hub is None:
+        return None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    path = try_to_load_from_cache(*hub)
+    if not isinstance(path, str):
+        try:
+            path = hf_hub_download(*hub)
+        except Exception as e:  # network, hub or cache failures all end here
+            raise WeightsError(f"could not fetch {hub[1]} of {hub[0]} from the Hugging Face hub for {name!r} "
+                               f"({type(e).__name__}). Offline, download it on a connected machine and pass it "
+                               "with --weights PATH (Python: weights=PATH)") from e
+    revision = Path(path).parent.name  # .../snapshots/<commit>/<file>
+    return path, {"repo": hub[0], "file": hub[1], "revision": revision}
 
 
 def adapter_sites(model: nn.Module) -> list[LayerSites]:

@@ -171,21 +171,33 @@ def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: st
     return model
 
 
+def vim_hub_file(name: str) -> tuple[str, str] | None:
+    return VIM_SPECS[name].hub
+
+
 def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
     """Load an official checkpoint (weights under ckpt["model"]) strictly; the head is dropped when its
     class count differs and pos_embed is resized around the middle class token when the size differs."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = dict(ckpt.get("model", ckpt))
-    if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
-        state["head.weight"], state["head.bias"] = model.head.weight.detach(), model.head.bias.detach()
-    if state["pos_embed"].shape != model.pos_embed.shape:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.num_patches)
     try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = dict(ckpt.get("model", ckpt))
+    except Exception as e:  # a text file, a truncated download, a foreign pickle
+        raise WeightsError(f"{path} is not a readable Vim checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                           "pass the official vim_*_midclstok_*.pth (weights under ckpt['model'])") from e
+    if not all(isinstance(state.get(k), torch.Tensor) for k in ("pos_embed", "head.weight")):
+        raise WeightsError(f"{path} holds no Vim weights (no pos_embed / head.weight tensors); pass the official "
+                           "vim_*_midclstok_*.pth")
+    model.head_loaded = state.get("head.weight") is not None and state["head.weight"].shape == model.head.weight.shape
+    if state.get("head.weight") is not None and not model.head_loaded:
+        state["head.weight"], state["head.bias"] = model.head.weight.detach(), model.head.bias.detach()
+    try:
+        if state["pos_embed"].shape != model.pos_embed.shape:
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.num_patches)
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise WeightsError(f"{path} does not fit {type(model).__name__}: {e}") from e
 
 

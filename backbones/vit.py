@@ -12,6 +12,7 @@
   CLIP with its pre-norm, MAE, EVA with separate q/k/v), with `.<tag>` for its pretrained weights.
 Adapter sites are derived from each block's modules (vit_sites), so all of these adapt alike.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -76,6 +78,8 @@ def check_timm_model(name: str) -> None:
     vit_sites(model, name)
 
 
+
+
 class WeightsError(RuntimeError):
     """Pretrained weights could not be loaded; the message says what to bring and how to pass it."""
 
@@ -97,7 +101,9 @@ def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **
     if not pretrained or spec.hub_file is None:
         return timm.create_model(spec.timm_name, pretrained=False, **args)
     try:
-        return timm.create_model(spec.timm_name, pretrained=True, **args)
+        model = timm.create_model(spec.timm_name, pretrained=True, **args)
+        model.head_loaded = model.pretrained_cfg.get("num_classes") == num_classes
+        return model
     except Exception as e:  # network, hub or cache failures all end here
         raise WeightsError(
             f"could not load pretrained weights for {name!r} ({spec.timm_name}) from the Hugging Face hub: "
@@ -106,25 +112,47 @@ def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **
         ) from e
 
 
+def vit_hub_file(name: str) -> tuple[str, str] | None:
+    """(Hugging Face repo, file) of the backbone's pretrained weights; None for random-only backbones."""
+    spec = VIT_SPECS[name] if name in VIT_SPECS else timm_spec(name)
+    if spec.hub_file is None:
+        return None
+    return timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id, "model.safetensors"
+
+
 def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint (.npz from Google, or a timm .safetensors / .pth); the head is kept only
     when its class count matches."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    try:
+        _load_file(model, path)
+    except WeightsError:
+        raise
+    except Exception as e:  # unreadable or foreign files fail in many ways inside numpy / torch / timm
+        raise WeightsError(f"{path} is not a ViT checkpoint this backbone can load ({type(e).__name__}: "
+                           f"{str(e)[:200]}); pass Google's .npz or a timm .safetensors / .pth of the same "
+                           "architecture") from e
+
+
+def _load_file(model: nn.Module, path: Path) -> None:
     if path.suffix == ".npz":
-        model.load_pretrained(str(path))
+        model.load_pretrained(str(path))  # keeps the file's head when its class count matches
+        with np.load(path) as w:
+            model.head_loaded = "head/bias" in w and w["head/bias"].shape[-1] == model.num_classes
         return
     state = timm.models.load_state_dict(str(path))
     state = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", checkpoint_filter_fn)(state, model)
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     if any(k in state and state[k].shape != v.shape for k, v in head.items()):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model.head_loaded = bool(head) and all(k in state for k in head)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise WeightsError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+                           f"unexpected {unexpected[:5]}; pass weights of the same architecture")
 
 
 def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:

@@ -67,8 +67,8 @@ def test_example_method_runs_through_the_cli_sweep_and_tables(data_root, tmp_pat
 
 
 def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):
-    spec = RunSpec("vit-tiny", "digits", TIED, {"r": 2})
-    builtin = RunSpec("vit-tiny", "digits", "lora", {"r": 2})
+    spec = RunSpec("vit-tiny", "digits", TIED, {"r": 2}, provenance={})
+    builtin = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, provenance={})
     assert "origin" in spec.identity() and "origin" not in builtin.identity()
     import pandas as pd
     records = pd.DataFrame({"backbone": ["vit-b"] * 3, "method": ["m", "m", "lora"],
@@ -91,7 +91,7 @@ def test_entry_point_method_records_its_package_version(tmp_path, monkeypatch):
     (info / "RECORD").write_text("ep_methods.py,,\nep_methods-1.2.3.dist-info/METADATA,,\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert get_method("ep_tied_lora").module == "ep_methods"
-    assert RunSpec("vit-tiny", "digits", "ep_tied_lora").identity()["origin"] == {"module": "ep_methods",
+    assert RunSpec("vit-tiny", "digits", "ep_tied_lora", provenance={}).identity()["origin"] == {"module": "ep_methods",
                                                                                   "version": "1.2.3"}
 
 

@@ -6,11 +6,21 @@ warmup_lr_init 1e-6, lr_min 1e-5), drop_path 0.1, no normalisation, test every 1
 Vim (official Vim main.py): `--lr 1e-2` is linearly scaled by batch/512 -> 1.25e-3; weight decay 1e-3
 (timm's create_optimizer: no decay on biases and norms), cosine with 5 warmup epochs, drop_path 0.05,
 fp32 (its train loop never enters the autocast it sets up).
+Both official codes train in fp32, so every recipe defaults to `precision="fp32"`; `"tf32"` (TF32 matmuls
+and convolutions on Ampere or newer GPUs: 10-bit mantissa products, fp32 accumulation) and `"bf16"` (bf16
+autocast of the forward and backward, fp32 weights and optimizer) are faster options, recorded in the run's
+identity. On the CPU every precision computes in fp32, so the identity records "fp32" there.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from .data import INTERPOLATIONS
+from .options import OptionError, check_fields
+
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -29,17 +39,32 @@ class Recipe:
     eval_batch_size: int = 256
     image_size: int = 224
     interpolation: str = "bicubic"
-    precision: str = "bf16"  # on CUDA: "bf16" autocast or "fp32"; the CPU always runs fp32
-    checkpoint_every: int = 10  # epochs between resumable states
+    precision: str = "fp32"  # on CUDA: "fp32" (official), "tf32" or "bf16" autocast; the CPU always runs fp32
+    checkpoint_every: int = 10  # epochs between resumable states (does not change results)
+
+    RANGES: ClassVar[dict] = {"lr": (1e-12, None), "weight_decay": (0.0, None), "warmup_epochs": (0, None),
+                              "warmup_lr_init": (0.0, None), "lr_min": (0.0, None), "image_size": (8, None)}
+    RESULT_NEUTRAL: ClassVar[tuple] = ("checkpoint_every",)  # left out of the run id
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise OptionError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
 
 
 RECIPES = {
     "vit": Recipe(),
-    "vim": Recipe(lr=1e-2 * 64 / 512, weight_decay=1e-3, no_decay_1d=True, warmup_epochs=5, drop_path=0.05,
-                  precision="fp32"),
+    "vim": Recipe(lr=1e-2 * 64 / 512, weight_decay=1e-3, no_decay_1d=True, warmup_epochs=5, drop_path=0.05),
 }
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+def effective_precision(recipe: Recipe, device: str) -> str:
+    """What the run computes in: the recipe's precision on CUDA, fp32 elsewhere."""
+    return recipe.precision if str(device).startswith("cuda") else "fp32"
 
 
 def recipe_for(backbone: str, **overrides) -> Recipe:

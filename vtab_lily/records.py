@@ -1,6 +1,8 @@
 """Run records: one JSON file per run, written atomically, loaded together as a pandas DataFrame.
 
-Path: <runs>/<backbone>/<method>/<task>/<run-id>.json, where run-id is s<seed>-<hash of the config>.
+Path: <runs>/<backbone>/<method>/<task>/<run-id>.json, where run-id is s<seed>-<hash of the identity>:
+backbone, task, method, the full method config and recipe (except result-neutral fields such as
+checkpoint_every), seed, splits, and the provenance (weights, data lists, precision; see provenance.py).
 Beside it: <run-id>.safetensors (the adapter), <run-id>.state.pt (resumable state while running),
 <run-id>.lock (held by the process running it).
 """
@@ -9,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from backbones import check_backbone
 from .adapters import get_method, make_config, origin
 from .adapters.plugins import origin_label
 from .fileio import write_json
+from .provenance import short
 from .recipes import Recipe, recipe_for
 from .tasks import get_task
 
@@ -40,13 +43,15 @@ class RunSpec:
     seed: int = 42
     eval_split: str = "test"
     recipe: dict = field(default_factory=dict)  # overrides of the backbone's paper recipe
+    provenance: dict | None = None  # weights, data, precision: set by `resolve` before the run id exists
 
     def __post_init__(self):
         check_backbone(self.backbone)
         self.task = get_task(self.task).name
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval split must be one of {sorted(EVAL_SPLITS)}, got {self.eval_split!r}")
-        make_config(self.method, self.options)  # unknown options fail here, before anything is written
+        make_config(self.method, self.options, self.backbone)  # bad options fail here, before anything is written
+        self.full_recipe()
 
     @property
     def train_split(self) -> str:
@@ -58,17 +63,23 @@ class RunSpec:
     def identity(self) -> dict:
         """The run's defining fields; a method from outside the suite adds its `origin` (module and version
         or file hash), so two methods of the same name, or two versions of one, never share a run id."""
+        if self.provenance is None:
+            raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
+        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.RESULT_NEUTRAL}
         method_origin = origin(get_method(self.method).module)
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
                 "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
-                "train_split": self.train_split, "eval_split": self.eval_split,
-                "recipe": dataclasses.asdict(self.full_recipe()),
-                **({"origin": method_origin} if method_origin else {})}
+                "train_split": self.train_split, "eval_split": self.eval_split, "recipe": recipe,
+                "provenance": self.provenance, **({"origin": method_origin} if method_origin else {})}
 
     @property
     def run_id(self) -> str:
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
         return f"s{self.seed}-{digest[:10]}"
+
+    def unresolved(self) -> RunSpec:
+        """The same run before provenance (e.g. to retarget it at another eval split)."""
+        return dataclasses.replace(self, provenance=None)
 
     def path(self, runs: str | Path, suffix: str = ".json") -> Path:
         return Path(runs) / self.backbone / self.method / self.task / f"{self.run_id}{suffix}"
@@ -104,24 +115,50 @@ def write_record(spec: RunSpec, runs: str | Path, **result) -> Path:
     return path
 
 
+class RecordError(ValueError):
+    """A record file that cannot be read as a run record; the message names it."""
+
+
 def read_record(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """The record at `path`; RecordError naming the file when it is damaged or is not a run record."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordError(f"damaged run record {path} ({type(e).__name__}: {e}); it counts as not run: "
+                          "run it again (the rerun overwrites it) or delete it") from None
+    if not isinstance(record, dict) or "run_id" not in record or "status" not in record:
+        raise RecordError(f"{path} is not a run record (no run_id / status)")
+    return record
 
 
 def finished(path: str | Path) -> dict | None:
-    """The record at `path` if it exists and its run is done, else None."""
+    """The record at `path` if it exists and its run is done, else None. A damaged record counts as not
+    done (with a warning naming it), so a rerun replaces it."""
     path = Path(path)
-    record = read_record(path) if path.exists() else None
-    return record if record and record.get("status") == "done" else None
+    if not path.exists():
+        return None
+    try:
+        record = read_record(path)
+    except RecordError as e:
+        warnings.warn(str(e), stacklevel=2)
+        return None
+    return record if record.get("status") == "done" else None
 
 
 def load_records(runs: str | Path = "results/runs", include_failed: bool = False) -> pd.DataFrame:
     """All records under `runs`, one row each: identity columns, the method's origin ('' for built-in
-    methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>), params,
-    best/final accuracy. Failed runs are left out unless `include_failed`."""
+    methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>),
+    provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), params,
+    best/final accuracy. Failed runs are left out unless `include_failed`; damaged records are skipped with
+    a warning naming them; JSON files that are not run records are ignored."""
     rows = []
     for path in sorted(Path(runs).glob("*/*/*/*.json")):
-        r = read_record(path)
+        try:
+            r = read_record(path)
+        except RecordError as e:
+            if "not a run record" not in str(e):  # other JSON files are not ours: ignore them quietly
+                warnings.warn(f"skipped {e}", stacklevel=2)
+            continue
         if r.get("status") != "done" and not include_failed:
             continue
         row = {k: r.get(k) for k in ("run_id", "backbone", "method", "task", "seed", "train_split", "eval_split",
@@ -130,57 +167,9 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         row["origin"] = origin_label(r.get("origin"))
         row.update({f"opt.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
                     for k, v in r.get("method_config", {}).items()})
+        prov = r.get("provenance") or {}
+        row.update(weights_id=short(prov, "weights") or "unknown", data_id=short(prov, "data") or "unknown",
+                   precision=prov.get("precision", "unknown"))
         row["path"] = str(path)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-class RunLock:
-    """An exclusive claim on one run (O_EXCL lock file holding host and pid); a lock left by a dead
-    process on this host is taken over."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
-            self.held = True
-            return True
-        return False
-
-    def _stale(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return False  # being written right now
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()

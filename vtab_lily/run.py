@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,11 +22,14 @@ import torch
 from backbones import WeightsError
 
 from .adapters import get_method
-from .data import Batches, DataError, load_split, task_dir
+from .data import Batches, DataError, load_split, read_list, task_dir
+from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
+from .options import OptionError
 from .prepare import PrepareError, prepare_task
-from .recipes import RECIPE_FIELDS
-from .records import RunLock, RunSpec, environment, finished, read_record, write_record
+from .provenance import data_provenance, weights_provenance
+from .recipes import RECIPE_FIELDS, effective_precision
+from .records import RecordError, RunSpec, environment, finished, read_record, write_record
 from .tasks import get_task
 from .train import NonFiniteLoss, fit
 
@@ -35,6 +39,15 @@ DEFAULT_RUNS = "results/runs"
 
 class RunBusy(RuntimeError):
     """Another process holds this run's lock."""
+
+
+class RunsFolderError(OSError):
+    """The records folder cannot be written; the message says which and why."""
+
+
+# Errors a user can cause: main() turns each into one line and exit code 2.
+USER_ERRORS = (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy,
+               RunsFolderError, RecordError)
 
 
 def parse_value(text: str):
@@ -65,13 +78,49 @@ def default_device() -> str:
 
 
 def ensure_data(task: str, data_root: str | Path, prepare: bool) -> None:
+    """With `prepare`, prepare the task unless a finished manifest says it is done (a half-prepared folder,
+    left by a killed `prepare`, is finished); without, only check that its folder exists."""
     spec = get_task(task)
     try:
-        task_dir(data_root, spec)
+        folder = task_dir(data_root, spec)
+        if prepare and not (folder / "manifest.json").is_file():
+            raise DataError(f"{folder} is not fully prepared")
     except DataError:
         if not prepare:
             raise
         prepare_task(spec.name, data_root)
+
+
+def resolve(spec: RunSpec, data_root: str | Path, weights: str | None = None, pretrained: bool = True,
+            device: str | None = None) -> tuple[RunSpec, str | None]:
+    """The spec with its provenance (weights, data lists, precision) set, and the local weights file to
+    load (None: random init). A pretrained hub backbone's file is fetched here."""
+    wprov, wfile = weights_provenance(spec.backbone, weights, pretrained, spec.seed)
+    provenance = {"weights": wprov, "data": data_provenance(data_root, spec.task, (spec.train_split, spec.eval_split)),
+                  "precision": effective_precision(spec.full_recipe(), device or default_device())}
+    return dataclasses.replace(spec, provenance=provenance), wfile
+
+
+def check_runs_folder(runs: str | Path) -> None:
+    """Fail early, in one line, when records cannot be written under `runs`."""
+    try:
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=runs, prefix=".write-probe.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise RunsFolderError(f"cannot write run records under {runs} ({e.strerror or e}); pass a writable folder "
+                              "with --runs") from None
+
+
+def check_batch_size(spec: RunSpec, data_root: str | Path) -> None:
+    recipe = spec.full_recipe()
+    task = get_task(spec.task)
+    n = len(read_list(task_dir(data_root, task), spec.train_split, task.num_classes)[0])
+    if recipe.batch_size > n:
+        raise OptionError(f"batch_size {recipe.batch_size} is larger than the training split {spec.train_split} "
+                          f"({n} images; the last incomplete batch is dropped, so nothing would train); "
+                          f"use batch_size <= {n}")
 
 
 def print_epoch(m: dict) -> None:
@@ -101,25 +150,32 @@ class TensorBoardLog:
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
             weights: str | None = None, device: str | None = None, prepare: bool = False, force: bool = False,
             pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True,
-            tensorboard: str | Path | None = None) -> Path:
-    """Run `spec` (or skip it when its record is done) and return the record's path."""
+            tensorboard: str | Path | None = None, on_skip=None) -> Path:
+    """Run `spec` (or skip it when its record is done, calling `on_skip(path)`) and return the record's path."""
+    device = device or default_device()
+    ensure_data(spec.task, data_root, prepare)
+    spec, weights_file = resolve(spec, data_root, weights, pretrained, device)
     record_path = spec.path(runs)
     if finished(record_path) and not force:
+        if on_skip:
+            on_skip(record_path)
         return record_path
-    ensure_data(spec.task, data_root, prepare)
-    device = device or default_device()
+    check_batch_size(spec, data_root)
+    check_runs_folder(runs)
     recipe = spec.full_recipe()
     task = get_task(spec.task)
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
-            raise RunBusy(f"run {spec.run_id} is being run by another process ({lock.path})")
+            raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
         if finished(record_path) and not force:
             return record_path  # finished by another process while we looked
+        for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
+            tmp.unlink(missing_ok=True)  # left by a killed process
         state_path = spec.path(runs, ".state.pt")
         if force:
             state_path.unlink(missing_ok=True)
         torch.manual_seed(spec.seed)
-        model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights,
+        model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
                             drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
                             **spec.options).to(device)
         train_split, eval_split = (load_split(data_root, spec.task, s, recipe.image_size, recipe.interpolation,
@@ -128,9 +184,9 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         train = Batches(train_split, recipe.batch_size, shuffle=True, drop_last=True, device=device,
                         resident=resident, seed=spec.seed)
         test = Batches(eval_split, recipe.eval_batch_size, device=device)
-        started = time.time()
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
-                      weights=weights, data_root=str(data_root), device=device)
+                      weights=weights_file, data_root=str(data_root), device=device,
+                      split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)})
         on_epoch = ([print_epoch] if progress else []) + ([TensorBoardLog(Path(tensorboard) / spec.run_id)]
                                                           if tensorboard else [])
         try:
@@ -140,13 +196,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             write_record(spec, runs, status="failed", error=str(e), **common)
             state_path.unlink(missing_ok=True)
             raise
-        best = max(history.evaluations, key=lambda e: e["acc"])
         save_adapter(model, spec.path(runs, ".safetensors"))
-        path = write_record(
-            spec, runs, status="done", **common, evaluations=history.evaluations, lrs=history.lrs,
-            train_losses=history.train_losses, best_acc=best["acc"], best_epoch=best["epoch"],
-            final_acc=history.evaluations[-1]["acc"], wall_time_s=time.time() - started,
-            train_time_s=history.train_time_s, images_per_s=history.train_images / max(history.train_time_s, 1e-9))
+        path = write_record(spec, runs, status="done", **common, **history.summary())
         state_path.unlink(missing_ok=True)
         return path
 
@@ -193,9 +244,14 @@ def main(argv=None) -> int:
         options, recipe = split_settings(args.method, settings)
         spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
         path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
-                       progress=not args.no_progress, tensorboard=args.tensorboard)
-    except (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+                       progress=not args.no_progress, tensorboard=args.tensorboard,
+                       on_skip=lambda p: print(f"skipped: this run is already finished ({p}); --force runs it again"))
+    except USER_ERRORS as e:
+        print(f"error: {e.args[0] if e.args and isinstance(e.args[0], str) else e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a file system gone read-only: the run resumes from its last state
+        print(f"error: could not write {e.filename or 'a file'}: {e.strerror or e}; fix it and run again "
+              "(an interrupted run resumes from its last saved state)", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"error: {e}; the record is marked failed", file=sys.stderr)

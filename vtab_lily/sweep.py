@@ -18,13 +18,23 @@ import itertools
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
-from .data import DataError
-from .prepare import PrepareError
 from .recipes import PRESETS
 from .records import RunSpec, finished
-from .run import DEFAULT_DATA, DEFAULT_RUNS, RunBusy, execute, parse_value, split_settings
-from .tasks import VTAB_TASKS
+from .run import (
+    DEFAULT_DATA,
+    DEFAULT_RUNS,
+    USER_ERRORS,
+    RunBusy,
+    default_device,
+    ensure_data,
+    execute,
+    parse_value,
+    resolve,
+    split_settings,
+)
+from .tasks import VTAB_TASKS, get_task
 from .train import NonFiniteLoss
 
 
@@ -38,40 +48,60 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
-def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[RunSpec]:
-    """RunSpecs for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
-    A grid key prefixed '<method>.' applies to that method only."""
-    specs = []
+@dataclass
+class Point:
+    """One grid point: its spec, or the reason it is invalid (reported as failed, never fatal)."""
+
+    label: str
+    spec: RunSpec | None = None
+    error: str | None = None
+
+
+def _reason(e: BaseException) -> str:
+    return e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+
+
+def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[Point]:
+    """Points for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
+    A grid key prefixed '<method>.' applies to that method only. Invalid points carry their error."""
+    points = []
     for backbone, method, fixed, row_grid in rows:
         own = {**row_grid, **{k: v for k, v in grid.items() if "." not in k or k.startswith(f"{method}.")}}
         keys = list(own)
         for values in itertools.product(*own.values()):
-            options, recipe = split_settings(method, {**settings, **fixed, **dict(zip(keys, values))})
+            point = dict(zip(keys, values))
             for task in tasks:
                 for seed in seeds:
-                    specs.append(RunSpec(backbone, task, method, options, seed, eval_split, recipe))
-    return specs
+                    label = f"{backbone} {method} {task} seed {seed} {point or ''} eval {eval_split}".replace("  ", " ")
+                    try:
+                        options, recipe = split_settings(method, {**settings, **fixed, **point})
+                        points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe)))
+                    except USER_ERRORS as e:
+                        points.append(Point(label, error=_reason(e)))
+    return points
 
 
 def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepare: bool) -> str:
-    """Run one spec; return 'ran', 'done' (skipped, finished before), 'busy' or 'failed: ...'."""
-    if finished(spec.path(runs)):
-        return "done"
+    """Run one spec; return 'ran', 'done' (skipped, finished before), 'busy' or 'failed: <reason>'."""
+    skipped = []
     try:
-        execute(spec, runs, data_root, weights, prepare=prepare, progress=False)
+        execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
     except RunBusy:
         return "busy"
-    except NonFiniteLoss as e:
-        return f"failed: {e}"
-    return "ran"
+    except (NonFiniteLoss, OSError, *USER_ERRORS) as e:
+        return f"failed: {_reason(e)}"
+    return "done" if skipped else "ran"
 
 
-def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
+def best_on_val(specs: list[RunSpec], runs: str, data_root: str, weights: str | None) -> list[RunSpec]:
     """VTAB protocol: per (backbone, method, task, seed) the grid point with the best final val200
     accuracy, as a spec that trains on train800val200 and tests."""
     best = {}
     for spec in specs:
-        record = finished(spec.path(runs))
+        try:
+            record = finished(resolve(spec, data_root, weights)[0].path(runs))
+        except USER_ERRORS:
+            continue  # reported as failed in the first stage
         if record is None:
             continue
         acc = record["final_acc"]
@@ -81,16 +111,34 @@ def best_on_val(specs: list[RunSpec], runs: str) -> list[RunSpec]:
     return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
 
 
-def launch(specs: list[RunSpec], args, stage: str) -> list[str]:
+def dry_run_status(spec: RunSpec, args) -> str:
+    """'done', 'to run', or 'to run (...)' when the identity cannot be resolved yet (e.g. data not prepared)."""
+    try:
+        ensure_data(spec.task, args.data_root, prepare=False)
+        resolved = resolve(spec, args.data_root, args.weights, device=default_device())[0]
+    except USER_ERRORS as e:
+        return f"to run (cannot check: {_reason(e)})"
+    return "done" if finished(resolved.path(args.runs)) else f"to run ({resolved.run_id})"
+
+
+def launch(points: list[Point], args, stage: str) -> list[str]:
+    """Run the valid points (through the chosen launcher); every point gets a status, invalid ones 'failed'."""
+    specs = [p.spec for p in points if p.spec is not None]
     if args.launcher in ("slurm", "submitit-local"):
-        return launch_submitit(specs, args)
-    if args.gpus > 1 and not args.stage:
+        results = iter(launch_submitit(specs, args))
+    elif args.gpus > 1 and not args.stage:
         return launch_workers(args, stage)
+    else:
+        results = None
     statuses = []
-    for i, spec in enumerate(specs, 1):
-        status = run_job(spec, args.runs, args.data_root, args.weights, args.prepare)
-        print(f"[{i}/{len(specs)}] {spec.backbone} {spec.method} {spec.task} seed {spec.seed} {spec.options} "
-              f"{spec.recipe} eval {spec.eval_split}: {status}", flush=True)
+    for i, point in enumerate(points, 1):
+        if point.error is not None:
+            status = f"failed: {point.error}"
+        elif results is not None:
+            status = next(results)
+        else:
+            status = run_job(point.spec, args.runs, args.data_root, args.weights, args.prepare)
+        print(f"[{i}/{len(points)}] {point.label}: {status}", flush=True)
         statuses.append(status)
     return statuses
 
@@ -158,27 +206,34 @@ def main(argv=None) -> int:
             raise KeyError("give --preset, or --backbones and --methods")
         tasks = list(VTAB_TASKS) if args.tasks == ["all"] else args.tasks
         settings = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
+        for task in tasks:
+            get_task(task)
         grid = parse_grid(args.grid)
         stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
-    except (KeyError, TypeError, ValueError, ImportError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_reason(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for spec in stage1:
-            done = finished(spec.path(args.runs)) is not None
-            print(f"{spec.run_id} {spec.backbone} {spec.method} {spec.task} {spec.options} {spec.recipe} "
-                  f"eval {spec.eval_split}: {'done' if done else 'to run'}")
-        return 0
-    try:
-        if args.stage:  # a worker process of --gpus N: run its stage's list
-            statuses = launch(best_on_val(stage1, args.runs) if args.stage == "final" else stage1, args, args.stage)
-        else:
-            statuses = launch(stage1, args, "select" if args.protocol == "vtab" else "all")
-            if args.protocol == "vtab":
-                statuses += launch(best_on_val(stage1, args.runs), args, "final")
-    except (DataError, PrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        statuses = []
+        for point in stage1:
+            status = f"failed: {point.error}" if point.error else dry_run_status(point.spec, args)
+            print(f"{point.label}: {status}")
+            statuses.append(status)
+        failed = sum(s.startswith("failed") for s in statuses)
+        print(f"{len(statuses)} runs: {statuses.count('done')} done, {len(statuses) - failed - statuses.count('done')} "
+              f"to run, {failed} failed (invalid settings)")
+        return 1 if failed else 0
+    valid = [p.spec for p in stage1 if p.spec is not None]
+    def final():
+        return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
+                for s in best_on_val(valid, args.runs, args.data_root, args.weights)]
+
+    if args.stage:  # a worker process of --gpus N: run its stage's list
+        statuses = launch(final() if args.stage == "final" else stage1, args, args.stage)
+    else:
+        statuses = launch(stage1, args, "select" if args.protocol == "vtab" else "all")
+        if args.protocol == "vtab":
+            statuses += launch(final(), args, "final")
     failed = [s for s in statuses if s.startswith("failed")]
     print(f"{len(statuses)} jobs: {statuses.count('ran')} ran, {statuses.count('done')} already done, "
           f"{statuses.count('busy')} run elsewhere, {len(failed)} failed")

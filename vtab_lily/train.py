@@ -73,6 +73,15 @@ class History:
     train_losses: list = field(default_factory=list)  # mean training loss per epoch
     train_time_s: float = 0.0
     train_images: int = 0
+    wall_time_s: float = 0.0  # all sessions of a resumed run together
+
+    def summary(self) -> dict:
+        """The record's result fields: best = the highest accuracy over all evaluations (earliest on ties)."""
+        best = max(self.evaluations, key=lambda e: e["acc"])
+        return dict(evaluations=self.evaluations, lrs=self.lrs, train_losses=self.train_losses,
+                    best_acc=best["acc"], best_epoch=best["epoch"], final_acc=self.evaluations[-1]["acc"],
+                    wall_time_s=self.wall_time_s, train_time_s=self.train_time_s,
+                    images_per_s=self.train_images / max(self.train_time_s, 1e-9))
 
 
 def _state(model, optimizer, scheduler, epoch: int, history: History) -> dict:
@@ -95,6 +104,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     history, start = History(), 0
+    session = time.perf_counter()
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
@@ -107,6 +117,9 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         if state["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         history, start = History(**state["history"]), state["epoch"]
+    wall_before = history.wall_time_s
+    if train.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.precision == "tf32"
     for epoch in range(start, recipe.epochs):
         model.train()
         train.set_epoch(epoch)
@@ -138,6 +151,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
             metrics.update(acc=acc, loss=test_loss)
         for callback in on_epoch:
             callback(metrics)
+        history.wall_time_s = wall_before + time.perf_counter() - session
         stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
         if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
             save_state(state_path, _state(model, optimizer, scheduler, done, history))

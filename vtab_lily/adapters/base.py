@@ -16,6 +16,8 @@ from torch import nn
 
 from backbones import LinearSite, ParallelSite, adapter_sites, family
 
+from ..options import OptionError, check_fields
+
 
 class Tap(nn.Module):
     """Wraps a module and keeps its last input for a parallel branch that writes elsewhere."""
@@ -141,6 +143,7 @@ def make_config(method: str, options: dict[str, Any], backbone: str | None = Non
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     cfg = cls(**options)
+    check_fields(cfg, f"{method} ")
     defaults = getattr(cls, "FAMILY_DEFAULTS", {}).get(family(backbone)) if backbone else None
     for key, value in (defaults or {}).items():
         if getattr(cfg, key) is None:
@@ -154,7 +157,11 @@ def split_targets(targets):
     """'q+v+mlp' -> ('q', 'v', 'mlp'); tuples and lists pass through as tuples; None stays None."""
     if targets is None:
         return None
-    return tuple(targets.split("+") if isinstance(targets, str) else targets)
+    if isinstance(targets, str):
+        return tuple(targets.split("+"))
+    if isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
+        return tuple(targets)
+    raise OptionError(f"targets must be site names joined by '+' (e.g. q+v), got {targets!r}")
 
 
 @dataclass

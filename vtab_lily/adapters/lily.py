@@ -6,12 +6,17 @@ consecutive layers; a router (r -> ne_2, no bias) reading the LP output; ne_2 ze
 once in `model.lily` (a LilyModule); the per-layer branches only refer to it.
 
 ViT defaults (official ViT code): targets k, v, mlp; the MLP adapter is 2r wide with a ReLU after its LP;
-ne_1 LPs (consecutive layers share one); one router per layer and target; routing averaged over batch and
-tokens ("batch"): one weight vector per forward pass, so a test prediction depends on the rest of its batch.
+LPs shared by consecutive layers, stride = depth // ne_1 layers each (the official grouping: a new LP where
+layer % stride == 0, so ne_1 = 5 on 12 layers gives 6 LPs and ne_1 = 7 or 8 give 12); one router per layer
+and target; routing averaged over batch and tokens ("batch"): one weight vector per forward pass, so a test
+prediction depends on the rest of its batch.
 Vim defaults (official Vim code): target in_proj with one LP per layer, dropout 0.1 on the LP output, ONE
 router for the whole model, per-token routing; plus, with dt_r > 0, a low-rank update of dt_proj and
 dt_proj_b: a per-layer down (dt_rank -> dt_r) and one shared zero-initialised up (dt_r -> d_inner) per
-scan direction, i.e. Lily targets with a single HP expert and no router. s is fixed at 1.
+scan direction, i.e. Lily targets with a single HP expert and no router. s is fixed at 1. The official Vim
+code's custom backward omits the dt-adapter term from the gradient of x_dbl (the `delta_proj_weight` line
+of its lily.py backward); ours is autograd-exact, so with dt_r > 0 the gradients reaching x_proj's input
+differ from the official code's.
 
 Options: routing "batch" | "sample" (per sample) | "token" (per token: Eq. 17 with per-token weights,
 computed as (w (x) h) @ HP_flat, never materialising per-token HP matrices); router "layer" | "lp" (one per
@@ -58,6 +63,8 @@ class LilyConfig:
     dt_r: int | None = None  # Vim: rank of the dt_proj / dt_proj_b update (0: off)
     preset: str | None = None  # Vim: "lily-s" or "lily-l" (Table 5)
 
+    RANGES: ClassVar[dict] = {"dt_r": (0, None)}
+
     FAMILY_DEFAULTS: ClassVar[dict] = {
         "vit": dict(r=16, ne_1=4, ne_2=4, targets=("k", "v", "mlp"), router="layer", routing="batch",
                     lp_dropout=0.0, dt_r=0),
@@ -85,7 +92,7 @@ class TargetSpec:
     d_in: int
     r: int
     d_out: int
-    n_lp: int  # LPs for this target; consecutive layers share one
+    n_lp: int  # ne_1 as asked; consecutive layers share an LP, stride = depth // n_lp (official grouping)
     ne: int  # HP experts
     router: str  # "layer" | "lp" | "model" | "none"
     dropout: float
@@ -102,16 +109,22 @@ class LilyModule(nn.Module):
         self.hps = nn.ParameterDict()
         self.routers = nn.ModuleDict()
         for t, sp in specs.items():
-            if num_layers % sp.n_lp:
-                raise ValueError(f"lily ne_1={sp.n_lp} (LPs for {t!r}) must divide the number of layers ({num_layers})")
-            self.lps[t] = nn.ModuleList(nn.Linear(sp.d_in, sp.r, bias=False) for _ in range(sp.n_lp))
+            if not 1 <= sp.n_lp <= num_layers:
+                raise ValueError(f"lily ne_1={sp.n_lp} (LPs for {t!r}) must be between 1 and the number of layers "
+                                 f"({num_layers})")
+            n_lp = len(range(0, num_layers, self.stride(t)))
+            self.lps[t] = nn.ModuleList(nn.Linear(sp.d_in, sp.r, bias=False) for _ in range(n_lp))
             self.hps[t] = nn.Parameter(torch.zeros(sp.ne, sp.r, sp.d_out))
-            n_routers = {"layer": num_layers, "lp": sp.n_lp, "model": 1, "none": 0}[sp.router]
+            n_routers = {"layer": num_layers, "lp": n_lp, "model": 1, "none": 0}[sp.router]
             if n_routers:
                 self.routers[t] = nn.ModuleList(nn.Linear(sp.r, sp.ne, bias=False) for _ in range(n_routers))
 
+    def stride(self, target: str) -> int:
+        """Consecutive layers sharing one LP: depth // ne_1, as the official code (a remainder adds an LP)."""
+        return self.num_layers // self.specs[target].n_lp
+
     def lp_index(self, target: str, layer: int) -> int:
-        return layer // (self.num_layers // self.specs[target].n_lp)
+        return layer // self.stride(target)
 
     def router_for(self, target: str, layer: int) -> nn.Linear | None:
         kind = self.specs[target].router

@@ -94,18 +94,22 @@ def _json_simple(value) -> bool:
 
 
 def _options_fields(config_cls, changed: dict) -> list[tuple]:
+    """(name, type, field) of peft's options. Types for the suite's option checks: int and float where
+    peft's default is one (int ranges are left to peft: OFT's r=0 is valid), anything else as object (peft
+    accepts True or "gaussian" for init_lora_weights); peft's config checks the values."""
     out = []
     for f in dataclasses.fields(config_cls):
         if not f.init or f.name in EXCLUDED or f.name.endswith("_config"):
             continue
         if f.name in SITE_FIELDS:
-            out.append((f.name, tuple, dataclasses.field(default=())))
+            out.append((f.name, tuple[str, ...], dataclasses.field(default=())))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         default = changed.get(f.name, default)
         if default is dataclasses.MISSING or not _json_simple(default):
             continue
-        out.append((f.name, f.type, dataclasses.field(default_factory=lambda d=default: type(d)(d))
+        kind = type(default) if type(default) in (int, float) else object | None
+        out.append((f.name, kind, dataclasses.field(default_factory=lambda d=default: type(d)(d))
                     if isinstance(default, (dict, list)) else dataclasses.field(default=default)))
     return out
 
@@ -120,8 +124,10 @@ def peft_method(tuner: str) -> Method:
     peft, configs, tuner_classes = _peft()
     peft_type, changed = known[tuner]
     config_cls = configs[peft.PeftType[peft_type]]
-    cls = dataclasses.make_dataclass(f"Peft{tuner.title()}Options", _options_fields(config_cls, changed),
-                                     bases=(PeftOptions,), namespace={"PEFT_TYPE": peft_type})
+    fields = _options_fields(config_cls, changed)
+    ranges = {name: (None, None) for name, kind, _ in fields if kind is int}  # e.g. OFT's r=0: peft checks them
+    cls = dataclasses.make_dataclass(f"Peft{tuner.title()}Options", fields, bases=(PeftOptions,),
+                                     namespace={"PEFT_TYPE": peft_type, "RANGES": ranges})
     tuner_cls = tuner_classes[peft.PeftType[peft_type]]
 
     def attach(model: nn.Module, cfg: PeftOptions) -> None:

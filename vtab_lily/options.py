@@ -1,0 +1,91 @@
+"""Checking option values against their dataclass field's type and range, before any work starts.
+
+Used for every method config and for the training recipe, so `--set r=abc`, `--set r=0`, `--set s=nan`
+or `--epochs 0` end in one clear error instead of a traceback (or a silently useless run).
+
+Types come from the field annotations (int, float, bool, str, tuple[str, ...], each optionally `| None`).
+Ranges: a class may declare `RANGES = {"field": (low, high)}` (inclusive, None = open); otherwise an int
+must be >= 1 (sizes, counts, ranks), except fields named `*seed*` (>= 0); a field named `*dropout*` or
+`drop_path` lies in [0, 1]; every float must be finite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+
+
+class OptionError(ValueError):
+    """An option value of the wrong type or outside its range; the message names the option."""
+
+
+def _kinds(hint) -> tuple[set, bool]:
+    """The base types an annotation admits, and whether None is allowed."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    return {typing.get_origin(a) or a for a in args if a is not type(None)}, optional
+
+
+def _coerce(name: str, value, kinds: set):
+    if bool in kinds:
+        if isinstance(value, bool):
+            return value
+        raise OptionError(f"{name} must be True or False, got {value!r}")
+    if int in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise OptionError(f"{name} must be an integer, got {value!r}")
+    if float in kinds:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # 'nan', 'inf' reach here as strings
+            except ValueError:
+                raise OptionError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise OptionError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if tuple in kinds:
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            return value
+        raise OptionError(f"{name} must be names joined by '+' (e.g. q+v), got {value!r}")
+    if str in kinds and not isinstance(value, str):
+        raise OptionError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _range(cls, name: str) -> tuple:
+    ranges = getattr(cls, "RANGES", {})
+    if name in ranges:
+        return ranges[name]
+    if "dropout" in name or name == "drop_path":
+        return (0.0, 1.0)
+    if "seed" in name:
+        return (0, None)
+    return (1, None)
+
+
+def check_fields(obj, prefix: str = "") -> None:
+    """Coerce and check every field of dataclass instance `obj` in place; raise OptionError on the first
+    bad one. `prefix` names the owner in messages (e.g. 'lily ')."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds, optional = _kinds(hints[f.name])
+        if value is None:
+            if optional:
+                continue
+            raise OptionError(f"{prefix}{f.name} may not be None")
+        label = f"{prefix}{f.name}"
+        value = _coerce(label, value, kinds)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (int in kinds or float in kinds):
+            low, high = _range(type(obj), f.name)
+            if float in kinds and int not in kinds and (low, high) == (1, None):
+                low = None  # a float without a declared range: any finite value
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = (f">= {low}" if high is None else f"<= {high}" if low is None
+                          else f"in [{low}, {round(high, 6)}]")
+                raise OptionError(f"{label} must be {bounds}, got {value!r}")
+        object.__setattr__(obj, f.name, value)  # frozen dataclasses too
