@@ -1,6 +1,6 @@
-"""Tied-LoRA (Renduchintala et al. 2023, the "TL6" variant): per target, ONE down matrix A (d_in x r)
-and ONE up matrix B (r x d_out) shared by all layers, and per layer two trainable scaling vectors:
-u (r) between them and v (d_out) on the output. Update at layer l: v_l * (B (u_l * (A x))), B zero-init,
+"""Tied-LoRA (Renduchintala et al. 2023), in its variant where everything trains: per target, ONE down
+matrix A (d_in x r) and ONE up matrix B (r x d_out) shared by all layers, and per layer two scaling
+vectors: u (r) between them and v (d_out) on the output. Update at layer l: v_l * (B (u_l * (A x))), B zero-init,
 so the model starts as its backbone.
 
 A complete method from outside the suite, written against the public API only:
