@@ -42,7 +42,7 @@ class WeightsError(RuntimeError):
 def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
                drop_path_rate: float = 0.1, **kwargs) -> VisionTransformer:
     spec = VIT_SPECS[name]
-    args = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **spec.kwargs, **kwargs)
+    args = {"num_classes": num_classes, "drop_path_rate": drop_path_rate, **spec.kwargs, **kwargs}
     if weights is not None:
         model = timm.create_model(spec.timm_name, pretrained=False, **args)
         load_vit_weights(model, weights)

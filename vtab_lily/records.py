@@ -63,7 +63,7 @@ class RunSpec:
     def identity(self) -> dict:
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
-        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.RESULT_NEUTRAL}
+        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.NOT_IN_ID}
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
                 "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
                 "train_split": self.train_split, "eval_split": self.eval_split, "recipe": recipe,
