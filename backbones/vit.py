@@ -93,7 +93,7 @@ def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: st
 
 
 def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **kwargs) -> nn.Module:
-    args = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **spec.kwargs, **kwargs)
+    args = {"num_classes": num_classes, "drop_path_rate": drop_path_rate, **spec.kwargs, **kwargs}
     if weights is not None:
         model = timm.create_model(spec.timm_name, pretrained=False, **args)
         load_vit_weights(model, weights)

@@ -86,9 +86,9 @@ def test_unknown_option_lists_valid_ones():
         tiny("lorax")
 
 
-def test_lily_ne_1_must_divide_the_depth():
-    with pytest.raises(ValueError, match=r"ne_1=3 \(LPs for .k.\) must divide the number of layers \(4\)"):
-        tiny("lily", ne_1=3)
+def test_lily_ne_1_above_the_depth_is_refused():
+    with pytest.raises(ValueError, match=r"ne_1=5 \(LPs for .k.\) must be between 1 and the number of layers \(4\)"):
+        tiny("lily", ne_1=5)
 
 
 def test_save_load_round_trip_stores_shared_tensors_once(tmp_path, images):

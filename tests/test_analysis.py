@@ -116,8 +116,8 @@ def test_command_lines_write_their_figures(tmp_path, capsys):
     adapters = []
     for method, options in (("lily", {"r": 4, "ne": 2}), ("lora", {"r": 2})):
         spec = RunSpec("vit-tiny", "digits", method, options, 0, "test", recipe)
-        execute(spec, tmp_path / "runs", tmp_path / "data", progress=False)
-        adapters.append(str(spec.path(tmp_path / "runs", ".safetensors")))
+        record = execute(spec, tmp_path / "runs", tmp_path / "data", progress=False)
+        adapters.append(str(record.with_suffix(".safetensors")))
     common = ["--task", "digits", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--n", "3"]
     both = ["--adapter", adapters[0], "--adapter", adapters[1]]
     runs = [(attention, both + common), (features, both + common), (rank, both + common),

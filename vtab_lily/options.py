@@ -20,6 +20,12 @@ class OptionError(ValueError):
     """An option value of the wrong type or outside its range; the message names the option."""
 
 
+def error_line(e: BaseException) -> str:
+    """An exception's message as one line (KeyError's quotes dropped, inner newlines folded)."""
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    return " ".join(text.split())
+
+
 def _kinds(hint) -> tuple[set, bool]:
     """The base types an annotation admits, and whether None is allowed."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)

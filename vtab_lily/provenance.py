@@ -42,7 +42,7 @@ def weights_provenance(backbone: str, weights: str | None, pretrained: bool, see
         if not Path(weights).is_file():
             raise WeightsError(f"weights file {weights} does not exist; pass an existing .npz, .safetensors or "
                                ".pth with --weights")
-        return {"source": "file", "sha256": file_sha256(weights), "name": Path(weights).name}, str(weights)
+        return {"source": "file", "sha256": file_sha256(weights)}, str(weights)
     hub = pretrained_file(backbone) if pretrained else None
     if hub is None:
         return {"source": "random", "seed": seed}, None

@@ -44,7 +44,9 @@ class Recipe:
 
     RANGES: ClassVar[dict] = {"lr": (1e-12, None), "weight_decay": (0.0, None), "warmup_epochs": (0, None),
                               "warmup_lr_init": (0.0, None), "lr_min": (0.0, None), "image_size": (8, None)}
-    RESULT_NEUTRAL: ClassVar[tuple] = ("checkpoint_every",)  # left out of the run id
+    # Left out of the run id: checkpoint_every does not change results; the precision the run computes in
+    # (fp32 on the CPU whatever is asked) is in the id's provenance instead.
+    NOT_IN_ID: ClassVar[tuple] = ("checkpoint_every", "precision")
 
     def __post_init__(self):
         check_fields(self)

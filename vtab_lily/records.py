@@ -65,7 +65,7 @@ class RunSpec:
         or file hash), so two methods of the same name, or two versions of one, never share a run id."""
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
-        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.RESULT_NEUTRAL}
+        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.NOT_IN_ID}
         method_origin = origin(get_method(self.method).module)
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
                 "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),

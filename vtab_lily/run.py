@@ -25,7 +25,7 @@ from .adapters import get_method
 from .data import Batches, DataError, load_split, read_list, task_dir
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
-from .options import OptionError
+from .options import OptionError, error_line
 from .prepare import PrepareError, prepare_task
 from .provenance import data_provenance, weights_provenance
 from .recipes import RECIPE_FIELDS, effective_precision
@@ -161,9 +161,13 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             on_skip(record_path)
         return record_path
     check_batch_size(spec, data_root)
-    check_runs_folder(runs)
     recipe = spec.full_recipe()
     task = get_task(spec.task)
+    torch.manual_seed(spec.seed)  # the random init (head, adapters, a random backbone) follows the seed
+    model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
+                        drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
+                        **spec.options).to(device)
+    check_runs_folder(runs)
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
             raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
@@ -174,10 +178,6 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         state_path = spec.path(runs, ".state.pt")
         if force:
             state_path.unlink(missing_ok=True)
-        torch.manual_seed(spec.seed)
-        model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
-                            drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
-                            **spec.options).to(device)
         train_split, eval_split = (load_split(data_root, spec.task, s, recipe.image_size, recipe.interpolation,
                                               progress=progress) for s in (spec.train_split, spec.eval_split))
         resident = device.startswith("cuda")
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                        progress=not args.no_progress, tensorboard=args.tensorboard,
                        on_skip=lambda p: print(f"skipped: this run is already finished ({p}); --force runs it again"))
     except USER_ERRORS as e:
-        print(f"error: {e.args[0] if e.args and isinstance(e.args[0], str) else e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a file system gone read-only: the run resumes from its last state
         print(f"error: could not write {e.filename or 'a file'}: {e.strerror or e}; fix it and run again "

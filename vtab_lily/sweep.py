@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .options import error_line
 from .recipes import PRESETS
 from .records import RunSpec, finished
 from .run import (
@@ -57,10 +58,6 @@ class Point:
     error: str | None = None
 
 
-def _reason(e: BaseException) -> str:
-    return e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-
-
 def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[Point]:
     """Points for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
     A grid key prefixed '<method>.' applies to that method only. Invalid points carry their error."""
@@ -77,7 +74,7 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
                         options, recipe = split_settings(method, {**settings, **fixed, **point})
                         points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe)))
                     except USER_ERRORS as e:
-                        points.append(Point(label, error=_reason(e)))
+                        points.append(Point(label, error=error_line(e)))
     return points
 
 
@@ -89,7 +86,7 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
     except RunBusy:
         return "busy"
     except (NonFiniteLoss, OSError, *USER_ERRORS) as e:
-        return f"failed: {_reason(e)}"
+        return f"failed: {error_line(e)}"
     return "done" if skipped else "ran"
 
 
@@ -117,7 +114,7 @@ def dry_run_status(spec: RunSpec, args) -> str:
         ensure_data(spec.task, args.data_root, prepare=False)
         resolved = resolve(spec, args.data_root, args.weights, device=default_device())[0]
     except USER_ERRORS as e:
-        return f"to run (cannot check: {_reason(e)})"
+        return f"to run (cannot check: {error_line(e)})"
     return "done" if finished(resolved.path(args.runs)) else f"to run ({resolved.run_id})"
 
 
@@ -211,7 +208,7 @@ def main(argv=None) -> int:
         grid = parse_grid(args.grid)
         stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
     except USER_ERRORS as e:
-        print(f"error: {_reason(e)}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
         statuses = []

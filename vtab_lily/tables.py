@@ -120,25 +120,62 @@ def _config_key(frame: pd.DataFrame) -> pd.Series:
     return frame[cols].apply(lambda r: "|".join(map(str, r)), axis=1) if cols else pd.Series("", index=frame.index)
 
 
+class ProvenanceConflict(ValueError):
+    """Records that would be pooled into one cell were made on different weights, data or precision."""
+
+
+PROVENANCE = ("weights_id", "data_id", "precision")
+
+
+def check_provenance(records: pd.DataFrame) -> None:
+    """Refuse to pool: per backbone one weights id and one precision, per (backbone, task) one data id.
+    The message names the disagreeing records and how to select."""
+    if records.empty:
+        return
+    for keys, column, option in ((["backbone"], "weights_id", "weights"), (["backbone"], "precision", "precision"),
+                                 (["backbone", "task"], "data_id", "data")):
+        for key, group in records.groupby(keys):
+            values = group[column].value_counts()
+            if len(values) > 1:
+                where = " ".join(map(str, key if isinstance(key, tuple) else (key,)))
+                listed = "; ".join(f"{v} ({n} records, e.g. {group[group[column] == v]['path'].iloc[0]})"
+                                   for v, n in values.items())
+                raise ProvenanceConflict(
+                    f"records of {where} differ in {option}: {listed}. Select one with --select {column}=<prefix> "
+                    f"(or keep them in separate --runs folders)")
+
+
+def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
+    """Keep records whose column starts with the given prefix, for each 'column=prefix'."""
+    for item in selections:
+        column, sep, prefix = item.partition("=")
+        if not sep or column not in PROVENANCE:
+            raise ValueError(f"--select expects one of {list(PROVENANCE)}=<prefix>, got {item!r}")
+        if not records.empty:
+            records = records[records[column].astype(str).str.startswith(prefix)]
+    return records
+
+
 def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame:
     """Per (task, seed): the reported accuracy and the params of the chosen configuration."""
     rec = _matching(records, row)
     if rec.empty:
-        return pd.DataFrame(columns=["task", "seed", "acc", "params", "storage_bytes"])
+        return pd.DataFrame(columns=["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE])
     rec = rec.assign(config=_config_key(rec))
+    check_provenance(rec)
     test = rec[rec["eval_split"] == "test"]
     if protocol == "paper":
         best = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
-        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes"]]
+        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE]]
     val = rec[rec["eval_split"] == "val200"]
     chosen = val.loc[val.groupby(["task", "seed"])["final_acc"].idxmax()][["task", "seed", "config"]]
     final = chosen.merge(test, on=["task", "seed", "config"])
-    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes"]]
+    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE]]
 
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
-    means, stds, counts, params, storage = {}, {}, {}, {}, {}
+    means, stds, counts, params, storage, prov = {}, {}, {}, {}, {}, {}
     rows = table_rows(table, records)
     for row in rows:
         res = cell_results(records, row, protocol)
@@ -149,6 +186,9 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
         counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in VTAB_TASKS}
         params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
         storage[name] = res["storage_bytes"].astype(float).mean() / 1024 if len(res) else np.nan
+        prov[name] = {"weights_id": "|".join(sorted(set(res["weights_id"]))), "precision": "|".join(
+            sorted(set(res["precision"]))), "data_ids": " ".join(f"{t}:{d}" for t, d in sorted(
+                set(zip(res["task"], res["data_id"]))))}
     mean = add_means(pd.DataFrame.from_dict(means, orient="index", columns=list(VTAB_TASKS)))
     paper_rows = [(table, r.backbone, r.label) for r in rows]
     printed = [paper.loc[k, "mean"] if k in paper.index else np.nan for k in paper_rows]
@@ -157,6 +197,8 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     mean["params_m"] = pd.Series(params)
     mean["storage_kb"] = pd.Series(storage)
     mean["paper_Mean"] = printed
+    for key in ("weights_id", "precision", "data_ids"):
+        mean[key] = pd.Series({name: p[key] for name, p in prov.items()})
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"]
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"),
             "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks.astype(float)}
@@ -243,12 +285,19 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
+    parser.add_argument("--select", action="append", default=[], metavar="COLUMN=PREFIX",
+                        help="keep records whose weights_id, data_id or precision starts with PREFIX")
     args = parser.parse_args(argv)
     paper = read_paper(args.paper)
-    records = load_records(args.runs)
     out = Path(args.out)
-    for table in (TABLES if args.table == "all" else [args.table]):
-        result = build_table(table, records, args.protocol, paper)
+    try:
+        records = select(load_records(args.runs), args.select)
+        results = {table: build_table(table, records, args.protocol, paper)
+                   for table in (TABLES if args.table == "all" else [args.table])}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for table, result in results.items():
         if result["mean"].empty:
             print(f"Table {table}: no records under {args.runs}")
             continue

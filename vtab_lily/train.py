@@ -80,7 +80,7 @@ class History:
         best = max(self.evaluations, key=lambda e: e["acc"])
         return dict(evaluations=self.evaluations, lrs=self.lrs, train_losses=self.train_losses,
                     best_acc=best["acc"], best_epoch=best["epoch"], final_acc=self.evaluations[-1]["acc"],
-                    wall_time_s=self.wall_time_s, train_time_s=self.train_time_s,
+                    wall_time_s=self.wall_time_s, train_time_s=self.train_time_s, train_images=self.train_images,
                     images_per_s=self.train_images / max(self.train_time_s, 1e-9))
 
 
