@@ -67,3 +67,16 @@ def test_timm_names_with_tags_are_mappable_without_building():
         check_backbone(name)  # known and mappable, checked on the meta device (no weights, no memory)
     with pytest.raises(ValueError, match=r"block 0 \(EvaBlock\) has no mlp.fc1 \(Linear\)$"):  # SwiGLU's fc1_g/_x
         check_backbone("timm:eva02_base_patch14_224.mim_in22k")
+
+
+@pytest.mark.parametrize("name", ["timm:vit_base_patch14_reg4_dinov2", "timm:eva02_tiny_patch14_224"])
+def test_a_timm_checkpoint_file_loads_through_the_models_own_filter(name, tmp_path):
+    from safetensors.torch import save_file
+
+    from backbones import create_backbone
+    kwargs = dict(depth=DEPTH, embed_dim=D, num_heads=4, img_size=28)
+    torch.manual_seed(0)
+    source = create_backbone(name, 1000, pretrained=False, **kwargs)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = create_backbone(name, 1000, weights=str(tmp_path / "w.safetensors"), **kwargs)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
