@@ -18,7 +18,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .sites import LayerSites, LinearSite, ParallelSite
+from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ def _load_file(model: VisionTransformer, path: Path) -> None:
 def vit_sites(model: VisionTransformer) -> list[LayerSites]:
     """Per block: q, k, v (slices of the fused qkv), qkv, proj, fc1, fc2; parallel sites `mlp` (reads
     the MLP input after norm2, adds to the MLP output, inside drop_path) and `mlp_residual` (reads the
-    block's stream before norm2, adds after drop_path2: AdaptFormer's placement)."""
+    block's stream before norm2, adds after drop_path2: AdaptFormer's placement); serial sites `norm1`,
+    `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its drop_path,
+    before the residual sum)."""
     layers = []
     for i, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
@@ -127,8 +129,18 @@ def vit_sites(model: VisionTransformer) -> list[LayerSites]:
                 "mlp": ParallelSite(block, "mlp", "mlp", d, d),
                 "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
             },
+            serial={"norm1": OutputSite(block, "norm1", d), "norm2": OutputSite(block, "norm2", d),
+                    "attn_out": OutputSite(block, "drop_path1", d), "mlp_out": OutputSite(block, "drop_path2", d)},
         ))
     return layers
+
+
+def vit_model_sites(model: VisionTransformer) -> dict:
+    """`patch_embed` (the patch tokens before the class token and positions), `norm` (the final norm's
+    output) and `blocks` (the token sequence through the blocks)."""
+    d = model.embed_dim
+    return {"patch_embed": OutputSite(model, "patch_embed", d), "norm": OutputSite(model, "norm", d),
+            "blocks": TokenSite(model, "blocks", d, model.num_prefix_tokens, model.patch_embed.patch_size[0])}
 
 
 def vit_head(model: VisionTransformer) -> torch.nn.Module:
