@@ -27,8 +27,8 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     cfg = make_config(method, options, backbone)
     model = create_backbone(backbone, num_classes, pretrained=pretrained, weights=weights,
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
-    backbone = list(model.parameters())  # held, so that a parameter a method replaces keeps its id unique
-    backbone_params = {id(p) for p in backbone}
+    originals = list(model.parameters())  # held, so that a parameter a method replaces keeps its id unique
+    backbone_params = {id(p) for p in originals}
     spec = METHODS[method]
     spec.attach(model, cfg)
     head = {id(p) for p in head_of(model).parameters()}
