@@ -313,3 +313,21 @@ def test_serial_and_parallel_branches_cannot_share_a_module():
     site = LinearSite(tiny("ssf").blocks[0].attn, "qkv", 64, slice(0, 64))
     with pytest.raises(ValueError, match="serial and parallel branches cannot share a module"):
         add_branch(site, LoRABranch(64, 64, 2, 1.0, 0.0))
+
+
+def test_extended_preset_uses_each_papers_settings_per_task():
+    from vtab_lily.recipes import PRESETS, VPT_LENGTHS
+    from vtab_lily.sweep import expand
+    specs = expand(PRESETS["extended"], ["dtd", "svhn"], [42], {}, {})
+    assert len(specs) == 2 * (6 + 6 + 1 + 1 + 1 + 2)  # VPT grids, BitFit, Adapter, SSF, FacT-TT and -TK
+    fact = {(s.task, s.options["type"]): (s.options["r"], s.options["s"]) for s in specs if s.method == "fact"}
+    assert fact == {("dtd", "tt"): (8, 0.01), ("dtd", "tk"): (16, 0.01), ("svhn", "tt"): (16, 100.0),
+                    ("svhn", "tk"): (32, 100.0)}  # FacT/configs/{tt,tk}/{dtd,svhn}.yaml
+    ssf = {s.task: s.recipe for s in specs if s.method == "ssf"}
+    assert (ssf["svhn"]["lr"], ssf["dtd"]["lr"], ssf["svhn"]["batch_size"], ssf["dtd"]["no_decay_1d"]) == (
+        1e-2, 5e-3, 64, True)  # SSF train_scripts/vit/vtab/{svhn,dtd}/train_ssf.sh
+    vpt = [s for s in specs if s.method == "vpt" and s.task == "dtd"]
+    assert sorted(s.options["length"] for s in vpt if s.options["deep"]) == VPT_LENGTHS
+    assert all(s.recipe == {"drop_path": 0.0} for s in vpt)
+    with pytest.raises(KeyError, match=r"no per-task setting of \['r', 's'\] for task 'digits'"):
+        expand(PRESETS["extended"][-1:], ["digits"], [42], {}, {})
