@@ -240,6 +240,17 @@ def test_vim_bitfit_and_ssf_counts_and_parity():
         assert (model(x) - plain(x)).abs().max() < 1e-5
 
 
+def test_vim_bitfit_trains_the_biases_only():
+    torch.manual_seed(0)
+    model = build_model("vim-tiny-test", "bitfit", 5, pretrained=False)
+    model(torch.randn(1, 3, 224, 224)).logsumexp(-1).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.endswith("bias")} | {"head.weight"}
+    assert {n.split(".")[-2] for n in with_grad if n.startswith("layers.")} == {
+        "conv1d", "conv1d_b", "dt_proj", "dt_proj_b"}
+
+
 def test_ssf_merged_form_gives_the_same_logits(images):
     model = tiny("ssf").eval()
     randomize_trainable(model, std=0.3)
