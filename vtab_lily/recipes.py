@@ -19,7 +19,6 @@ from typing import ClassVar
 
 from .data import INTERPOLATIONS
 from .options import OptionError, check_fields
-
 from .tasks import VTAB_TASKS
 
 PRECISIONS = ("fp32", "tf32", "bf16")

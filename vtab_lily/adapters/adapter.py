@@ -19,6 +19,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import OptionError
 from .base import add_serial, register
 
 PLACEMENTS = {"mlp": ("mlp_out",), "houlsby": ("attn_out", "mlp_out")}
@@ -33,9 +34,9 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"adapter placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
+            raise OptionError(f"adapter placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.init not in ("xavier", "zero"):
-            raise ValueError(f"adapter init must be 'xavier' or 'zero', got {self.init!r}")
+            raise OptionError(f"adapter init must be 'xavier' or 'zero', got {self.init!r}")
 
 
 class QuickGELU(nn.Module):

@@ -16,13 +16,13 @@ from torch import nn
 
 from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
+from ..options import OptionError, check_fields
+
 
 class Switch:
     """A wrapper that computes as the plain backbone while `enabled` is False (see disable_adapters)."""
 
     enabled: bool = True
-
-from ..options import OptionError, check_fields
 
 
 class Tap(nn.Module):

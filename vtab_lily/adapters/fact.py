@@ -24,6 +24,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import OptionError
 from .base import add_branch, register
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
@@ -38,7 +39,7 @@ class FacTConfig:
 
     def __post_init__(self):
         if self.type not in ("tt", "tk"):
-            raise ValueError(f"fact type must be 'tt' or 'tk', got {self.type!r}")
+            raise OptionError(f"fact type must be 'tt' or 'tk', got {self.type!r}")
 
 
 class FacTShared(nn.Module):

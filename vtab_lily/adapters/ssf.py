@@ -22,6 +22,7 @@ from torch import nn
 
 from backbones import adapter_sites, model_sites
 
+from ..options import OptionError
 from .base import Adapted, add_serial, register, split_targets
 
 VIT_SITES = ("patch_embed", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "norm")
@@ -37,7 +38,7 @@ class SSFConfig:
     def __post_init__(self):
         self.targets = split_targets(self.targets)
         if self.init not in ("official", "identity"):
-            raise ValueError(f"ssf init must be 'official' or 'identity', got {self.init!r}")
+            raise OptionError(f"ssf init must be 'official' or 'identity', got {self.init!r}")
 
 
 class ScaleShift(nn.Module):

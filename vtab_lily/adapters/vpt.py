@@ -35,8 +35,6 @@ class VPTConfig:
     dropout: float | None = None  # None: 0.1 when deep, 0.0 when shallow (the official VTAB commands)
 
     def __post_init__(self):
-        if self.length < 1:
-            raise ValueError(f"vpt length must be >= 1, got {self.length}")
         if self.dropout is None:
             self.dropout = 0.1 if self.deep else 0.0
 
