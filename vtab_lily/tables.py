@@ -54,8 +54,9 @@ TABLES = {
     "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
     # the classic VTAB-1K baselines beside their own papers' numbers (results/paper/extended.csv)
     "extended": [Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
-                 Row("vit-b", "bitfit", "bitfit"), Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp"}),
-                 Row("vit-b", "ssf", "ssf"), Row("vit-b", "fact-tt", "fact", {"type": "tt"}),
+                 Row("vit-b", "bitfit", "bitfit"),
+                 Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "xavier"}),
+                 Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact-tt", "fact", {"type": "tt"}),
                  Row("vit-b", "fact-tk", "fact", {"type": "tk"})],
 }
 GROUP_TASKS = {g: [t for t in VTAB_TASKS if TASKS[t].group == g] for g in GROUPS}
