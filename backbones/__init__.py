@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .sites import LayerSites, LinearSite, ParallelSite
-from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_sites
+from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
+from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
 from .vit import (
     TIMM_PREFIX,
     VIT_SPECS,
@@ -23,11 +23,12 @@ from .vit import (
     create_vit,
     vit_head,
     vit_hub_file,
+    vit_model_sites,
     vit_sites,
 )
 
-__all__ = ["BACKBONES", "LayerSites", "LinearSite", "ParallelSite", "UnmappableBackbone", "WeightsError",
-           "adapter_sites", "check_backbone", "create_backbone", "family", "head_of"]
+__all__ = ["BACKBONES", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite", "UnmappableBackbone",
+           "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,15 @@ class Backbone:
     head: Callable[[nn.Module], nn.Module]
     drop_path_rate: float  # the paper's recipe
     hub_file: tuple[str, str] | None = None  # (Hugging Face repo, file) of its pretrained weights
+    model_sites: Callable[[nn.Module], dict] = lambda model: {}  # model-level sites by name
 
 
 BACKBONES: dict[str, Backbone] = {
-    **{name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name))
+    **{name: Backbone(lambda *a, _n=name, **k: create_vit(_n, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name),
+                      vit_model_sites)
        for name in VIT_SPECS},
-    **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05, vim_hub_file(name))
+    **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05, vim_hub_file(name),
+                      vim_model_sites)
        for name in VIM_SPECS},
 }
 
@@ -54,7 +58,8 @@ def family(name: str) -> str:
 
 def _backbone(name: str) -> Backbone:
     if name.startswith(TIMM_PREFIX):
-        return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name))
+        return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name),
+                        vit_model_sites)
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model name>")
     return BACKBONES[name]
@@ -118,6 +123,11 @@ def pretrained_file(name: str) -> tuple[str, dict] | None:
 
 def adapter_sites(model: nn.Module) -> list[LayerSites]:
     return _backbone(model.backbone_name).sites(model)
+
+
+def model_sites(model: nn.Module) -> dict:
+    """Sites that belong to the whole model, not to a layer (e.g. ViT's `patch_embed`, `norm`, `blocks`)."""
+    return _backbone(model.backbone_name).model_sites(model)
 
 
 def head_of(model: nn.Module) -> nn.Module:

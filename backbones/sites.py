@@ -1,8 +1,11 @@
 """Adapter sites: the places of a backbone that a PEFT method may adapt.
 
 A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of the output, such as
-the K third of ViT's fused qkv) and its parallel sites (read the input of one module, add to the
-output of another). Methods attach by asking for sites by name, never by module paths.
+the K third of ViT's fused qkv), its parallel sites (read the input of one module, add to the
+output of another) and its serial sites (the whole output of a module, which serial methods such as SSF
+or a sequential adapter read and change). Model-level sites (the patch embedding, the final norm, the
+token sequence through the blocks) come from `model_sites`. Methods attach by asking for sites by name,
+never by module paths.
 """
 from __future__ import annotations
 
@@ -37,15 +40,37 @@ class ParallelSite:
     d_out: int
 
 
+@dataclass(frozen=True)
+class OutputSite:
+    """The whole output of `parent.<attr>` (any module; features in the last dim, d_out of them)."""
+
+    parent: nn.Module
+    attr: str
+    d_out: int
+
+
+@dataclass(frozen=True)
+class TokenSite:
+    """The token sequence through the stack of blocks `parent.<attr>` (an nn.Sequential): `prefix` tokens
+    (the class token) then the patches, width d; `patch_size` is the patches' side in pixels."""
+
+    parent: nn.Module
+    attr: str
+    d: int
+    prefix: int
+    patch_size: int
+
+
 @dataclass
 class LayerSites:
     index: int
     linear: dict[str, LinearSite] = field(default_factory=dict)
     parallel: dict[str, ParallelSite] = field(default_factory=dict)
+    serial: dict[str, OutputSite] = field(default_factory=dict)
 
-    def get(self, name: str) -> LinearSite | ParallelSite:
-        site = self.linear.get(name) or self.parallel.get(name)
+    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
+        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
         if site is None:
-            known = sorted([*self.linear, *self.parallel])
+            known = sorted([*self.linear, *self.parallel, *self.serial])
             raise KeyError(f"unknown adapter site {name!r}; this backbone has {known}")
         return site

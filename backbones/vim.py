@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .sites import LayerSites, LinearSite
+from .sites import LayerSites, LinearSite, OutputSite
 from .ssm import causal_conv1d, selective_scan
 from .vit import WeightsError
 
@@ -144,14 +144,21 @@ class VisionMamba(nn.Module):
 
 
 def vim_sites(model: VisionMamba) -> list[LayerSites]:
-    """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs)."""
+    """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); serial site
+    `norm` (the block's RMSNorm output)."""
     layers = []
     for i, layer in enumerate(model.layers):
         m = layer.mixer
         linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
                   for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
-        layers.append(LayerSites(index=i, linear=linear))
+        serial = {"norm": OutputSite(layer, "norm", m.out_proj.out_features)}
+        layers.append(LayerSites(index=i, linear=linear, serial=serial))
     return layers
+
+
+def vim_model_sites(model: VisionMamba) -> dict:
+    """`norm_f`: the final RMSNorm's output (the patch conv and the causal convs are channel-first: no site)."""
+    return {"norm_f": OutputSite(model, "norm_f", model.head.in_features)}
 
 
 def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

@@ -27,7 +27,7 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from .sites import LayerSites, LinearSite, ParallelSite
+from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,9 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
     """Per block, derived from its modules: q, k, v (slices of a fused `attn.qkv`, or the separate
     `attn.q_proj`, `k_proj`, `v_proj`), qkv (fused only), proj, fc1, fc2; parallel sites `mlp` (reads the MLP
     input after norm2, adds to the MLP output, inside layer scale and drop_path) and `mlp_residual` (reads
-    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement). A model without
-    such blocks raises UnmappableBackbone naming what is missing."""
+    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement); serial sites `norm1`,
+    `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its drop_path, before
+    the residual sum). A model without such blocks raises UnmappableBackbone naming what is missing."""
     blocks = getattr(model, "blocks", None)
     label = f"{name or type(model).__name__} ({type(model).__name__})"
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
@@ -178,10 +179,13 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
         linear.update(proj=LinearSite(attn, "proj", d, slice(0, d)),
                       fc1=LinearSite(mlp, "fc1", d, slice(0, mlp.fc1.out_features)),
                       fc2=LinearSite(mlp, "fc2", mlp.fc2.in_features, slice(0, d)))
-        layers.append(LayerSites(index=i, linear=linear, parallel={
-            "mlp": ParallelSite(block, "mlp", "mlp", d, d),
-            "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
-        }))
+        layers.append(LayerSites(
+            index=i, linear=linear,
+            parallel={"mlp": ParallelSite(block, "mlp", "mlp", d, d),
+                      "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d)},
+            serial={"norm1": OutputSite(block, "norm1", d), "norm2": OutputSite(block, "norm2", d),
+                    "attn_out": OutputSite(block, "drop_path1", d), "mlp_out": OutputSite(block, "drop_path2", d)},
+        ))
     return layers
 
 
@@ -197,8 +201,8 @@ def _missing_modules(block: nn.Module) -> list[str]:
     if _qkv_bypassed(getattr(block, "attn", None)):
         missing.append("attn.qkv called as a module (it applies F.linear to qkv.weight; set attn.qkv_bias_separate)")
     missing += [f"{p} (Linear)" for p in ("attn.proj", "mlp.fc1", "mlp.fc2") if not _is_linear(block, p)]
-    return missing + [f"{m} (module)" for m in ("norm2", "drop_path2") if not isinstance(getattr(block, m, None),
-                                                                                          nn.Module)]
+    return missing + [f"{m} (module)" for m in ("norm1", "norm2", "drop_path1", "drop_path2")
+                      if not isinstance(getattr(block, m, None), nn.Module)]
 
 
 def _qkv_bypassed(attn) -> bool:
@@ -221,6 +225,14 @@ def _attention_sites(attn: nn.Module) -> dict[str, LinearSite]:
         return {n: LinearSite(attn, "qkv", d, slice(*span)) for n, span in spans.items()}
     return {n: LinearSite(attn, f"{n}_proj", getattr(attn, f"{n}_proj").in_features,
                           slice(0, getattr(attn, f"{n}_proj").out_features)) for n in "qkv"}
+
+
+def vit_model_sites(model: nn.Module) -> dict:
+    """`patch_embed` (the patch tokens before the class token and positions), `norm` (the final norm's
+    output) and `blocks` (the token sequence through the blocks)."""
+    d = model.embed_dim
+    return {"patch_embed": OutputSite(model, "patch_embed", d), "norm": OutputSite(model, "norm", d),
+            "blocks": TokenSite(model, "blocks", d, model.num_prefix_tokens, model.patch_embed.patch_size[0])}
 
 
 def vit_head(model: nn.Module) -> nn.Module:

@@ -19,9 +19,9 @@ from typing import ClassVar
 
 from .data import INTERPOLATIONS
 from .options import OptionError, check_fields
+from .tasks import VTAB_TASKS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -69,6 +69,45 @@ def effective_precision(recipe: Recipe, device: str) -> str:
     return recipe.precision if str(device).startswith("cuda") else "fp32"
 
 
+class PerTask(dict):
+    """A preset value that depends on the task (a paper's per-task settings), keyed by task name."""
+
+
+def for_task(settings: dict, task: str) -> dict:
+    """`settings` with every PerTask value resolved for `task`."""
+    missing = [k for k, v in settings.items() if isinstance(v, PerTask) and task not in v]
+    if missing:
+        raise KeyError(f"no per-task setting of {missing} for task {task!r}: this preset gives them for the 19 "
+                       "VTAB-1K tasks only")
+    return {k: v[task] if isinstance(v, PerTask) else v for k, v in settings.items()}
+
+
+def _per_task(values: str, kind=float) -> PerTask:
+    """PerTask from 19 values listed in VTAB_TASKS order (the tables' column order)."""
+    items = values.split()
+    if len(items) != len(VTAB_TASKS):
+        raise ValueError(f"expected {len(VTAB_TASKS)} per-task values, got {len(items)}")
+    return PerTask(zip(VTAB_TASKS, map(kind, items)))
+
+
+# FacT's per-task rank and scale: JieShibo/PETL-ViT FacT/configs/{tt,tk}/<task>.yaml (its run.sh reads them).
+FACT_RANK = {"tt": _per_task("8 16 8 16 8 16 8 8 8 8 8 16 4 16 16 16 16 16 8", int),
+             "tk": _per_task("32 32 16 32 16 32 16 32 32 32 16 32 16 32 32 32 32 32 16", int)}
+FACT_SCALE = {"tt": _per_task("1 10 0.01 1 1 100 1 10 100 0.1 1 1 10 10 10 100 1 100 10"),
+              "tk": _per_task("0.1 10 0.01 1 10 100 1 10 100 10 1 10 10 10 10 100 1 100 10")}
+# SSF's per-task recipe: dongzelian/SSF train_scripts/vit/vtab/<task>/train_ssf.sh (2 GPUs x batch 32, AdamW
+# through timm's optimizer factory: no weight decay on 1-d tensors, i.e. on every SSF parameter).
+SSF_RECIPE = {
+    "lr": _per_task("5e-3 1e-3 5e-3 5e-3 5e-3 1e-2 5e-3 5e-3 3e-3 2e-3 5e-3 2e-3 5e-2 5e-3 1e-2 1e-2 5e-3 2e-2 5e-3"),
+    "weight_decay": _per_task("5e-5 5e-2 5e-5 5e-5 5e-5 5e-5 5e-5 5e-5 5e-2 5e-5 5e-5 5e-2 5e-2 5e-5 5e-5 5e-5 5e-5 "
+                              "5e-5 5e-2"),
+    "drop_path": _per_task("0 0.1 0 0 0 0 0 0 0.2 0.1 0.2 0.1 0.1 0.1 0 0 0.2 0.1 0.2"),
+    "batch_size": 64, "warmup_lr_init": 1e-7, "lr_min": 1e-8, "no_decay_1d": True,
+}
+# VPT's prompt-length search set (paper, Sec. 4.1; its per-task choices are kept outside the repository).
+VPT_LENGTHS = [1, 5, 10, 50, 100, 200]
+
+
 def recipe_for(backbone: str, **overrides) -> Recipe:
     family = "vim" if backbone.startswith("vim") else "vit"
     return dataclasses.replace(RECIPES[family], **overrides)
@@ -98,6 +137,17 @@ PRESETS = {
         ("vit-b-in1k", "linear", {}, {}),
         ("vit-b-in1k", "adaptformer", {"width": 8}, {}),
         ("vit-b-in1k", "lora", {"r": 8}, {}),
+    ],
+    # The classic VTAB-1K baselines, each with its paper's settings: VPT's backbone runs without dropout
+    # (the official trainer keeps it in eval mode) and searches the prompt length; Adapter as NOAH
+    # (width 8, the ViT recipe); SSF and FacT with their per-task settings; BitFit with the ViT recipe.
+    "extended": [
+        ("vit-b", "vpt", {"deep": False, "drop_path": 0.0}, {"length": VPT_LENGTHS}),
+        ("vit-b", "vpt", {"deep": True, "drop_path": 0.0}, {"length": VPT_LENGTHS}),
+        ("vit-b", "bitfit", {}, {}),
+        ("vit-b", "adapter", {"width": 8}, {}),
+        ("vit-b", "ssf", SSF_RECIPE, {}),
+        *[("vit-b", "fact", {"type": kind, "r": FACT_RANK[kind], "s": FACT_SCALE[kind]}, {}) for kind in ("tt", "tk")],
     ],
     # Appendix D: Lily on different modules without LP sharing (one LP per layer); the paper tunes the
     # settings to similar parameter counts without publishing them, so the row is a sweep over s and ne_2.

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from .options import error_line
-from .recipes import PRESETS
+from .recipes import PRESETS, for_task
 from .records import RunSpec, finished
 from .run import (
     DEFAULT_DATA,
@@ -60,7 +60,8 @@ class Point:
 
 def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[Point]:
     """Points for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
-    A grid key prefixed '<method>.' applies to that method only. Invalid points carry their error."""
+    A grid key prefixed '<method>.' applies to that method only; PerTask values are chosen per task.
+    Invalid points carry their error."""
     points = []
     for backbone, method, fixed, row_grid in rows:
         own = {**row_grid, **{k: v for k, v in grid.items() if "." not in k or k.startswith(f"{method}.")}}
@@ -71,7 +72,7 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
                 for seed in seeds:
                     label = f"{backbone} {method} {task} seed {seed} {point or ''} eval {eval_split}".replace("  ", " ")
                     try:
-                        options, recipe = split_settings(method, {**settings, **fixed, **point})
+                        options, recipe = split_settings(method, for_task({**settings, **fixed, **point}, task))
                         points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe)))
                     except USER_ERRORS as e:
                         points.append(Point(label, error=error_line(e)))

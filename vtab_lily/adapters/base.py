@@ -14,9 +14,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from backbones import LinearSite, ParallelSite, adapter_sites, family
+from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
 from ..options import OptionError, check_fields
+
+
+class Switch:
+    """A wrapper that computes as the plain backbone while `enabled` is False (see disable_adapters)."""
+
+    enabled: bool = True
 
 
 class Tap(nn.Module):
@@ -38,16 +44,18 @@ class Tap(nn.Module):
         return x
 
 
-class Adapted(nn.Module):
-    """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input) to a slice
-    of the base output. `enabled = False` makes it compute as the plain base module."""
+class Adapted(Switch, nn.Module):
+    """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input, or with
+    `serial=True` of the base's own output) to a slice of the base output. `enabled = False` makes it
+    compute as the plain base module."""
 
-    def __init__(self, base: nn.Module, tap: Tap | None = None):
+    def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False):
         super().__init__()
         self.base = base
         self.branches = nn.ModuleList()
         self.slices: list[slice] = []
         self.enabled = True
+        self.serial = serial
         object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
 
     def add(self, branch: nn.Module, out: slice) -> None:
@@ -61,7 +69,7 @@ class Adapted(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         y = self.base(x, *args, **kwargs)
-        src = self.tap.pop() if self.tap is not None else x
+        src = self.tap.pop() if self.tap is not None else y if self.serial else x
         if not self.enabled:
             return y
         pieces, pos = [], 0
@@ -83,19 +91,35 @@ def _wrapped(parent: nn.Module, attr: str, kind: type, **kw) -> nn.Module:
     return module
 
 
+def _adapted(parent: nn.Module, attr: str, serial: bool = False, **kw) -> Adapted:
+    wrapper = _wrapped(parent, attr, Adapted, serial=serial, **kw)
+    if wrapper.serial != serial:
+        raise ValueError(f"{attr} already carries branches that read its {'output' if wrapper.serial else 'input'}; "
+                         "serial and parallel branches cannot share a module")
+    return wrapper
+
+
 def add_branch(site: LinearSite | ParallelSite, branch: nn.Module) -> None:
     """Attach `branch` at `site`: its output is added to the site's output (slice)."""
     if isinstance(site, LinearSite):
-        _wrapped(site.parent, site.attr, Adapted).add(branch, site.out)
+        _adapted(site.parent, site.attr).add(branch, site.out)
     elif site.read_attr == site.write_attr:
-        _wrapped(site.parent, site.write_attr, Adapted).add(branch, slice(0, site.d_out))
+        _adapted(site.parent, site.write_attr).add(branch, slice(0, site.d_out))
     else:
         tap = _wrapped(site.parent, site.read_attr, Tap)
-        _wrapped(site.parent, site.write_attr, Adapted, tap=tap).add(branch, slice(0, site.d_out))
+        _adapted(site.parent, site.write_attr, tap=tap).add(branch, slice(0, site.d_out))
 
 
-def adapted_modules(model: nn.Module) -> list[Adapted]:
-    return [m for m in model.modules() if isinstance(m, Adapted)]
+def add_serial(site: LinearSite | OutputSite, branch: nn.Module) -> None:
+    """Attach `branch` after the site's module: it reads the module's whole output and its result is added
+    to the site's columns of that output (y -> y + branch(y) for an OutputSite)."""
+    out = site.out if isinstance(site, LinearSite) else slice(0, site.d_out)
+    _adapted(site.parent, site.attr, serial=True).add(branch, out)
+
+
+def adapted_modules(model: nn.Module) -> list[Switch]:
+    """Every wrapper a method added (Adapted modules, VPT's prompted blocks)."""
+    return [m for m in model.modules() if isinstance(m, Switch)]
 
 
 @dataclass(frozen=True)

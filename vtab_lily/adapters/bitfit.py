@@ -1,0 +1,34 @@
+"""BitFit (Ben Zaken et al. 2022): only the backbone's bias terms train (and the head).
+
+Every bias of the backbone (`*.bias`: the patch embedding, the norms, qkv, proj, fc1, fc2 and the final
+norm on ViT; the patch embedding, the causal convs and dt_proj on Vim) becomes trainable; its trained
+value replaces the pretrained one, so the merged form is the model itself. As VPT's bias baseline (which
+the common VTAB-1K tables quote: 0.10M on ViT-B/16 = 102,912 here), LayerNorm biases included.
+
+`disable_adapters` cannot undo BitFit (it trains the backbone's own biases).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from backbones import head_of
+
+from .base import register
+
+
+@dataclass
+class BitFitConfig:
+    pass
+
+
+@register("bitfit", BitFitConfig)
+def attach_bitfit(model: nn.Module, cfg: BitFitConfig) -> None:
+    """Each backbone bias is re-registered as a fresh Parameter holding the pretrained value: build_model
+    trains the parameters a method adds, so exactly these train."""
+    head = set(head_of(model).modules())
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if module not in head and isinstance(bias, nn.Parameter):
+            module.bias = nn.Parameter(bias.detach().clone())
