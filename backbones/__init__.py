@@ -26,6 +26,7 @@ from .vit import (
     vit_model_sites,
     vit_sites,
 )
+from .weights import SHIPPED, shipped_weights
 
 __all__ = ["BACKBONES", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite", "UnmappableBackbone",
            "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites"]
@@ -105,6 +106,8 @@ def init_head(head: nn.Module, family_name: str) -> None:
 def pretrained_file(name: str) -> tuple[str, dict] | None:
     """The local file of backbone `name`'s pretrained weights (from the Hugging Face cache, downloaded when
     missing) and where it came from ({"repo", "file", "revision"}); None when the backbone has none."""
+    if name in SHIPPED:  # the mini backbones: a file in the repository, checked against its SHA-256
+        return str(shipped_weights(name)), {"source": "shipped", "file": f"backbones/weights/{name}.safetensors"}
     hub = _backbone(name).hub_file
     if hub is None:
         return None

@@ -5,6 +5,8 @@ blocks, a middle class token, and module names that load the official checkpoint
   D = 192 / 384 / 768. Weights: `vim_{t,s,b}_midclstok_*.pth` (under ckpt["model"]) from a local file, or
   from the Hugging Face hub (hustvl/Vim-{tiny,small,base}-midclstok) when online.
 - vim-tiny-test: 2 layers of width 32, random init, for tests.
+- vim-mini: 4 layers of width 48, patch 8 at 32 px, pretrained on the procedural glyphs task by
+  `python -m backbones.pretrain`; its weights ship in backbones/weights/ (the offline mini-benchmark).
 Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> blocks with a fused
 "add + RMSNorm" residual kept in fp32 -> norm_f -> the token at M//2 -> head.
 """
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.layers import DropPath
 from torch import nn
 
 from .sites import LayerSites, LinearSite, OutputSite
 from .ssm import causal_conv1d, selective_scan
-from .vit import WeightsError
+from .weights import WeightsError, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class VimSpec:
     dim: int
     depth: int = 24
     hub: tuple[str, str] | None = None  # (repo, file)
+    patch_size: int = 16
+    img_size: int = 224
+    shipped: bool = False  # pretrained weights ship in backbones/weights/ (checked by SHA-256)
 
 
 VIM_SPECS = {
@@ -37,6 +43,7 @@ VIM_SPECS = {
     "vim-s": VimSpec(384, hub=("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")),
     "vim-b": VimSpec(768, hub=("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")),
     "vim-tiny-test": VimSpec(32, depth=2),
+    "vim-mini": VimSpec(48, depth=4, patch_size=8, img_size=32, shipped=True),
 }
 
 
@@ -162,9 +169,12 @@ def vim_model_sites(model: VisionMamba) -> dict:
 
 
 def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
-               drop_path_rate: float = 0.05, img_size: int = 224) -> VisionMamba:
+               drop_path_rate: float = 0.05, img_size: int | None = None) -> VisionMamba:
     spec = VIM_SPECS[name]
-    model = VisionMamba(spec.dim, spec.depth, num_classes, img_size=img_size, drop_path_rate=drop_path_rate)
+    model = VisionMamba(spec.dim, spec.depth, num_classes, img_size=img_size or spec.img_size,
+                        patch_size=spec.patch_size, drop_path_rate=drop_path_rate)
+    if weights is None and pretrained and spec.shipped:
+        weights = shipped_weights(name)
     if weights is None and pretrained and spec.hub is not None:
         try:
             from huggingface_hub import hf_hub_download
@@ -183,14 +193,18 @@ def vim_hub_file(name: str) -> tuple[str, str] | None:
 
 
 def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
-    """Load an official checkpoint (weights under ckpt["model"]) strictly; the head is dropped when its
-    class count differs and pos_embed is resized around the middle class token when the size differs."""
+    """Load an official checkpoint (weights under ckpt["model"]) or a .safetensors state dict strictly; the
+    head is dropped when its class count differs and pos_embed is resized around the middle class token
+    when the size differs."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = dict(ckpt.get("model", ckpt))
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            state = dict(ckpt.get("model", ckpt))
     except Exception as e:  # a text file, a truncated download, a foreign pickle
         raise WeightsError(f"{path} is not a readable Vim checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                            "pass the official vim_*_midclstok_*.pth (weights under ckpt['model'])") from e

@@ -5,7 +5,9 @@
   which timm now maps to AugReg weights.
 - vit-b-in1k: ViT-B/16 trained on ImageNet-1K only (timm tag `augreg_in1k`), for Table 5's ViT rows.
   The Lily repository does not name the checkpoint it used; this is the ImageNet-1K-only ViT-B/16 in timm.
-- vit-tiny: a 4-layer, 64-wide ViT/16 with random weights, for tests and offline demos.
+- vit-tiny: a 4-layer, 64-wide ViT/16 with random weights, for tests.
+- vit-mini: an 8-layer, 64-wide ViT/8 at 32 px, pretrained on the procedural glyphs task (backbones/shapes.py)
+  by `python -m backbones.pretrain`; its weights ship in backbones/weights/ (the offline mini-benchmark).
 - vit-l, dinov2-b, clip-b: the other backbones of recent VTAB-1K papers: ViT-L/16 ImageNet-21K (timm
   `orig_in21k`), DINOv2 ViT-B/14 (`lvd142m`), CLIP ViT-B/16 (OpenAI); they run with the ViT recipe.
 - timm:<model name>: any timm model of the ViT family (ViT, DeiT, DINOv2 with registers and layer scale,
@@ -28,13 +30,15 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
+from .weights import WeightsError, shipped_weights
 
 
 @dataclass(frozen=True)
 class ViTSpec:
     timm_name: str
-    hub_file: str | None  # what to fetch when offline (None: no pretrained weights exist)
+    hub_file: str | None  # what to fetch when offline (None: no hub weights)
     kwargs: dict = field(default_factory=dict)
+    shipped: bool = False  # pretrained weights ship in backbones/weights/ (checked by SHA-256)
 
 
 VIT_SPECS = {
@@ -44,6 +48,8 @@ VIT_SPECS = {
     "vit-l": ViTSpec("vit_large_patch16_224.orig_in21k", "timm/vit_large_patch16_224.orig_in21k"),
     "dinov2-b": ViTSpec("vit_base_patch14_dinov2.lvd142m", "timm/vit_base_patch14_dinov2.lvd142m"),
     "clip-b": ViTSpec("vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai"),
+    "vit-mini": ViTSpec("vit_base_patch16_224", None,
+                        dict(embed_dim=64, depth=8, num_heads=4, patch_size=8, img_size=32), shipped=True),
 }
 TIMM_PREFIX = "timm:"
 
@@ -80,10 +86,6 @@ def check_timm_model(name: str) -> None:
 
 
 
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be loaded; the message says what to bring and how to pass it."""
-
-
 def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
                drop_path_rate: float = 0.1, **kwargs) -> nn.Module:
     spec = VIT_SPECS[name] if name in VIT_SPECS else timm_spec(name)
@@ -94,6 +96,8 @@ def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: st
 
 def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **kwargs) -> nn.Module:
     args = {"num_classes": num_classes, "drop_path_rate": drop_path_rate, **spec.kwargs, **kwargs}
+    if weights is None and pretrained and spec.shipped:
+        weights = shipped_weights(name)
     if weights is not None:
         model = timm.create_model(spec.timm_name, pretrained=False, **args)
         load_vit_weights(model, weights)

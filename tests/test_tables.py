@@ -7,7 +7,7 @@ import pytest
 
 from vtab_lily import tables
 from vtab_lily.fileio import write_json
-from vtab_lily.tasks import VTAB_TASKS
+from vtab_lily.tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 PAPER = tables.read_paper()
 
@@ -107,3 +107,19 @@ def test_extended_table_sets_the_published_baselines_beside_ours(tmp_path):
         pytest.approx(75.69, abs=0.01))
     assert result.loc["vit-b fact-tk", "dtd"] == 70.8 and np.isnan(result.loc["vit-b fact-tt", "Mean"])
     assert (result["diff_Mean"].dropna().abs() < 0.02).all() and len(result["diff_Mean"].dropna()) == 6
+
+
+def test_mini_table_group_means_plain_mean_and_outputs(tmp_path):
+    accs = {t: 50.0 + 3 * i for i, t in enumerate(MINI_TASKS)}
+    for task, acc in accs.items():
+        _record(tmp_path, "vit-mini", "lily", task, 42, acc, {"r": 8, "ne": 2})
+        _record(tmp_path, "vit-mini", "lily", task, 42, acc - 5, {"r": 8, "ne": 4}, n=1)
+    result = tables.build_table("mini", tables.load_records(tmp_path), "paper", PAPER)
+    row = result["mean"].loc["vit-mini lily"]
+    group_means = [np.mean([accs[t] for t in MINI_TASKS if TASKS[t].group == g]) for g in GROUPS]
+    assert row["Mean"] == pytest.approx(np.mean(group_means))
+    assert row[f"Mean{len(MINI_TASKS)}"] == pytest.approx(np.mean(list(accs.values())))
+    assert np.isnan(result["mean"].loc["vim-mini fft", "Mean"]) and np.isnan(row["paper_Mean"])
+    md, tex, csv, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
+    assert "| vit-mini lily |" in md.read_text() and "mini\\_ori" in tex.read_text()
+    assert png.stat().st_size > 5_000

@@ -1,6 +1,7 @@
 """Prepare VTAB-1K from tensorflow-datasets into the community folder layout.
 
     python -m vtab_lily.prepare --task cifar100 --root data/vtab-1k [--format png|jpeg] [--data-dir DIR]
+    python -m vtab_lily.prepare --task mini --root data/vtab-1k      # the mini VTAB, generated offline
 
 writes <root>/<task>/images/<split>/NNNNNN.png and <root>/<task>/{train800,val200,train800val200,test}.txt
 (lines `images/<split>/000000.png <label>`) plus manifest.json (counts, tfds version, checksums).
@@ -17,12 +18,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from .fileio import atomic_path, write_json
-from .tasks import SPLITS, TASKS, VTAB_TASKS, Task, get_task
+from .tasks import SPLITS, TASK_SETS, TASKS, Task, get_task
 
 FORMATS = {"png": ("png", {}), "jpeg": ("jpg", {"quality": 75})}
 
@@ -33,11 +33,8 @@ class PrepareError(RuntimeError):
 
 def open_source(task: Task, split: str, data_dir: str | None = None, download: bool = True):
     """A random-access sequence of examples (dicts) of one source split."""
-    if task.name == "digits":
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-        return [{"image": np.repeat(im, 3, -1), "label": int(y)} for im, y in zip(images, digits.target)]
+    if task.offline is not None:
+        return task.offline(split)
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -113,7 +110,7 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
         "source": task.builder, "version_requested": task.version,
         "version_used": str(info.version) if info is not None else task.version,
         "library": {lib: _version(lib) for lib in
-                    (["scikit-learn"] if task.name == "digits" else ["tensorflow-datasets"])},
+                    (["numpy", "scikit-learn"] if task.offline else ["tensorflow-datasets"])},
         "format": fmt, "limit": limit, "note": task.note,
         "counts": {s: len(lines[s]) for s in SPLITS},
         "sha256": {f"{s}.txt": _sha256(out / f"{s}.txt") for s in SPLITS},
@@ -132,14 +129,15 @@ def _version(package: str) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help=f"a task name, or 'all' for the 19: {', '.join(TASKS)}")
+    parser.add_argument("--task", required=True, help=f"a task name, 'all' for the 19 VTAB-1K tasks or 'mini' "
+                        f"for the mini VTAB: {', '.join(TASKS)}")
     parser.add_argument("--root", required=True, help="the VTAB-1K folder to write")
     parser.add_argument("--format", default="png", choices=sorted(FORMATS))
     parser.add_argument("--data-dir", default=None, help="tfds data dir (default ~/tensorflow_datasets)")
     parser.add_argument("--limit", type=int, default=None,
                         help="keep only the first N examples per split (a smoke-test subset, not VTAB-1K)")
     args = parser.parse_args(argv)
-    names = VTAB_TASKS if args.task == "all" else [args.task]
+    names = TASK_SETS.get(args.task, [args.task])
     try:
         for name in names:
             m = prepare_task(name, args.root, args.format, args.data_dir, limit=args.limit)

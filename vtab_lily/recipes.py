@@ -10,6 +10,7 @@ Both official codes train in fp32, so every recipe defaults to `precision="fp32"
 and convolutions on Ampere or newer GPUs: 10-bit mantissa products, fp32 accumulation) and `"bf16"` (bf16
 autocast of the forward and backward, fp32 weights and optimizer) are faster options, recorded in the run's
 identity. On the CPU every precision computes in fp32, so the identity records "fp32" there.
+Mini backbones (the offline mini-benchmark, 32 px): the same recipes with fewer epochs and no warm-up.
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ RECIPES = {
     "vim": Recipe(lr=1e-2 * 64 / 512, weight_decay=1e-3, no_decay_1d=True, warmup_epochs=5, drop_path=0.05),
 }
 
+MINI = dict(epochs=10, warmup_epochs=0, eval_every=10, image_size=32, drop_path=0.0)
+RECIPES["vit-mini"] = dataclasses.replace(RECIPES["vit"], **MINI)
+RECIPES["vim-mini"] = dataclasses.replace(RECIPES["vim"], **MINI)
+
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 
@@ -109,8 +114,9 @@ VPT_LENGTHS = [1, 5, 10, 50, 100, 200]
 
 
 def recipe_for(backbone: str, **overrides) -> Recipe:
+    """The backbone's own recipe (mini backbones), else its family's."""
     family = "vim" if backbone.startswith("vim") else "vit"
-    return dataclasses.replace(RECIPES[family], **overrides)
+    return dataclasses.replace(RECIPES.get(backbone, RECIPES[family]), **overrides)
 
 
 # Rows of the paper's tables: (backbone, method, fixed options, searched grid).
@@ -155,4 +161,23 @@ PRESETS = {
         ("vit-b", "lily", {"targets": targets, "ne_1": 12}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne_2": [2, 3, 4]})
         for targets in (("q", "v"), ("mlp",), ("q", "v", "mlp"), ("k", "v", "mlp"))
     ],
+    # The offline mini-benchmark: Table 4's methods on vit-mini and Table 5's on vim-mini (width 64 / 48, so
+    # ranks and widths are scaled down from ViT-B's 768; FourierFT keeps ViT-B's dW magnitude, scale
+    # sqrt(n) / (d_in d_out)), over the mini VTAB, Lily's grid reduced to ne in {2, 4}.
+    "mini": [
+        ("vit-mini", "fft", {}, {}),
+        ("vit-mini", "linear", {}, {}),
+        ("vit-mini", "adaptformer", {"width": 8}, {}),
+        ("vit-mini", "bilora", {"r": 8}, {}),
+        ("vit-mini", "lora", {"r": 8}, {}),
+        ("vit-mini", "fourierft", {"n": 256, "scale": 8.0}, {}),
+        ("vit-mini", "mora", {"r": 8}, {}),
+        ("vit-mini", "lily", {"r": 8}, {"ne": [2, 4]}),
+        ("vim-mini", "fft", {}, {}),
+        ("vim-mini", "linear", {}, {}),
+        ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),
+        ("vim-mini", "lily", {"preset": "lily-s"}, {}),
+        ("vim-mini", "lily", {"preset": "lily-l"}, {}),
+    ],
 }
+PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)

@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
     parser.add_argument("--eval", default="test", choices=["test", "val200"])
     parser.add_argument("--weights", help="local pretrained weights (.npz, .safetensors, .pth)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random backbone weights instead of pretrained ones (recorded in the run's provenance)")
     parser.add_argument("--data-root", default=DEFAULT_DATA)
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="where run records go")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
         options, recipe = split_settings(args.method, settings)
         spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
         path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
-                       progress=not args.no_progress, tensorboard=args.tensorboard,
+                       pretrained=not args.random_init, progress=not args.no_progress, tensorboard=args.tensorboard,
                        on_skip=lambda p: print(f"skipped: this run is already finished ({p}); --force runs it again"))
     except USER_ERRORS as e:
         print(f"error: {error_line(e)}", file=sys.stderr)

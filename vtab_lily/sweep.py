@@ -3,6 +3,7 @@
     python -m vtab_lily.sweep --backbones vit-b --methods lily --tasks all --seeds 42 \\
         --grid lily.s=0.01,0.1,1,10,100 lily.ne=2,3,4 [--set epochs=100] [--protocol paper|vtab]
     python -m vtab_lily.sweep --preset table4 --tasks all
+    python -m vtab_lily.sweep --preset mini --prepare                 # the offline mini-benchmark (CPU)
     ... --launcher slurm --partition gpu [--timeout-min 240]     # one Slurm job per run, requeued on preemption
     ... --gpus 4                                                  # local: one worker process per GPU
 
@@ -21,7 +22,7 @@ import sys
 from dataclasses import dataclass
 
 from .options import error_line
-from .recipes import PRESETS, for_task
+from .recipes import PRESET_TASKS, PRESETS, for_task
 from .records import RunSpec, finished
 from .run import (
     DEFAULT_DATA,
@@ -35,7 +36,7 @@ from .run import (
     resolve,
     split_settings,
 )
-from .tasks import VTAB_TASKS, get_task
+from .tasks import TASK_SETS, get_task
 from .train import NonFiniteLoss
 
 
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table")
     parser.add_argument("--backbones", nargs="+", default=[])
     parser.add_argument("--methods", nargs="+", default=[])
-    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, or 'all' (the 19)")
+    parser.add_argument("--tasks", nargs="+", help="task names, 'all' (the 19 of VTAB-1K) or 'mini' (the mini "
+                        "VTAB); default: the preset's tasks, else all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed settings for all runs")
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
         rows += [(b, m, {}, {}) for b in args.backbones for m in args.methods]
         if not rows:
             raise KeyError("give --preset, or --backbones and --methods")
-        tasks = list(VTAB_TASKS) if args.tasks == ["all"] else args.tasks
+        tasks = args.tasks or [PRESET_TASKS.get(args.preset, "all")]
+        tasks = list(TASK_SETS[tasks[0]]) if len(tasks) == 1 and tasks[0] in TASK_SETS else tasks
         settings = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
         for task in tasks:
             get_task(task)

@@ -1,6 +1,7 @@
-"""Tables 4, 5 and 15 from run records, side by side with the paper; and the `runs` table.
+"""Tables 4, 5 and 15 from run records, side by side with the paper; the `runs` table; the offline
+mini-benchmark's table.
 
-    python -m vtab_lily.tables [--table 4|5|15|extended|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+    python -m vtab_lily.tables [--table 4|5|15|extended|mini|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
 
 `--table runs` has one row per backbone, method and origin found in the records (built-in, peft:<tuner>
 and your own methods), chosen and averaged as the paper rows; it has no paper numbers to compare with.
@@ -12,7 +13,9 @@ accuracy of its retrain on train800val200. Group means (Natural 7, Specialized 4
 mean of the group means (the paper's definition), Mean19 = plain mean over the 19 tasks, params (M) = mean
 over tasks of the chosen configurations, storage (KB) likewise (fp32, but 1 bit per Bi-LoRA weight).
 Missing cells stay empty. Writes Markdown (also printed), LaTeX,
-CSV and a heat map of ours minus paper per table, and checks the paper's own printed Means.
+CSV and a heat map of ours minus paper per table, and checks the paper's own printed Means. Table `mini`:
+Table 4's methods on vit-mini and Table 5's on vim-mini over the mini VTAB (groups of 2-3 tasks, Mean7 the
+plain mean); it has no paper numbers, so its heat map shows our accuracies.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import pandas as pd
 
 from .fileio import atomic_path
 from .records import load_records
-from .tasks import GROUPS, TASKS, VTAB_TASKS
+from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 PAPER_CSV = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_tables.csv"
 EXTENDED_CSV = PAPER_CSV.with_name("extended.csv")  # the classic baselines' own published numbers
@@ -62,6 +65,14 @@ TABLES = {
                  Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "xavier"}),
                  Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact-tt", "fact", {"type": "tt"}),
                  Row("vit-b", "fact-tk", "fact", {"type": "tk"})],
+    # the `mini` preset's rows (vtab_lily/recipes.py)
+    "mini": [Row("vit-mini", "fft", "fft"), Row("vit-mini", "linear", "linear"),
+             Row("vit-mini", "adaptformer", "adaptformer", {"width": 8}), Row("vit-mini", "bilora", "bilora", {"r": 8}),
+             Row("vit-mini", "lora", "lora", {"r": 8}), Row("vit-mini", "fourierft", "fourierft", {"n": 256}),
+             Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
+             Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"), Row("vim-mini", "lora", "lora"),
+             Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
+             Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
 }
 RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method and origin found in the records
 
@@ -81,16 +92,25 @@ def table_rows(table: str, records: pd.DataFrame) -> list[Row]:
     return rows_from_records(records) if table == RUNS_TABLE else TABLES[table]
 
 
-GROUP_TASKS = {g: [t for t in VTAB_TASKS if TASKS[t].group == g] for g in GROUPS}
+TABLE_TASKS = {"mini": MINI_TASKS}  # a table's tasks (others: the 19 of VTAB-1K)
 
 
-def add_means(frame: pd.DataFrame) -> pd.DataFrame:
-    """Group means, Mean (of the three group means) and Mean19 (plain) for complete rows; else NaN."""
+def table_tasks(table: str) -> list[str]:
+    return list(TABLE_TASKS.get(table, VTAB_TASKS))
+
+
+def plain_mean(tasks) -> str:
+    """The plain-mean column: Mean19 on VTAB-1K."""
+    return f"Mean{len(tasks)}"
+
+
+def add_means(frame: pd.DataFrame, tasks=VTAB_TASKS) -> pd.DataFrame:
+    """Group means, Mean (of the three group means) and the plain mean (Mean19) for complete rows; else NaN."""
     out = frame.copy()
-    for g, tasks in GROUP_TASKS.items():
-        out[g] = frame[tasks].mean(axis=1, skipna=False)
+    for g in GROUPS:
+        out[g] = frame[[t for t in tasks if TASKS[t].group == g]].mean(axis=1, skipna=False)
     out["Mean"] = out[list(GROUPS)].mean(axis=1, skipna=False)
-    out["Mean19"] = frame[list(VTAB_TASKS)].mean(axis=1, skipna=False)
+    out[plain_mean(tasks)] = frame[list(tasks)].mean(axis=1, skipna=False)
     return out
 
 
@@ -190,26 +210,27 @@ def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
+    tasks = table_tasks(table)
     means, stds, counts, params, storage, prov = {}, {}, {}, {}, {}, {}
     rows = table_rows(table, records)
     for row in rows:
         res = cell_results(records, row, protocol)
         name = f"{row.backbone} {row.label}"
         agg = res.groupby("task")["acc"].agg(["mean", "std", "count"]) if len(res) else None
-        means[name] = {t: agg["mean"].get(t, np.nan) if agg is not None else np.nan for t in VTAB_TASKS}
-        stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in VTAB_TASKS}
-        counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in VTAB_TASKS}
+        means[name] = {t: agg["mean"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
+        stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
+        counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in tasks}
         params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
         storage[name] = res["storage_bytes"].astype(float).mean() / 1024 if len(res) else np.nan
         prov[name] = {"weights_id": "|".join(sorted(set(res["weights_id"]))), "precision": "|".join(
             sorted(set(res["precision"]))), "data_ids": " ".join(f"{t}:{d}" for t, d in sorted(
                 set(zip(res["task"], res["data_id"]))))}
-    mean = add_means(pd.DataFrame.from_dict(means, orient="index", columns=list(VTAB_TASKS)))
+    mean = add_means(pd.DataFrame.from_dict(means, orient="index", columns=tasks), tasks)
     paper_rows = [(table, r.backbone, r.label) for r in rows]
-    paper_tasks = pd.DataFrame([paper.loc[k, list(VTAB_TASKS)] if k in paper.index else
-                                pd.Series(np.nan, index=list(VTAB_TASKS)) for k in paper_rows], index=mean.index)
+    paper_tasks = pd.DataFrame([paper.loc[k, tasks] if k in paper.index else
+                                pd.Series(np.nan, index=tasks) for k in paper_rows], index=mean.index)
     # a source printing the 19-task mean is shown with the Mean of Table 4 (groups), from its own tasks
-    groups_mean = add_means(paper_tasks.astype(float))["Mean"].round(2)
+    groups_mean = add_means(paper_tasks.astype(float), tasks)["Mean"].round(2)
     by_tasks = _mean_of_tasks(paper)
     printed = [np.nan if k not in paper.index else groups_mean.iloc[i] if by_tasks.get(k, False)
                else paper.loc[k, "mean"] for i, k in enumerate(paper_rows)]
@@ -232,16 +253,18 @@ def _fmt(value, std=np.nan, n=1, digits=1) -> str:
 
 def to_markdown(result: dict, table: str, protocol: str) -> str:
     mean, std, n = result["mean"], result["std"], result["n"]
-    header = ["row", "params (M)", "storage (KB)", *VTAB_TASKS, *GROUPS, "Mean", "Mean19", "paper Mean", "diff"]
-    groups = ["", "", ""] + [TASKS[t].group for t in VTAB_TASKS] + ["", "", "", "", "", ""]
+    tasks = table_tasks(table)
+    plain = plain_mean(tasks)
+    header = ["row", "params (M)", "storage (KB)", *tasks, *GROUPS, "Mean", plain, "paper Mean", "diff"]
+    groups = ["", "", ""] + [TASKS[t].group for t in tasks] + ["", "", "", "", "", ""]
     lines = [f"Table {table} ({protocol} protocol): top-1 accuracy (%). Mean = mean of the group means; "
-             "Mean19 = mean over 19 tasks; empty = no record.", "",
+             f"{plain} = mean over {len(tasks)} tasks; empty = no record.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              "| " + " | ".join(groups) + " |"]
     for name, r in mean.iterrows():
         cells = [name, _fmt(r["params_m"], digits=3), _fmt(r["storage_kb"], digits=0)]
-        cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in VTAB_TASKS]
-        cells += [_fmt(r[c]) for c in (*GROUPS, "Mean", "Mean19", "paper_Mean")]
+        cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in tasks]
+        cells += [_fmt(r[c]) for c in (*GROUPS, "Mean", plain, "paper_Mean")]
         cells.append("" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -249,11 +272,12 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
 
 def to_latex(result: dict, table: str) -> str:
     mean = result["mean"]
-    cols = ["params_m", *VTAB_TASKS, "Mean"]
-    spans = [("Natural", 7), ("Specialized", 4), ("Structured", 8)]
+    tasks = table_tasks(table)
+    cols = ["params_m", *tasks, "Mean"]
+    spans = [(g, sum(TASKS[t].group == g for t in tasks)) for g in GROUPS]
     lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
              " & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{g}}}" for g, k in spans) + r" & \\",
-             "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in VTAB_TASKS) + r" & Mean \\",
+             "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in tasks) + r" & Mean \\",
              r"\midrule"]
     for name, r in mean.iterrows():
         vals = [_fmt(r[c], digits=3 if c == "params_m" else 1) or "--" for c in cols]
@@ -263,19 +287,26 @@ def to_latex(result: dict, table: str) -> str:
 
 
 def plot_difference(result: dict, table: str, path: Path) -> None:
+    """Heat map of ours minus the paper per task; of our accuracy for a table without paper numbers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    diff = (result["mean"][list(VTAB_TASKS)] - result["paper"].values).astype(float)
+    tasks = table_tasks(table)
+    ours = result["mean"][tasks].astype(float)
+    has_paper = np.isfinite(result["paper"].values).any()
+    diff = ours - result["paper"].values if has_paper else ours
     fig, ax = plt.subplots(figsize=(12, 0.5 * len(diff) + 2))
     lim = max(1.0, float(np.nanmax(np.abs(diff.values))) if np.isfinite(diff.values).any() else 1.0)
-    im = ax.imshow(np.ma.masked_invalid(diff.values), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(VTAB_TASKS)), VTAB_TASKS, rotation=60, ha="right")
+    im = ax.imshow(np.ma.masked_invalid(diff.values), cmap="RdBu" if has_paper else "viridis",
+                   vmin=-lim if has_paper else 0, vmax=lim if has_paper else 100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right")
     ax.set_yticks(range(len(diff)), diff.index)
     for i, j in zip(*np.where(np.isfinite(diff.values))):
-        ax.text(j, i, f"{diff.values[i, j]:+.1f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="ours - paper (points)")
-    ax.set_title(f"Table {table}: our accuracy minus the paper's (blank: no record)")
+        ax.text(j, i, f"{diff.values[i, j]:+.1f}" if has_paper else f"{diff.values[i, j]:.1f}", ha="center",
+                va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="ours - paper (points)" if has_paper else "top-1 accuracy (%)")
+    ax.set_title(f"Table {table}: our accuracy minus the paper's (blank: no record)" if has_paper else
+                 f"Table {table}: our accuracy (blank: no record)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
