@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from timm.layers import DropPath
 from torch import nn
 
+from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite
 from .ssm import causal_conv1d, selective_scan
 from .weights import WeightsError, shipped_weights
@@ -176,13 +177,15 @@ def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: st
     if weights is None and pretrained and spec.shipped:
         weights = shipped_weights(name)
     if weights is None and pretrained and spec.hub is not None:
-        try:
-            from huggingface_hub import hf_hub_download
-            weights = hf_hub_download(*spec.hub)
-        except Exception as e:
-            raise WeightsError(f"could not download {spec.hub[1]} from the Hugging Face hub ({spec.hub[0]}): "
-                               f"{type(e).__name__}: {e}. Offline, bring the file and pass it with --weights PATH "
-                               "(Python: weights=PATH)") from e
+        from huggingface_hub import hf_hub_download
+        with hub_access() as offline:
+            try:
+                weights = hf_hub_download(*spec.hub)
+            except Exception as e:
+                why = f"{offline}, and it is not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
+                raise WeightsError(f"could not download {spec.hub[1]} from the Hugging Face hub ({spec.hub[0]}; "
+                                   f"{why}). Offline, bring the file and pass it with --weights PATH "
+                                   "(Python: weights=PATH)") from e
     if weights is not None:
         load_vim_weights(model, weights)
     return model

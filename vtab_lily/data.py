@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, remove_stale_temps, write_json
 from .tasks import SPLITS, Task, get_task
 
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -30,6 +31,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(RuntimeError):
     """A VTAB-1K folder is missing or broken; the message names the file (and line) and what to do."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def task_dir(root: str | Path, task: Task) -> Path:
@@ -83,15 +88,34 @@ def _checksum(list_file: Path, paths: list[Path]) -> str:
     signature = hashlib.blake2b(json.dumps(stats).encode(), digest_size=16).hexdigest()
     memo = list_file.parent / ".cache" / f"{list_file.stem}.checksum"
     if memo.exists():
-        known = json.loads(memo.read_text())
-        if known["signature"] == signature:
-            return known["checksum"]
+        try:
+            known = json.loads(memo.read_text())
+            if known["signature"] == signature:
+                return str(known["checksum"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            warn(f"{memo} is damaged ({type(e).__name__}: {e}); hashing the split again")
     h = hashlib.blake2b(digest_size=16)
     h.update(list_file.read_bytes())
     for p in paths:
         h.update(p.read_bytes())
     write_json(memo, {"signature": signature, "checksum": h.hexdigest()})
     return h.hexdigest()
+
+
+def _open_cache(cache: Path, shape: tuple) -> np.ndarray | None:
+    """The memory-mapped cache, or None when it is missing or damaged (then it is removed, with a warning)."""
+    if not cache.exists():
+        return None
+    try:
+        arr = np.load(cache, mmap_mode="r")
+        if arr.shape == shape and arr.dtype == np.uint8:
+            return arr
+        problem = f"holds {arr.dtype} {arr.shape}, expected uint8 {shape}"
+    except (ValueError, OSError, EOFError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    warn(f"decoded-image cache {cache} is damaged ({problem}); rebuilding it")
+    cache.unlink(missing_ok=True)
+    return None
 
 
 @dataclass
@@ -111,9 +135,12 @@ def load_split(root: str | Path, task: str, split: str, size: int = 224, interpo
     paths, labels = read_list(folder, split, spec.num_classes)
     key = _checksum(folder / f"{split}.txt", paths)
     cache = folder / ".cache" / f"{split}-{size}-{interpolation}-{key}.npy"
-    if not cache.exists():
+    shape = (len(paths), size, size, 3)
+    images = _open_cache(cache, shape)
+    if images is None:
+        remove_stale_temps(cache.parent)
         with atomic_path(cache) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes and resizes without the GIL
                 decoded = pool.map(decode, paths, repeat(size), repeat(interpolation))
                 for i, img in enumerate(tqdm(decoded, total=len(paths), desc=f"decode {spec.name}/{split}",
@@ -124,7 +151,8 @@ def load_split(root: str | Path, task: str, split: str, size: int = 224, interpo
         for stale in cache.parent.glob(f"{split}-{size}-{interpolation}-*.npy"):
             if stale != cache:
                 stale.unlink()
-    return Split(np.load(cache, mmap_mode="r"), labels, cache)
+        images = np.load(cache, mmap_mode="r")
+    return Split(images, labels, cache)
 
 
 class Batches:

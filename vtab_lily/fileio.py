@@ -1,19 +1,27 @@
-"""Atomic writes: a file is either absent or complete, never half-written."""
+"""Atomic writes: a file is either absent or complete, never half-written; temps of killed writers are
+removed."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+STALE_TEMP_S = 24 * 3600  # a temp from another host is removed after this long without a change
+HOST = socket.gethostname().replace(".", "-")  # as it appears in temp names
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path` (`.<name>.<host>.<pid>.<random>.tmp`); on success it replaces
+    `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}.{os.getpid()}.",
+                               suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -24,6 +32,35 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temps that atomic_path left in `folder` when its process was killed: those of a dead
+    process on this host, and those of other hosts unchanged for STALE_TEMP_S. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 4)  # [.<name>, host, pid, random, tmp]
+        if len(parts) != 5 or not parts[2].isdigit():
+            continue
+        try:
+            stale = (not _alive(int(parts[2])) if parts[1] == HOST
+                     else time.time() - tmp.stat().st_mtime > STALE_TEMP_S)
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -14,14 +14,18 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import sys
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
 
 from PIL import Image
 from tqdm import tqdm
 
-from .fileio import atomic_path, write_json
+from backbones.hub import reachable
+
+from .fileio import atomic_path, remove_stale_temps, write_json
 from .tasks import SPLITS, TASK_SETS, TASKS, Task, get_task
 
 FORMATS = {"png": ("png", {}), "jpeg": ("jpg", {"quality": 75})}
@@ -32,25 +36,74 @@ class PrepareError(RuntimeError):
 
 
 def open_source(task: Task, split: str, data_dir: str | None = None, download: bool = True):
-    """A random-access sequence of examples (dicts) of one source split."""
+    """A random-access sequence of examples (dicts) of one source split. Offline, a split that tfds has
+    not prepared yet fails in seconds with advice, instead of after minutes of download retries."""
     if task.offline is not None:
         return task.offline(split)
     try:
         import tensorflow_datasets as tfds
+        from absl import logging as absl_logging
     except ImportError as e:
         raise PrepareError("preparing VTAB-1K needs tensorflow-datasets: pip install -e '.[data]'") from e
     name = f"{task.builder}:{task.version}"
+    tfds_dir = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns of every folder it looks into
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception:
+            if not download:
+                raise
+        check_sources(task, tfds.builder(name, data_dir=data_dir), tfds_dir)  # not prepared yet
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+    except PrepareError:
+        raise
     except Exception as e:
-        manual_dir = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-        manual_dir = manual_dir / "downloads" / "manual"
-        if task.manual and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        if isinstance(e, ImportError):
+            raise PrepareError(f"{task.name}: tfds needs the module {e.name!r}, which is not installed: pip install "
+                               f"{e.name} (and tell us: the '.[data]' extra should have brought it)") from e
+        if network_error(e):
+            raise PrepareError(f"{task.name}: downloading {name} failed: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}; {offline_advice(task, tfds_dir)}") from e
+        raise PrepareError(f"{task.name}: could not load tfds {name} split {split!r}: {type(e).__name__}: {e}") from e
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def check_sources(task: Task, builder, tfds_dir: Path) -> None:
+    """Before a download: a manual-download task has its files, and the download host answers."""
+    manual_dir = tfds_dir / "downloads" / "manual"
+    if task.manual:
+        if not (manual_dir.is_dir() and any(manual_dir.iterdir())):
             raise PrepareError(f"{task.name}: tfds cannot download {task.builder} by itself: {task.manual} "
-                               f"(here: {manual_dir}), then run again") from e
-        hint = " (preparing needs TensorFlow: pip install -e '.[data]')" if isinstance(e, ImportError) else ""
-        raise PrepareError(f"{task.name}: could not load tfds {name} split {split!r}: "
-                           f"{type(e).__name__}: {e}{hint}") from e
+                               f"(here: {manual_dir}), then run again")
+        return
+    urls = list(builder.url_infos or {})
+    if urls and not reachable(urls[0]):
+        host = urlparse(urls[0]).hostname
+        raise PrepareError(f"{task.name}: no network (cannot reach {host}) and tfds has not prepared "
+                           f"{builder.name} {builder.version} in {tfds_dir}; {offline_advice(task, tfds_dir)}")
+
+
+def offline_advice(task: Task, tfds_dir: Path) -> str:
+    return (f"on a connected machine run `python -m vtab_lily.prepare --task {task.name} --root DIR` and copy "
+            f"DIR/{task.name} into your --root (or copy its tensorflow_datasets folder to {tfds_dir} or pass "
+            "--data-dir), or use an existing community VTAB-1K folder as the root (--data-root for run)")
+
+
+def network_error(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a failure to reach a server."""
+    import urllib.error
+
+    import requests
+    kinds = (requests.ConnectionError, requests.Timeout, urllib.error.URLError, socket.gaierror, ConnectionError,
+             TimeoutError)
+    while e is not None:
+        if isinstance(e, kinds):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _sha256(path: Path) -> str:
@@ -81,6 +134,7 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
         source = sources[sl.split]
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)
         lines[split] = []
         indices = sl.indices(len(source))
         expected = (sl.stop or len(source)) - sl.start
