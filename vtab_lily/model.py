@@ -19,15 +19,19 @@ from .fileio import atomic_path
 
 def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
                 weights: str | None = None, drop_path_rate: float | None = None,
-                backbone_options: dict | None = None, **options) -> nn.Module:
+                backbone_options: dict | None = None, seed: int | None = None, **options) -> nn.Module:
     """Backbone + method, with requires_grad set: the backbone is frozen before the method attaches, so
     what trains is the method's parameters (those it leaves with requires_grad), the head, and, for
     full fine-tuning (trains_backbone), everything.
 
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
     raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
+    `seed`: torch is seeded with it first, so random weights (backbone, adapter, head) follow from it; it
+    is saved with the adapter, so `load_model` rebuilds the same random backbone.
     """
     cfg = make_config(method, options, backbone)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes, pretrained=pretrained, weights=weights,
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
     model.requires_grad_(False)
@@ -37,7 +41,7 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     for p in model.parameters():
         p.requires_grad = spec.trains_backbone or p.requires_grad or id(p) in head
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
-                         "options": dataclasses.asdict(cfg)}
+                         "options": dataclasses.asdict(cfg), "seed": seed}
     return model
 
 
@@ -100,11 +104,14 @@ def adapter_config(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, weights: str | None = None, pretrained: bool = True,
                backbone_options: dict | None = None) -> nn.Module:
-    """Rebuild the model an adapter file was saved from (backbone, method, options, classes), load its
-    tensors, and return it in eval mode. `weights` / `pretrained` give the backbone as in build_model."""
+    """Rebuild the model an adapter file was saved from (backbone, method, options, classes, and the seed
+    of its random weights), load its tensors, and return it in eval mode. `weights` / `pretrained` give the
+    backbone as in build_model. The caller's torch random state is left as it was."""
     cfg = adapter_config(path)
-    model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"], pretrained=pretrained, weights=weights,
-                        backbone_options=backbone_options, **cfg["options"])
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"], pretrained=pretrained,
+                            weights=weights, backbone_options=backbone_options, seed=cfg.get("seed"),
+                            **cfg["options"])
     load_adapter(model, path)
     return model.eval()
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from backbones.hub import reachable
 
+from .data import DataError, task_dir
 from .fileio import atomic_path, remove_stale_temps, write_json
 from .tasks import SPLITS, TASK_SETS, TASKS, Task, get_task
 
@@ -171,6 +172,20 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
     }
     write_json(manifest_path, manifest)
     return manifest
+
+
+def ensure_prepared(task: str, root: str | Path, prepare: bool) -> None:
+    """Raise DataError (saying how to prepare) when the task has no folder under `root`; with `prepare`,
+    prepare it instead, and also finish a half-prepared one (a prepare that was killed: lists missing)."""
+    spec = get_task(task)
+    try:
+        folder = task_dir(root, spec)
+        if not prepare or all((folder / f"{split}.txt").is_file() for split in SPLITS):
+            return
+    except DataError:
+        if not prepare:
+            raise
+    prepare_task(spec.name, root)
 
 
 def _version(package: str) -> str | None:

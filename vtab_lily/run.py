@@ -22,11 +22,12 @@ import torch
 from backbones import WeightsError
 
 from .adapters import get_method
+from .choices import choices_help
 from .data import Batches, DataError, load_split, read_list, task_dir
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
 from .options import OptionError, error_line
-from .prepare import PrepareError, prepare_task
+from .prepare import PrepareError, ensure_prepared
 from .provenance import data_provenance, weights_provenance
 from .recipes import RECIPE_FIELDS, effective_precision
 from .records import RecordError, RunSpec, environment, finished, read_record, write_record
@@ -75,20 +76,6 @@ def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ensure_data(task: str, data_root: str | Path, prepare: bool) -> None:
-    """With `prepare`, prepare the task unless a finished manifest says it is done (a half-prepared folder,
-    left by a killed `prepare`, is finished); without, only check that its folder exists."""
-    spec = get_task(task)
-    try:
-        folder = task_dir(data_root, spec)
-        if prepare and not (folder / "manifest.json").is_file():
-            raise DataError(f"{folder} is not fully prepared")
-    except DataError:
-        if not prepare:
-            raise
-        prepare_task(spec.name, data_root)
 
 
 def resolve(spec: RunSpec, data_root: str | Path, weights: str | None = None, pretrained: bool = True,
@@ -153,7 +140,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             tensorboard: str | Path | None = None, on_skip=None) -> Path:
     """Run `spec` (or skip it when its record is done, calling `on_skip(path)`) and return the record's path."""
     device = device or default_device()
-    ensure_data(spec.task, data_root, prepare)
+    ensure_prepared(spec.task, data_root, prepare)
     spec, weights_file = resolve(spec, data_root, weights, pretrained, device)
     record_path = spec.path(runs)
     if finished(record_path) and not force:
@@ -163,10 +150,10 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     check_batch_size(spec, data_root)
     recipe = spec.full_recipe()
     task = get_task(spec.task)
-    torch.manual_seed(spec.seed)  # the random init (head, adapters, a random backbone) follows the seed
+    # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
     model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
                         drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
-                        **spec.options).to(device)
+                        seed=spec.seed, **spec.options).to(device)
     check_runs_folder(runs)
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
@@ -213,11 +200,11 @@ def summary(path: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True, help="vit-b, vit-b-in1k, vim-s, vit-l, dinov2-b, clip-b, ... "
-                        "or timm:<model name>[.<tag>] (any timm ViT-family model)")
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--method", default="lily", help="lily (default), a baseline (lora, ...), peft:<tuner> "
-                        "(e.g. peft:lora), or your own: <module>:<name> or an entry-point name")
+    parser.add_argument("--backbone", required=True, help=choices_help("backbone") + ", or timm:<model name>[.<tag>] "
+                        "(any timm ViT-family model)")
+    parser.add_argument("--task", required=True, help=choices_help("task"))
+    parser.add_argument("--method", default="lily", help=choices_help("method", "default lily; ") + ", or "
+                        "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (e.g. s=10, lily.ne=3) or a recipe field (e.g. lr=1e-3, epochs=20)")

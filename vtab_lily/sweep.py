@@ -21,7 +21,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .choices import choices_help
 from .options import error_line
+from .prepare import ensure_prepared
 from .recipes import PRESET_TASKS, PRESETS, for_task
 from .records import RunSpec, finished
 from .run import (
@@ -30,7 +32,6 @@ from .run import (
     USER_ERRORS,
     RunBusy,
     default_device,
-    ensure_data,
     execute,
     parse_value,
     resolve,
@@ -113,7 +114,7 @@ def best_on_val(specs: list[RunSpec], runs: str, data_root: str, weights: str | 
 def dry_run_status(spec: RunSpec, args) -> str:
     """'done', 'to run', or 'to run (...)' when the identity cannot be resolved yet (e.g. data not prepared)."""
     try:
-        ensure_data(spec.task, args.data_root, prepare=False)
+        ensure_prepared(spec.task, args.data_root, prepare=False)
         resolved = resolve(spec, args.data_root, args.weights, device=default_device())[0]
     except USER_ERRORS as e:
         return f"to run (cannot check: {error_line(e)})"
@@ -176,10 +177,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table")
-    parser.add_argument("--backbones", nargs="+", default=[])
-    parser.add_argument("--methods", nargs="+", default=[])
-    parser.add_argument("--tasks", nargs="+", help="task names, 'all' (the 19 of VTAB-1K) or 'mini' (the mini "
-                        "VTAB); default: the preset's tasks, else all")
+    parser.add_argument("--backbones", nargs="+", default=[], help=choices_help("backbone", "each "))
+    parser.add_argument("--methods", nargs="+", default=[], help=choices_help("method", "each "))
+    parser.add_argument("--tasks", nargs="+", help=choices_help("task", "'all' (the 19 of VTAB-1K), 'mini' (the "
+                        "mini VTAB), or each ") + "; default: the preset's tasks, else all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed settings for all runs")
