@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import evenly_spaced, parse_model_args, per_adapter, save_figure
+from .common import MAX_ROWS, check_layers, evenly_spaced, one_line_errors, parse_model_args, per_adapter, save_figure
 
 
 @torch.no_grad()
@@ -36,33 +36,49 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps).reshape(len(maps), images.shape[0], grid, grid)
 
 
-def plot_attention(maps: dict[str, torch.Tensor], images: torch.Tensor, layers: list[int]):
-    """Rows: image x method; columns: the input, then the chosen layers' maps upsampled to the image."""
-    rows = [(i, name) for i in range(images.shape[0]) for name in maps]
-    fig, axes = plt.subplots(len(rows), len(layers) + 1, figsize=(1.8 * (len(layers) + 1), 1.8 * len(rows)),
-                             squeeze=False)
+def plot_attention(maps: dict[str, torch.Tensor], images: torch.Tensor, layers: list[int], title: str = "",
+                   max_rows: int = MAX_ROWS):
+    """Rows: image x method, the first images only (at most `max_rows` rows, whatever the number of
+    images); columns: the input, then the chosen layers' maps upsampled over the image, on one colour
+    scale (colorbar: the class token's attention weight per patch)."""
+    shown = max(1, min(images.shape[0], max_rows // len(maps)))
+    rows = [(i, name) for i in range(shown) for name in maps]
+    fig, axes = plt.subplots(len(rows), len(layers) + 1, squeeze=False, layout="constrained",
+                             figsize=(1.6 * (len(layers) + 1) + 1.2, 1.6 * len(rows) + 0.8))
     size = images.shape[-1]
+    vmax = max(float(maps[name][layers, :shown].max()) for name in maps)
+    norm = plt.Normalize(0, vmax)
     for r, (i, name) in enumerate(rows):
-        axes[r, 0].imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
-        axes[r, 0].set_ylabel(name, fontsize=7)
+        picture = images[i].permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_ylabel(f"image {i}\n{name}", fontsize=7)
         for c, layer in enumerate(layers, 1):
             m = F.interpolate(maps[name][layer, i][None, None], size=(size, size), mode="bilinear")[0, 0]
-            axes[r, c].imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
-            axes[r, c].imshow(m.numpy(), cmap="jet", alpha=0.5)
-            if r == 0:
-                axes[r, c].set_title(f"layer {layer + 1}", fontsize=8)
+            axes[r, c].imshow(picture)
+            axes[r, c].imshow(m.numpy(), cmap="jet", alpha=0.5, norm=norm)
+    axes[0, 0].set_title("input", fontsize=8)
+    for c, layer in enumerate(layers, 1):
+        axes[0, c].set_title(f"layer {layer}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="jet"), ax=axes, shrink=min(1.0, 3 / len(rows) + 0.3),
+                 label="class-token attention per patch")
+    note = f" (first {shown} of {images.shape[0]} images)" if shown < images.shape[0] else ""
+    fig.suptitle(f"{title or 'Class-token attention to the patches, head-averaged'}{note}", fontsize=9)
     return fig
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.attention", __doc__, argv, lambda p: p.add_argument(
-        "--layers", type=int, nargs="+", help="0-based layers to show (default: 4 evenly spaced)"))
+        "--layers", type=int, nargs="+", help="layers to show, numbered from 0 (default: 4 evenly spaced)"))
     images, maps = per_adapter(args, cls_attention)
-    layers = args.layers or evenly_spaced(next(iter(maps.values())).shape[0])
-    print(f"wrote {save_figure(plot_attention(maps, images, layers), args.out)}")
+    depth = next(iter(maps.values())).shape[0]
+    check_layers(args.layers, depth)
+    title = f"{args.task}: class-token attention to the patches (adapted q, k; head-averaged)"
+    fig = plot_attention(maps, images, args.layers or evenly_spaced(depth), title)
+    print(f"wrote {save_figure(fig, args.out)}")
     return 0
 
 

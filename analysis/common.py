@@ -1,7 +1,11 @@
-"""Shared helpers of the figure functions: models from adapter files, images from a task, saving."""
+"""Shared helpers of the figure functions and their command lines: models from adapter files, images
+from a task, checked options, one-line errors, saving."""
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -9,11 +13,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from torch import nn  # noqa: E402
 
+from backbones import WeightsError  # noqa: E402
 from vtab_lily import adapter_config, load_model  # noqa: E402
-from vtab_lily.data import load_split, to_float  # noqa: E402
+from vtab_lily.choices import choices_help  # noqa: E402
+from vtab_lily.data import DataError, load_split, to_float  # noqa: E402
 from vtab_lily.fileio import atomic_path  # noqa: E402
+from vtab_lily.prepare import PrepareError, ensure_prepared  # noqa: E402
+from vtab_lily.tasks import get_task  # noqa: E402
+
+FORMATS = (".png", ".pdf")
+MAX_ROWS = 8  # image rows drawn by attention (more images are measured, not drawn)
+
+
+class UsageError(ValueError):
+    """A mistake in a figure's command line; the message says what to do."""
 
 
 def load_trained(adapter: str | Path, weights: str | None = None, pretrained: bool = True,
@@ -39,13 +55,41 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def check_adapter(path: str | Path, method: str | None = None) -> dict:
+    """The saved config of an adapter file; UsageError when it is missing, not an adapter, or (with
+    `method`) of another method."""
+    if not Path(path).is_file():
+        raise UsageError(f"adapter file {path} does not exist; pass the <run-id>.safetensors beside a run record")
+    try:
+        cfg = adapter_config(path)
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UsageError(f"{path} is not an adapter saved by vtab_lily ({type(e).__name__}: {e}); pass the "
+                         "<run-id>.safetensors beside a run record") from e
+    if method and cfg["method"] != method:
+        raise UsageError(f"{path} is a {cfg['method']} adapter; this figure needs a {method} adapter")
+    return cfg
+
+
+def check_out(path: str | Path) -> None:
+    if Path(path).suffix not in FORMATS or Path(path).is_dir():
+        raise UsageError(f"--out {path}: give a file name ending in {' or '.join(FORMATS)}")
+
+
+def check_layers(layers: list[int] | None, depth: int) -> None:
+    bad = [layer for layer in layers or [] if not 0 <= layer < depth]
+    if bad:
+        raise UsageError(f"--layers {' '.join(map(str, bad))} out of range: the model has {depth} layers, "
+                         f"numbered 0..{depth - 1}")
+
+
 def model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--adapter (repeatable: one per method compared), --weights, --task, --data-root, --n, --out."""
+    """--adapter (repeatable: one per method compared), --weights, --task, --data-root, --prepare, --n, --out."""
     parser.add_argument("--adapter", action="append", required=True,
                         help="a trained adapter (<run-id>.safetensors); repeat to compare methods")
     parser.add_argument("--weights", help="local pretrained backbone weights")
-    parser.add_argument("--task", required=True)
+    parser.add_argument("--task", required=True, help=choices_help("task"))
     parser.add_argument("--data-root", default="data/vtab-1k")
+    parser.add_argument("--prepare", action="store_true", help="prepare the task's data first if it is missing")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--n", type=int, default=4, help="images")
     parser.add_argument("--out", required=True, help="figure path (.png or .pdf)")
@@ -56,13 +100,22 @@ def label_of(adapter: str | Path) -> str:
     return f"{cfg['method']} ({Path(adapter).stem})"
 
 
-def parse_model_args(prog: str, doc: str, argv=None, extra=None) -> argparse.Namespace:
-    """The command line of a figure over trained adapters: model_arguments plus `extra(parser)`."""
+def parse_model_args(prog: str, doc: str, argv=None, extra=None, method: str | None = None) -> argparse.Namespace:
+    """The command line of a figure over trained adapters (model_arguments plus `extra(parser)`), checked:
+    UsageError for a bad option, and the task prepared first with --prepare."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(parser)
     if extra:
         extra(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for adapter in args.adapter:
+        check_adapter(adapter, method)
+    check_out(args.out)
+    if args.n < 1 or args.image_size < 1:
+        raise UsageError(f"--n ({args.n}) and --image-size ({args.image_size}) must be positive")
+    get_task(args.task)
+    ensure_prepared(args.task, args.data_root, args.prepare)
+    return args
 
 
 def per_adapter(args: argparse.Namespace, measure) -> tuple[torch.Tensor, dict]:
@@ -75,3 +128,17 @@ def per_adapter(args: argparse.Namespace, measure) -> tuple[torch.Tensor, dict]:
 def evenly_spaced(depth: int, k: int = 4) -> list[int]:
     """k layers spread over 0..depth-1 (fewer when the model is shallower)."""
     return sorted({round(i * (depth - 1) / (k - 1)) for i in range(k)})
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a figure's command line: a mistake (bad option, missing file, unprepared task, no network for
+    the weights) ends in one line `error: ...` and exit code 2, with nothing written."""
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except (UsageError, DataError, PrepareError, WeightsError, KeyError, ValueError, OSError) as e:
+            message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+            print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+            return 2
+    return wrapped

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import parse_model_args, per_adapter, save_figure
+from .common import one_line_errors, parse_model_args, per_adapter, save_figure
 
 
 @torch.no_grad()
@@ -38,8 +38,10 @@ def feature_difference(features: list[torch.Tensor]) -> torch.Tensor:
     return out.clamp_min(0)
 
 
-def plot_differences(matrices: dict[str, torch.Tensor]):
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.6), squeeze=False)
+def plot_differences(matrices: dict[str, torch.Tensor], title: str = ""):
+    """One heat map per method (layers numbered from 0), on one colour scale."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices) + 1, 4), squeeze=False,
+                             layout="constrained")
     vmax = max(float(m.max()) for m in matrices.values())
     for ax, (name, m) in zip(axes[0], matrices.items()):
         im = ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=vmax)
@@ -47,16 +49,19 @@ def plot_differences(matrices: dict[str, torch.Tensor]):
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
         ticks = range(0, m.shape[0], max(1, m.shape[0] // 6))
-        ax.set_xticks(list(ticks), [t + 1 for t in ticks])
-        ax.set_yticks(list(ticks), [t + 1 for t in ticks])
+        ax.set_xticks(list(ticks))
+        ax.set_yticks(list(ticks))
     fig.colorbar(im, ax=axes[0].tolist(), label="mean cosine distance")
+    fig.suptitle(title or "Cross-layer feature differences", fontsize=10)
     return fig
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.features", __doc__, argv)
     _, matrices = per_adapter(args, lambda model, images: feature_difference(block_features(model, images)))
-    print(f"wrote {save_figure(plot_differences(matrices), args.out)}")
+    title = f"{args.task}: mean cosine distance between the blocks' outputs over {args.n} images"
+    print(f"wrote {save_figure(plot_differences(matrices, title), args.out)}")
     return 0
 
 

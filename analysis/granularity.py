@@ -6,47 +6,55 @@ sweep records (the best accuracy over the other hyper-parameters at each ne).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from vtab_lily.choices import choices_help
 from vtab_lily.records import load_records
 
-from .common import save_figure
+from .common import UsageError, check_out, one_line_errors, save_figure
 
 
 def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: str = "best_acc") -> pd.DataFrame:
     """Rows: task; columns: ne_2; values: the best `metric` over the records with that ne_2 (test evals)."""
-    lily = records[(records["method"] == "lily") & (records["eval_split"] == "test")]
+    lily = records[(records["method"] == "lily") & (records["eval_split"] == "test")] if len(records) else records
     if backbone:
         lily = lily[lily["backbone"] == backbone]
     if lily.empty:
-        raise ValueError("no finished Lily test records: run a sweep over ne first "
-                         "(python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
+        raise ValueError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
+                         "over ne first (python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
     return lily.pivot_table(index="task", columns="opt.ne_2", values=metric, aggfunc="max")
 
 
-def plot_granularity(table: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def plot_granularity(table: pd.DataFrame, title: str = ""):
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for task, row in table.iterrows():
         ax.plot(row.index.astype(int), row.values, marker="o", label=task)
     ax.set_xlabel("ne (LPs = HP experts)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks(sorted(table.columns.astype(int)))
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, title="task", title_fontsize=7)
+    ax.set_title(title or "Accuracy against ne (best over the other settings)", fontsize=10)
     return fig
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.granularity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="results/runs")
-    parser.add_argument("--backbone")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default="results/runs", help="the run records (a sweep over lily.ne)")
+    parser.add_argument("--backbone", help=choices_help("backbone", "only this backbone's records; "))
+    parser.add_argument("--out", required=True, help="figure path (.png or .pdf)")
     args = parser.parse_args(argv)
+    check_out(args.out)
+    if not Path(args.runs).is_dir():
+        raise UsageError(f"--runs {args.runs} is not a folder of run records")
     table = accuracy_vs_ne(load_records(args.runs), args.backbone)
     print(table.round(2).to_string())
-    print(f"wrote {save_figure(plot_granularity(table), args.out)}")
+    title = f"Accuracy against ne{f' on {args.backbone}' if args.backbone else ''} (best over the other settings)"
+    print(f"wrote {save_figure(plot_granularity(table, title), args.out)}")
     return 0
 
 

@@ -14,7 +14,16 @@ from torch import nn
 
 from vtab_lily.adapters.lily import LilyBranch
 
-from .common import evenly_spaced, load_trained, parse_model_args, save_figure, task_images
+from .common import (
+    UsageError,
+    check_layers,
+    evenly_spaced,
+    load_trained,
+    one_line_errors,
+    parse_model_args,
+    save_figure,
+    task_images,
+)
 
 
 @torch.no_grad()
@@ -46,30 +55,45 @@ def router_weights(model: nn.Module, images: torch.Tensor, target: str, batch_si
     return torch.stack([totals[layer] for layer in sorted(totals)])
 
 
-def plot_router_weights(weights: torch.Tensor, layers: list[int], title: str):
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.6), squeeze=False, sharey=True)
+def plot_router_weights(weights: torch.Tensor, layers: list[int], title: str, per_row: int = 6):
+    """One bar chart per chosen layer (numbered from 0, as --layers), `per_row` to a row: each HP expert's
+    share of the router weight."""
+    rows = -(-len(layers) // per_row)
+    cols = min(len(layers), per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols + 0.6, 2.3 * rows + 0.7), squeeze=False,
+                             sharey=True, layout="constrained")
     share = weights / weights.sum(-1, keepdim=True)
-    for ax, layer in zip(axes[0], layers):
-        ax.bar(range(1, share.shape[1] + 1), share[layer].numpy(), color="tab:blue")
-        ax.set_title(f"layer {layer + 1}", fontsize=9)
+    experts = range(share.shape[1])
+    for ax, layer in zip(axes.flat, layers):
+        ax.bar(experts, share[layer].numpy(), color="tab:blue")
+        ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("HP expert")
-        ax.set_xticks(range(1, share.shape[1] + 1))
-    axes[0, 0].set_ylabel("share of router weight")
+        ax.set_xticks(experts)
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("share of router weight")
     fig.suptitle(title, fontsize=10)
     return fig
 
 
+@one_line_errors
 def main(argv=None) -> int:
     def extra(parser):
         parser.add_argument("--target", default=None, help="Lily target (default: the first one)")
-        parser.add_argument("--layers", type=int, nargs="+", help="0-based layers (default: 4 evenly spaced)")
-    args = parse_model_args("python -m analysis.routers", __doc__, argv, extra)
+        parser.add_argument("--layers", type=int, nargs="+",
+                            help="layers to show, numbered from 0 (default: 4 evenly spaced)")
+    args = parse_model_args("python -m analysis.routers", __doc__, argv, extra, method="lily")
     model = load_trained(args.adapter[0], args.weights, image_size=args.image_size)
     target = args.target or next(iter(model.lily.specs))
+    if target not in model.lily.specs:
+        raise UsageError(f"--target {target}: this Lily adapter has the targets {' '.join(model.lily.specs)}")
+    check_layers(args.layers, model.lily.num_layers)
     images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
     weights = router_weights(model, images, target)
     fig = plot_router_weights(weights, args.layers or evenly_spaced(len(weights)),
-                              f"router weight per HP expert, target {target}, {args.task}")
+                              f"{args.task}: share of router weight per HP expert, target {target}, "
+                              f"summed over the tokens of {len(images)} images")
     print(f"wrote {save_figure(fig, args.out)}")
     return 0
 
