@@ -106,19 +106,29 @@ def test_accuracy_vs_ne_from_records(tmp_path):
         accuracy_vs_ne(records[records.method == "lora"])
 
 
-def test_command_lines_write_their_figures(tmp_path, capsys):
-    from analysis import attention, features, granularity, rank, routers
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny one-epoch runs on digits at 32 px (Lily, LoRA): (data root, runs folder, adapter files,
+    (spec, record path) per run)."""
     from vtab_lily.prepare import prepare_task
     from vtab_lily.records import RunSpec
     from vtab_lily.run import execute
-    prepare_task("digits", tmp_path / "data")
+    root = tmp_path_factory.mktemp("trained")
+    prepare_task("digits", root / "data")
     recipe = {"image_size": 32, "batch_size": 100, "epochs": 1, "warmup_epochs": 1}
-    adapters = []
+    specs, adapters = [], []
     for method, options in (("lily", {"r": 4, "ne": 2}), ("lora", {"r": 2})):
         spec = RunSpec("vit-tiny", "digits", method, options, 0, "test", recipe)
-        record = execute(spec, tmp_path / "runs", tmp_path / "data", progress=False)
+        record = execute(spec, root / "runs", root / "data", progress=False)
+        specs.append((spec, record))
         adapters.append(str(record.with_suffix(".safetensors")))
-    common = ["--task", "digits", "--data-root", str(tmp_path / "data"), "--image-size", "32", "--n", "3"]
+    return root / "data", root / "runs", adapters, specs
+
+
+def test_command_lines_write_their_figures(trained, tmp_path, capsys):
+    from analysis import attention, features, granularity, rank, routers
+    data, runs_dir, adapters, _ = trained
+    common = ["--task", "digits", "--data-root", str(data), "--image-size", "32", "--n", "3"]
     both = ["--adapter", adapters[0], "--adapter", adapters[1]]
     runs = [(attention, both + common), (features, both + common), (rank, both + common),
             (routers, ["--adapter", adapters[0], "--target", "k"] + common)]
@@ -126,6 +136,94 @@ def test_command_lines_write_their_figures(tmp_path, capsys):
         out = tmp_path / f"{module.__name__.split('.')[-1]}.png"
         assert module.main(argv + ["--out", str(out)]) == 0 and out.stat().st_size > 0
     out = tmp_path / "granularity.pdf"
-    assert granularity.main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0 and out.exists()
+    assert granularity.main(["--runs", str(runs_dir), "--out", str(out)]) == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "effective rank mean" in printed and printed.count("wrote ") == 5
+
+
+def test_figure_size_is_capped_whatever_the_number_of_images(images):
+    from analysis.common import MAX_ROWS
+    many = torch.rand(64, 3, 32, 32)
+    maps = {name: cls_attention(tiny(name).eval(), many) for name in ("lily", "lora")}
+    fig = plot_attention(maps, many, [0, 1, 2, 3], "digits")
+    rows = fig.axes[0].get_gridspec().nrows
+    assert rows == MAX_ROWS and fig.get_size_inches()[1] < 16  # 64 images: 4 shown per method
+    assert "first 4 of 64 images" in fig.get_suptitle() and fig.axes[-1].get_ylabel().startswith("class-token")
+    assert [ax.get_title() for ax in fig.axes[1:5]] == ["layer 0", "layer 1", "layer 2", "layer 3"]
+
+
+def test_random_init_adapter_loads_the_backbone_it_was_trained_with(trained):
+    """load_model rebuilds the run's random backbone from the seed saved with the adapter: the loaded
+    model scores the run's recorded final accuracy, and every load gives the same weights."""
+    from vtab_lily import adapter_config, load_model
+    from vtab_lily.data import Batches, load_split
+    from vtab_lily.records import read_record
+    from vtab_lily.train import evaluate
+    data, _, adapters, specs = trained
+    assert adapter_config(adapters[0])["seed"] == 0
+    torch.manual_seed(123)
+    a = load_model(adapters[0], backbone_options={"img_size": 32})
+    state = torch.random.get_rng_state()
+    b = load_model(adapters[0], backbone_options={"img_size": 32})
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    split = load_split(data, "digits", "test", size=32, progress=False)
+    spec, record = specs[0]
+    acc, _ = evaluate(a, Batches(split, 256), spec.full_recipe())
+    assert acc == pytest.approx(read_record(record)["final_acc"], abs=1e-6)
+
+
+def _error_cases(data, runs_dir, adapters, empty):
+    common = ["--task", "digits", "--data-root", str(data), "--image-size", "32", "--n", "2"]
+    lily, lora = adapters
+    return [
+        ("attention", ["--adapter", str(empty / "missing.safetensors"), *common], "adapter file .* does not exist"),
+        ("features", ["--adapter", str(runs_dir), *common], "adapter file .* does not exist"),
+        ("rank", ["--adapter", str(empty / "notes.txt"), *common], "is not an adapter saved by vtab_lily"),
+        ("attention", ["--adapter", lily, "--task", "digits", "--data-root", str(empty), "--image-size", "32"],
+         "no folder for task 'digits' .*or pass --prepare"),
+        ("attention", ["--adapter", lily, "--task", "digitz", "--data-root", str(data)], "unknown task 'digitz'"),
+        ("routers", ["--adapter", lily, "--target", "q", *common], "--target q: this Lily adapter has the targets k v"),
+        ("routers", ["--adapter", lora, *common], "is a lora adapter; this figure needs a lily adapter"),
+        ("routers", ["--adapter", lily, "--layers", "4", *common], "--layers 4 out of range: .* numbered 0..3"),
+        ("attention", ["--adapter", lily, "--layers", "0", "-1", *common], "--layers -1 out of range"),
+        ("attention", ["--adapter", lily, *common[:-1], "0"], "--n .0. and --image-size .32. must be positive"),
+        ("granularity", ["--runs", str(empty)], "no finished Lily test records"),
+        ("granularity", ["--runs", str(runs_dir), "--backbone", "vim-s"], "no finished Lily test records of vim-s"),
+        ("granularity", ["--runs", str(empty / "nowhere")], "--runs .* is not a folder of run records"),
+    ]
+
+
+def test_every_command_line_mistake_is_one_line_exit_2_nothing_written(trained, tmp_path, capsys):
+    import importlib
+    import re
+    data, runs_dir, adapters, _ = trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an adapter\n")
+    cases = _error_cases(data, runs_dir, adapters, empty)
+    cases.append(("attention", ["--adapter", adapters[0], "--task", "digits", "--data-root", str(data)],
+                  "--out .*fig.jpg: give a file name ending in .png or .pdf"))
+    for name, argv, message in cases:
+        out = tmp_path / ("fig.jpg" if name == "attention" and "--out" in message else "fig.png")
+        assert importlib.import_module(f"analysis.{name}").main([*argv, "--out", str(out)]) == 2, (name, argv)
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert re.match(f"error: .*{message}", captured.err), (captured.err, message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing written
+    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+
+
+def test_prepare_option_prepares_a_missing_or_half_prepared_task(trained, tmp_path):
+    from analysis import attention
+    from vtab_lily.prepare import prepare_task
+    _, _, adapters, _ = trained
+    prepare_task("digits", tmp_path / "data", limit=4)  # then as if killed before the lists were written
+    for split in ("train800", "val200", "train800val200", "test"):
+        (tmp_path / "data" / "digits" / f"{split}.txt").unlink()
+    (tmp_path / "data" / "digits" / "manifest.json").unlink()
+    argv = ["--adapter", adapters[0], "--task", "digits", "--data-root", str(tmp_path / "data"), "--image-size",
+            "32", "--n", "2", "--out", str(tmp_path / "a.png")]
+    assert attention.main(argv) == 2 and not (tmp_path / "a.png").exists()  # lists missing: an error
+    assert attention.main([*argv, "--prepare"]) == 0 and (tmp_path / "a.png").exists()
+    assert len((tmp_path / "data" / "digits" / "test.txt").read_text().splitlines()) == 797

@@ -190,3 +190,40 @@ def test_jpeg_format_writes_quality_75_files_like_the_community_copy(tmp_path):
     assert load_split(tmp_path, "digits", "test", size=8, progress=False).images.shape == (5, 8, 8, 3)
     with pytest.raises(PrepareError, match="unknown format 'gif'"):
         prepare_task("digits", tmp_path / "other", fmt="gif")
+
+
+def test_temps_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    from vtab_lily.fileio import HOST, STALE_TEMP_S
+    prepare_task("digits", tmp_path, limit=4)
+    cache_dir, images = tmp_path / "digits" / ".cache", tmp_path / "digits" / "images" / "test"
+    cache_dir.mkdir()
+    dead = cache_dir / f".test-16-bicubic-x.npy.{HOST}.999999999.ab12cd34.tmp"  # above any pid_max
+    live = cache_dir / f".test-16-bicubic-y.npy.{HOST}.{os.getpid()}.ab12cd34.tmp"
+    old, recent = (cache_dir / f".test-16-bicubic-z.npy.other-host.{n}.ab12cd34.tmp" for n in (11, 12))
+    image_temp = images / f".000009.png.{HOST}.999999999.zz99yy88.tmp"
+    for p in (dead, live, old, recent, image_temp):
+        p.write_bytes(b"\0" * 1000)
+    os.utime(old, (0, 0))
+    assert STALE_TEMP_S < 1e9
+    load_split(tmp_path, "digits", "test", size=16, progress=False)
+    assert not dead.exists() and not old.exists() and live.exists() and recent.exists()
+    (tmp_path / "digits" / "manifest.json").unlink()  # prepare runs again over the image folders
+    prepare_task("digits", tmp_path, limit=4)
+    assert not image_temp.exists()
+
+
+def test_damaged_cache_or_checksum_memo_is_rebuilt_with_a_warning(tmp_path, capsys):
+    prepare_task("digits", tmp_path, limit=6)
+    first = load_split(tmp_path, "digits", "test", size=8, progress=False)
+    want = np.array(first.images)
+    memo = tmp_path / "digits" / ".cache" / "test.checksum"
+    capsys.readouterr()
+    for damage, message in ((lambda: first.cache.write_bytes(first.cache.read_bytes()[:200]), "decoded-image cache"),
+                            (lambda: first.cache.write_bytes(b"garbage"), "decoded-image cache"),
+                            (lambda: memo.write_text('{"signature": '), "test.checksum is damaged")):
+        damage()
+        again = load_split(tmp_path, "digits", "test", size=8, progress=False)
+        assert again.cache == first.cache and np.array_equal(np.array(again.images), want)
+        err = capsys.readouterr().err
+        assert err.startswith("warning: ") and message in err and err.count("\n") == 1
+    assert json.loads(memo.read_text())["checksum"] in first.cache.name

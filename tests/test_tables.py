@@ -123,3 +123,13 @@ def test_mini_table_group_means_plain_mean_and_outputs(tmp_path):
     md, tex, csv, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
     assert "| vit-mini lily |" in md.read_text() and "mini\\_ori" in tex.read_text()
     assert png.stat().st_size > 5_000
+
+
+def test_one_table_prints_only_its_paper_check(tmp_path, capsys):
+    assert tables.main(["--table", "4", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    n4 = int((PAPER.index.get_level_values("table") == "4").sum())
+    assert f"Paper check: {n4} printed Means" in out and "Table 5" not in out
+    check = pd.read_csv(tmp_path / "out" / "paper_check_table4.csv")
+    assert len(check) == n4 and set(check["table"].astype(str)) == {"4"}
+    assert not (tmp_path / "out" / "paper_check.csv").exists()

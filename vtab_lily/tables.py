@@ -357,14 +357,17 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         print()
     check = check_paper(paper)
+    if args.table != "all":
+        check = check[check.index.get_level_values("table") == args.table]
     flagged = check[check["flag"]]
     print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
           f"{len(flagged)} differ by more than 0.1:")
     for (table, backbone, label), r in flagged.iterrows():
         print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
-    with atomic_path(out / "paper_check.csv") as tmp:
+    check_path = out / ("paper_check.csv" if args.table == "all" else f"paper_check_table{args.table}.csv")
+    with atomic_path(check_path) as tmp:
         check.to_csv(tmp)
-    print(f"wrote {out / 'paper_check.csv'}")
+    print(f"wrote {check_path}")
     return 0
 
 
