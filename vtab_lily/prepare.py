@@ -62,8 +62,9 @@ def open_source(task: Task, split: str, data_dir: str | None = None, download: b
         raise
     except Exception as e:
         if isinstance(e, ImportError):
-            raise PrepareError(f"{task.name}: tfds needs the module {e.name!r}, which is not installed: pip install "
-                               f"{e.name} (and tell us: the '.[data]' extra should have brought it)") from e
+            missing = e.name or str(e)
+            raise PrepareError(f"{task.name}: tfds needs the module {missing!r}, which is not installed: pip install "
+                               f"{missing} (and tell us: the '.[data]' extra should have brought it)") from e
         if network_error(e):
             raise PrepareError(f"{task.name}: downloading {name} failed: {type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}; {offline_advice(task, tfds_dir)}") from e
