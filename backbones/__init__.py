@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
 from .vit import (
@@ -114,12 +115,14 @@ def pretrained_file(name: str) -> tuple[str, dict] | None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     path = try_to_load_from_cache(*hub)
     if not isinstance(path, str):
-        try:
-            path = hf_hub_download(*hub)
-        except Exception as e:  # network, hub or cache failures all end here
-            raise WeightsError(f"could not fetch {hub[1]} of {hub[0]} from the Hugging Face hub for {name!r} "
-                               f"({type(e).__name__}). Offline, download it on a connected machine and pass it "
-                               "with --weights PATH (Python: weights=PATH)") from e
+        with hub_access() as offline:
+            try:
+                path = hf_hub_download(*hub)
+            except Exception as e:  # network, hub or cache failures all end here
+                why = f"{offline}, and it is not in the local hub cache" if offline else type(e).__name__
+                raise WeightsError(f"could not fetch {hub[1]} of {hub[0]} from the Hugging Face hub for {name!r} "
+                                   f"({why}). Offline, download it on a connected machine and pass it with "
+                                   "--weights PATH (Python: weights=PATH)") from e
     revision = Path(path).parent.name  # .../snapshots/<commit>/<file>
     return path, {"repo": hub[0], "file": hub[1], "revision": revision}
 

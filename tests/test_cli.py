@@ -32,7 +32,8 @@ def test_skipped_finished_run_says_so(tmp_path, capsys):
     assert "skipped:" not in capsys.readouterr().out
     assert run.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("skipped: run s42-") and "--force runs it again" in out and "| vit-tiny | lily |" in out
+    assert out.startswith("skipped: this run is already finished (") and "--force runs it again" in out
+    assert "| vit-tiny | lily |" in out
 
 
 def test_run_prepare_finishes_a_half_prepared_task(tmp_path, capsys):

@@ -55,3 +55,15 @@ def test_hub_weights_offline_fail_in_seconds(offline_env, no_network, monkeypatc
         why = "HF_HUB_OFFLINE is set" if offline_env else "no network: cannot reach https://huggingface.co"
         assert why in e.value.args[0] and expect in e.value.args[0] and "--weights PATH" in e.value.args[0]
     assert constants.HF_HUB_OFFLINE is offline_env  # restored
+
+
+def test_run_without_network_fails_on_hub_weights_in_seconds(tmp_path, no_network, capsys):
+    from vtab_lily import run
+    prepare_task("digits", tmp_path / "data", limit=4)
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert run.main(["--backbone", "vit-b", "--task", "digits", "--data-root", str(tmp_path / "data"),
+                     "--runs", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert time.perf_counter() - start < 20
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no network: cannot reach https://huggingface.co" in err and "--weights" in err
