@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import urllib.request
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
@@ -12,9 +13,14 @@ PROBE_TIMEOUT_S = 3.0
 
 def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the URL's host (or a bare host; port 443 unless given) opens within
-    `timeout` seconds, name lookup included."""
+    `timeout` seconds, name lookup included. Behind a proxy (HTTPS_PROXY etc., not bypassed by NO_PROXY)
+    the proxy is probed instead."""
     parsed = urlparse(url if "//" in url else f"//{url}")
-    address = (parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443))
+    scheme = parsed.scheme or "https"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname):
+        parsed, scheme = urlparse(proxy if "//" in proxy else f"//{proxy}"), "http"
+    address = (parsed.hostname, parsed.port or (80 if scheme == "http" else 443))
     opened = []
 
     def probe():

@@ -1,5 +1,6 @@
 """Without a network: the real tfds builder path imports everything it needs and fails on the network
 alone, in one line with offline advice; hub weights fail in seconds (or honour HF_HUB_OFFLINE)."""
+import ipaddress
 import socket
 import time
 
@@ -11,9 +12,15 @@ from vtab_lily.prepare import PrepareError, main, prepare_task
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Every name lookup fails at once, as on a machine without a network."""
-    def fail(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (no network in this test)")
+    """Every name lookup fails at once, as on a machine without a network (numeric addresses still work)."""
+    lookup = socket.getaddrinfo
+
+    def fail(host, *args, **kwargs):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (no network in this test)") from None
+        return lookup(host, *args, **kwargs)
     monkeypatch.setattr(socket, "getaddrinfo", fail)
 
 
@@ -67,3 +74,15 @@ def test_run_without_network_fails_on_hub_weights_in_seconds(tmp_path, no_networ
     assert time.perf_counter() - start < 20
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no network: cannot reach https://huggingface.co" in err and "--weights" in err
+
+
+def test_probe_goes_through_a_proxy_when_one_is_set(no_network, monkeypatch):
+    from backbones.hub import reachable
+    with socket.create_server(("127.0.0.1", 0)) as proxy:  # a local port that accepts connections
+        for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        assert not reachable("https://huggingface.co", timeout=1)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert reachable("https://huggingface.co", timeout=1)
+        monkeypatch.setenv("no_proxy", "huggingface.co")
+        assert not reachable("https://huggingface.co", timeout=1)
