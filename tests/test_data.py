@@ -201,7 +201,8 @@ def test_temps_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     live = cache_dir / f".test-16-bicubic-y.npy.{HOST}.{os.getpid()}.ab12cd34.tmp"
     old, recent = (cache_dir / f".test-16-bicubic-z.npy.other-host.{n}.ab12cd34.tmp" for n in (11, 12))
     image_temp = images / f".000009.png.{HOST}.999999999.zz99yy88.tmp"
-    for p in (dead, live, old, recent, image_temp):
+    list_temp = tmp_path / "digits" / f".test.txt.{HOST}.999999999.zz99yy88.tmp"
+    for p in (dead, live, old, recent, image_temp, list_temp):
         p.write_bytes(b"\0" * 1000)
     os.utime(old, (0, 0))
     assert STALE_TEMP_S < 1e9
@@ -209,7 +210,7 @@ def test_temps_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     assert not dead.exists() and not old.exists() and live.exists() and recent.exists()
     (tmp_path / "digits" / "manifest.json").unlink()  # prepare runs again over the image folders
     prepare_task("digits", tmp_path, limit=4)
-    assert not image_temp.exists()
+    assert not image_temp.exists() and not list_temp.exists()
 
 
 def test_damaged_cache_or_checksum_memo_is_rebuilt_with_a_warning(tmp_path, capsys):

@@ -122,6 +122,7 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
     ext, save_kw = FORMATS[fmt]
     out = Path(root) / task.name
     manifest_path = out / "manifest.json"
+    remove_stale_temps(out)  # lists and manifest of a killed prepare; image temps go split by split below
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if (manifest["format"], manifest["limit"]) == (fmt, limit):
