@@ -10,7 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MAX_ROWS, check_layers, evenly_spaced, one_line_errors, parse_model_args, per_adapter, save_figure
+from backbones import family
+from vtab_lily import adapter_config
+
+from .common import (
+    MAX_ROWS,
+    UsageError,
+    check_layers,
+    evenly_spaced,
+    one_line_errors,
+    parse_model_args,
+    per_adapter,
+    save_figure,
+)
 
 
 @torch.no_grad()
@@ -73,6 +85,9 @@ def plot_attention(maps: dict[str, torch.Tensor], images: torch.Tensor, layers: 
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.attention", __doc__, argv, lambda p: p.add_argument(
         "--layers", type=int, nargs="+", help="layers to show, numbered from 0 (default: 4 evenly spaced)"))
+    for adapter in args.adapter:
+        if family(adapter_config(adapter)["backbone"]) == "vim":
+            raise UsageError(f"{adapter} adapts a Vision Mamba, which has no attention; attention maps need a ViT")
     images, maps = per_adapter(args, cls_attention)
     depth = next(iter(maps.values())).shape[0]
     check_layers(args.layers, depth)

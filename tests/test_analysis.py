@@ -10,7 +10,7 @@ from analysis.features import block_features, feature_difference, plot_differenc
 from analysis.granularity import accuracy_vs_ne, plot_granularity
 from analysis.rank import effective_rank, numerical_rank, updates
 from analysis.routers import plot_router_weights, router_weights
-from vtab_lily import build_model
+from vtab_lily import build_model, save_adapter
 
 
 def test_attention_maps_are_distributions_over_patches(images, tmp_path):
@@ -204,6 +204,10 @@ def test_every_command_line_mistake_is_one_line_exit_2_nothing_written(trained, 
     cases = _error_cases(data, runs_dir, adapters, empty)
     cases.append(("attention", ["--adapter", adapters[0], "--task", "digits", "--data-root", str(data)],
                   "--out .*fig.jpg: give a file name ending in .png or .pdf"))
+    vim = empty / "vim.safetensors"
+    save_adapter(build_model("vim-tiny-test", "lily", 10, pretrained=False, backbone_options={"img_size": 32}), vim)
+    cases.append(("attention", ["--adapter", str(vim), "--task", "digits", "--data-root", str(data)],
+                  "adapts a Vision Mamba, which has no attention"))
     for name, argv, message in cases:
         out = tmp_path / ("fig.jpg" if name == "attention" and "--out" in message else "fig.png")
         assert importlib.import_module(f"analysis.{name}").main([*argv, "--out", str(out)]) == 2, (name, argv)
@@ -211,7 +215,7 @@ def test_every_command_line_mistake_is_one_line_exit_2_nothing_written(trained, 
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
         assert re.match(f"error: .*{message}", captured.err), (captured.err, message)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing written
-    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt", "vim.safetensors"]
 
 
 def test_prepare_option_prepares_a_missing_or_half_prepared_task(trained, tmp_path):
