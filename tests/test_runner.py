@@ -191,6 +191,17 @@ def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
     record = read_record(execute(spec, tmp_path, data_root, progress=False))
     assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr
     assert record["method_config"]["router"] == "model" and record["method_config"]["routing"] == "token"
+    assert record["scan"] == {"backend": "torch", "reason": "cpu tensors"}
+
+
+def test_a_forced_scan_backend_that_cannot_run_is_one_clear_error(data_root, tmp_path, capsys, scan_backend):
+    scan_backend("auto")  # restores the choice after the test
+    argv = ["--backbone", "vim-tiny-test", "--task", "digits", "--data-root", str(data_root), "--runs",
+            str(tmp_path / "runs"), "--device", "cpu", "--no-progress", "--scan-backend", "mamba", *TINY_ARGS]
+    assert run_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: scan backend mamba cannot run: tensors on cpu, not CUDA") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_only_done_records_count_as_finished(tmp_path):
