@@ -189,7 +189,8 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias=None):
                                     z, delta_bias=delta_bias, delta_softplus=True)
     if name == "triton":
         return triton_scan()[0].selective_scan(u, delta, A, B, C, D, z, delta_bias)
-    return ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias)
+    with torch.autocast(u.device.type, enabled=False):  # fp32 matmuls inside, whatever the caller's autocast
+        return ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias)
 
 
 def causal_conv1d(x, weight, bias):
