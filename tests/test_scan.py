@@ -1,5 +1,7 @@
 """The selective scan: every backend against the per-token definition (outputs, gradients, large dt),
 gradcheck, and the backend choice (devices and imports mocked)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,36 @@ def test_the_backend_is_said_once_per_device_type(scan_backend, capsys):
     selective_scan(*leaves)
     assert capsys.readouterr().err.count("selective scan on cpu: torch (forced)") == 1
     assert ssm.backend("cpu") == ("torch", "forced")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["triton", "mamba", "torch"])
+def test_cuda_backends_match_the_cpu_scan_and_conv(name, monkeypatch):
+    """fp32 and bf16 inputs, outputs and gradients, B and C as the mixer passes them (channel-last views of
+    x_proj's output), and the conv; tolerances of upstream's kernel tests (fp32) and of bf16 inputs."""
+    try:
+        ssm.choose("cuda", name)
+    except ScanBackendError as e:
+        pytest.skip(str(e))
+    monkeypatch.setitem(ssm._requested, "name", name)  # compiled kernels: not the `scan_backend` fixture's interpreter
+    monkeypatch.setattr(ssm, "backend", functools.cache(ssm.backend.__wrapped__))  # a choice for this test only
+    b, d, l, n = 2, 64, 197, 16
+    for dtype, rtol, atol in ((torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)):
+        leaves = scan_inputs(b, d, l, n)
+        leaves[1] = leaves[1] / 3 - 2
+        leaves[3], leaves[4] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[3:5])  # (b, l, n)
+        cpu = [t.clone().requires_grad_() for t in leaves]
+        gpu = [(t.to(dtype) if i in (0, 1, 3, 4, 6) else t).cuda().requires_grad_() for i, t in enumerate(leaves)]
+        want = ChunkedScan.apply(*[t.to(dtype).float() if i in (0, 1, 3, 4, 6) else t for i, t in enumerate(cpu)])
+        out = selective_scan(*gpu)
+        g = torch.randn_like(want)
+        want.backward(g)
+        out.float().backward(g.cuda())
+        assert torch.allclose(out.float().cpu(), want.detach(), rtol=rtol, atol=atol)
+        for a, r in zip(gpu, cpu):
+            assert torch.allclose(a.grad.float().cpu(), r.grad, rtol=rtol * 10, atol=atol * 10)
+    x, w, bias = torch.randn(b, d, l), torch.randn(d, 1, 4), torch.randn(d)
+    want = F.silu(F.conv1d(x, w, bias, padding=3, groups=d)[..., :l])
+    got = ssm.causal_conv1d(x.cuda(), w.cuda(), bias.cuda()).cpu()
+    assert torch.allclose(got, want, rtol=3e-4, atol=1e-3)
