@@ -134,7 +134,8 @@ class Batches:
     ImageNet-normalises) there, so a GPU does the conversion and transfers carry 4x fewer bytes.
     `resident=True` keeps the whole uint8 split on `device` (a 1,000-image training set is 150 MB).
     No step waits for a copy: the labels live on `device`, the epoch's order goes there in one copy, and
-    on CUDA a streamed batch is copied from pinned memory while the previous one is computed.
+    on CUDA the host gathers and pins batch b + 1 and queues its asynchronous copy before batch b is handed
+    out, so that host work overlaps the device's compute (the copy itself runs in the stream's order).
     Shuffling uses a generator seeded by (seed, epoch), so runs are reproducible."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool = False, drop_last: bool = False,
@@ -173,7 +174,7 @@ class Batches:
             else:
                 x = self._to_device(torch.from_numpy(self.split.images[order[rows].numpy()]))
             if pending is not None:
-                yield pending  # batch b is on its way while batch b - 1 is computed
+                yield pending  # batch b is queued before batch b - 1 is computed
             pending = x.permute(0, 3, 1, 2), self.labels[idx]
         if pending is not None:
             yield pending

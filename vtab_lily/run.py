@@ -174,8 +174,10 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
             raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
-        if finished(record_path) and not force:
-            return record_path  # finished by another process while we looked
+        if finished(record_path) and not force:  # finished by another process while we looked
+            if on_skip:
+                on_skip(record_path)
+            return record_path
         for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
             tmp.unlink(missing_ok=True)  # left by a killed process
         state_path = spec.path(runs, ".state.pt")
