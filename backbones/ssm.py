@@ -94,10 +94,15 @@ def choose(device_type: str, requested: str) -> tuple[str, str]:
     return "torch", f"neither mamba-ssm ({kernels_missing}) nor Triton ({triton_missing}) imports"
 
 
+def chosen(device_type: str) -> tuple[str, str]:
+    """The backend that tensors on `device_type` will use and why, as `choose` (silent)."""
+    return choose(device_type, _requested["name"])
+
+
 @functools.cache
 def backend(device_type: str) -> tuple[str, str]:
     """The backend used for tensors on `device_type` and why; said once on stderr per device type."""
-    name, why = choose(device_type, _requested["name"])
+    name, why = chosen(device_type)
     print(f"selective scan on {device_type}: {name} ({why})", file=sys.stderr, flush=True)
     return name, why
 

@@ -21,7 +21,7 @@ import torch
 
 from backbones import WeightsError, family
 from backbones.ssm import BACKENDS, ScanBackendError, set_backend
-from backbones.ssm import backend as scan_backend
+from backbones.ssm import chosen as scan_backend
 
 from .adapters import get_method
 from .data import Batches, DataError, load_split, read_list, task_dir
