@@ -87,7 +87,8 @@ class Mixer(nn.Module):
         x = causal_conv1d(x, conv.weight, conv.bias)
         x_dbl = getattr(self, f"x_proj{suffix}")(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = getattr(self, f"dt_proj{suffix}")(dt).transpose(1, 2)  # W dt + b: softplus(. ) in the scan
+        with torch.autocast(x.device.type, enabled=False):  # fp32, bias included (upstream: an fp32 delta_bias)
+            dt = getattr(self, f"dt_proj{suffix}")(dt.float()).transpose(1, 2)  # W dt + b: softplus(.) in the scan
         A = -torch.exp(getattr(self, f"A{suffix}_log").float())
         return selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{suffix}"), z)
 

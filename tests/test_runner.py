@@ -166,12 +166,18 @@ def test_tensorboard_logs_every_epoch(data_root, tmp_path):
     assert [e.value for e in events.Scalars("eval/acc")] == pytest.approx([e["acc"] for e in record["evaluations"]])
 
 
-def test_local_workers_run_both_vtab_stages(data_root, tmp_path, monkeypatch, capsys):
+def test_two_runs_per_gpu_train_every_run_of_both_vtab_stages_once(data_root, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two worker processes on two cores
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # two worker slots on the CPU
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--seeds", "4",
                            "--grid", "lora.r=1,2", "--set", *[f"{k}={v}" for k, v in TINY.items()], "epochs=2",
-                           "--protocol", "vtab", "--gpus", "2", "--data-root", str(data_root), "--runs", str(tmp_path)])
+                           "--protocol", "vtab", "--runs-per-gpu", "2", "--data-root", str(data_root), "--runs",
+                           str(tmp_path)])
     assert code == 0
+    out = capfd.readouterr().out
+    assert out.count(": ran\n") == 3  # the workers' lines: each of the 3 runs trained by one worker only
+    assert out.count(": busy\n") + out.count(": done\n") == 3  # the other worker's view of them
+    assert out.strip().splitlines()[-1] == "3 jobs: 3 ran, 0 already done, 0 run elsewhere, 0 failed"
     df = load_records(tmp_path)
     assert sorted(df.eval_split) == ["test", "val200", "val200"]
 
@@ -191,6 +197,17 @@ def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
     record = read_record(execute(spec, tmp_path, data_root, progress=False))
     assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr
     assert record["method_config"]["router"] == "model" and record["method_config"]["routing"] == "token"
+    assert record["scan"] == {"backend": "torch", "reason": "cpu tensors"}
+
+
+def test_a_forced_scan_backend_that_cannot_run_is_one_clear_error(data_root, tmp_path, capsys, scan_backend):
+    scan_backend("auto")  # restores the choice after the test
+    argv = ["--backbone", "vim-tiny-test", "--task", "digits", "--data-root", str(data_root), "--runs",
+            str(tmp_path / "runs"), "--device", "cpu", "--no-progress", "--scan-backend", "mamba", *TINY_ARGS]
+    assert run_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: scan backend mamba cannot run: tensors on cpu, not CUDA") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_only_done_records_count_as_finished(tmp_path):

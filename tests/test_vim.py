@@ -1,13 +1,10 @@
-"""Vision Mamba: checkpoint keys, the CPU scan against a naive loop, gradcheck, Lily/LoRA on Vim."""
-import math
-
+"""Vision Mamba: checkpoint keys, the mixer and model against naive per-token code, Lily/LoRA on Vim."""
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import randomize_trainable
+from test_scan import assert_grads_close, naive_scan
 
 from backbones import create_backbone
-from backbones.ssm import SelectiveScan, selective_scan
 from backbones.vim import Mixer, resize_pos_embed
 from vtab_lily import build_model, count_params, disable_adapters
 
@@ -62,71 +59,6 @@ def test_pos_embed_resize_keeps_the_middle_class_token():
     assert torch.allclose(resize_pos_embed(pos, 16), pos)
 
 
-def naive_scan(u, delta, A, B, C, D, z, bias):
-    """Token by token, channel by channel: the selective scan as written in the Mamba paper."""
-    b, d, l = u.shape
-    out = torch.zeros(b, d, l)
-    for i in range(b):
-        for c in range(d):
-            h = torch.zeros(A.shape[1])
-            for t in range(l):
-                dt = F.softplus(delta[i, c, t] + bias[c])
-                h = torch.exp(dt * A[c]) * h + dt * B[i, :, t] * u[i, c, t]
-                y = (h * C[i, :, t]).sum() + D[c] * u[i, c, t]
-                out[i, c, t] = y * z[i, c, t] * torch.sigmoid(z[i, c, t])
-    return out
-
-
-def test_scan_equals_naive_loop_outputs_and_gradients():
-    torch.manual_seed(0)
-    b, d, l, n = 2, 3, 6, 4
-    leaves = [torch.randn(b, d, l), torch.randn(b, d, l), -torch.rand(d, n) - 0.2, torch.randn(b, n, l),
-              torch.randn(b, n, l), torch.randn(d), torch.randn(b, d, l), torch.randn(d)]
-    ours = [t.clone().requires_grad_() for t in leaves]
-    ref = [t.clone().requires_grad_() for t in leaves]
-    out, want = selective_scan(*ours), naive_scan(*ref)
-    assert (out - want).abs().max() < 1e-5
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    (want * g).sum().backward()
-    for a, r in zip(ours, ref):
-        assert_grads_close(a.grad, r.grad)
-
-
-def test_scan_gradcheck_float64():
-    torch.manual_seed(1)
-    b, d, l, n = 1, 2, 4, 3
-
-    def leaf(*shape):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    args = [leaf(b, d, l), leaf(b, d, l), (-torch.rand(d, n, dtype=torch.float64) - 0.1).requires_grad_(),
-            leaf(b, n, l), leaf(b, n, l), leaf(d), leaf(b, d, l), leaf(d)]
-    assert torch.autograd.gradcheck(SelectiveScan.apply, args)
-
-
-def assert_grads_close(got, want):
-    """Relative to the gradient's own size (an absolute 1e-4 would pass gradients smaller than that)."""
-    assert want.abs().max() > 0
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-
-
-def test_scan_is_stable_and_right_when_dt_is_large():
-    torch.manual_seed(2)
-    leaves = [torch.randn(1, 2, 50), torch.full((1, 2, 50), 80.0) + torch.randn(1, 2, 50), -torch.rand(2, 4) - 1,
-              torch.randn(1, 4, 50), torch.randn(1, 4, 50), torch.ones(2), torch.randn(1, 2, 50), torch.zeros(2)]
-    ours = [t.clone().requires_grad_() for t in leaves]
-    ref = [t.clone().requires_grad_() for t in leaves]
-    out, want = selective_scan(*ours), naive_scan(*ref)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)  # values reach ~80 * |B u C|
-    out.sum().backward()
-    want.sum().backward()
-    for a, r in zip(ours, ref):
-        assert torch.isfinite(a.grad).all()
-        if r.grad.abs().max() > 0:
-            assert_grads_close(a.grad, r.grad)
-
-
 def naive_mixer(m: Mixer, h):
     """The bimamba-v2 mixer with explicit per-token conv and the naive scan, both directions."""
     xz = (h @ m.in_proj.weight.T).transpose(1, 2)
@@ -149,7 +81,10 @@ def naive_mixer(m: Mixer, h):
     return (y / 2).transpose(1, 2) @ m.out_proj.weight.T
 
 
-def test_mixer_equals_naive_mixer_outputs_and_gradients():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixer_equals_naive_mixer_outputs_and_gradients(backend, scan_backend):
+    """Both scan directions, the conv and the projections; Triton under its interpreter."""
+    scan_backend(backend)
     torch.manual_seed(0)
     mixer = Mixer(8)  # d_inner 16, dt_rank 1, d_state 16
     h = torch.randn(2, 5, 8, requires_grad=True)
@@ -229,19 +164,3 @@ def test_vim_lily_is_the_official_per_token_computation():
         low = torch.randn(2, 5, dt_proj.base.in_features)
         w = dt_proj.base.weight + lily.hps["dt_proj_b"][0].T @ lily.lps["dt_proj_b"][0].weight
         assert (dt_proj(low) - (low @ w.T + dt_proj.base.bias)).abs().max() < 1e-5
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kernels_match_the_cpu_scan():
-    from backbones.ssm import cuda_kernels
-    if cuda_kernels() is None:
-        pytest.skip("mamba-ssm / causal-conv1d kernels are not installed")
-    torch.manual_seed(0)
-    b, d, l, n = 2, 64, 197, 16
-    args = [torch.randn(b, d, l), torch.randn(b, d, l) - 2, -torch.rand(d, n) - 0.5, torch.randn(b, n, l),
-            torch.randn(b, n, l), torch.randn(d), torch.randn(b, d, l), torch.randn(d)]
-    cpu = SelectiveScan.apply(*args)
-    gpu = selective_scan(*[a.cuda() for a in args]).cpu()
-    assert torch.allclose(gpu, cpu, rtol=6e-4, atol=2e-3)
-    assert math.isfinite(gpu.abs().max().item())

@@ -161,6 +161,9 @@ class Batches:
     Images stay uint8 until they are on the model's device: `to_float` converts (and optionally
     ImageNet-normalises) there, so a GPU does the conversion and transfers carry 4x fewer bytes.
     `resident=True` keeps the whole uint8 split on `device` (a 1,000-image training set is 150 MB).
+    No step waits for a copy: the labels live on `device`, the epoch's order goes there in one copy, and
+    on CUDA the host gathers and pins batch b + 1 and queues its asynchronous copy before batch b is handed
+    out, so that host work overlaps the device's compute (the copy itself runs in the stream's order).
     Shuffling uses a generator seeded by (seed, epoch), so runs are reproducible."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool = False, drop_last: bool = False,
@@ -168,7 +171,7 @@ class Batches:
         self.split, self.batch_size, self.shuffle, self.drop_last = split, batch_size, shuffle, drop_last
         self.device = torch.device(device)
         self.seed, self.epoch = seed, 0
-        self.labels = torch.from_numpy(split.labels)
+        self.labels = torch.from_numpy(split.labels).to(self.device)
         self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device) if resident else None
 
     def __len__(self):
@@ -178,19 +181,31 @@ class Batches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """An asynchronous copy on CUDA (from pinned memory), a plain one elsewhere."""
+        cuda = self.device.type == "cuda"
+        return (t.pin_memory() if cuda else t).to(self.device, non_blocking=cuda)
+
     def __iter__(self):
         n = len(self.labels)
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(n)
+        on_device = self._to_device(order)
+        pending = None
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = on_device[rows]
             if self.images is not None:
-                x = self.images[idx.to(self.device)]
+                x = self.images[idx]
             else:
-                x = torch.from_numpy(self.split.images[idx.numpy()]).to(self.device, non_blocking=True)
-            yield x.permute(0, 3, 1, 2), self.labels[idx].to(self.device)
+                x = self._to_device(torch.from_numpy(self.split.images[order[rows].numpy()]))
+            if pending is not None:
+                yield pending  # batch b is queued before batch b - 1 is computed
+            pending = x.permute(0, 3, 1, 2), self.labels[idx]
+        if pending is not None:
+            yield pending
 
 
 def to_float(x: torch.Tensor, normalize: bool = False) -> torch.Tensor:

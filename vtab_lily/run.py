@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from backbones import WeightsError
+from backbones import WeightsError, family
+from backbones.ssm import BACKENDS, ScanBackendError, set_backend
+from backbones.ssm import chosen as scan_backend
 
 from .adapters import get_method
 from .choices import choices_help
@@ -48,7 +50,7 @@ class RunsFolderError(OSError):
 
 # Errors a user can cause: main() turns each into one line and exit code 2.
 USER_ERRORS = (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy,
-               RunsFolderError, RecordError)
+               RunsFolderError, RecordError, ScanBackendError)
 
 
 def parse_value(text: str):
@@ -148,6 +150,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             on_skip(record_path)
         return record_path
     check_batch_size(spec, data_root)
+    scan = scan_backend(torch.device(device).type) if family(spec.backbone) == "vim" else None  # may refuse
     recipe = spec.full_recipe()
     task = get_task(spec.task)
     # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
@@ -158,8 +161,10 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
             raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
-        if finished(record_path) and not force:
-            return record_path  # finished by another process while we looked
+        if finished(record_path) and not force:  # finished by another process while we looked
+            if on_skip:
+                on_skip(record_path)
+            return record_path
         for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
             tmp.unlink(missing_ok=True)  # left by a killed process
         state_path = spec.path(runs, ".state.pt")
@@ -173,7 +178,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         test = Batches(eval_split, recipe.eval_batch_size, device=device)
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
                       weights=weights_file, data_root=str(data_root), device=device,
-                      split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)})
+                      split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
+                      scan=dict(zip(("backend", "reason"), scan)) if scan else None)
         on_epoch = ([print_epoch] if progress else []) + ([TensorBoardLog(Path(tensorboard) / spec.run_id)]
                                                           if tensorboard else [])
         try:
@@ -220,8 +226,12 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="run again even if a record exists")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard scalars to DIR/<run-id>")
+    parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan (default auto: the mamba-ssm "
+                        "kernels, else Triton, on CUDA; PyTorch elsewhere); the record says which ran")
     args = parser.parse_args(argv)
     try:
+        if args.scan_backend:
+            set_backend(args.scan_backend)
         settings = {}
         for item in args.set:
             key, sep, value = item.partition("=")

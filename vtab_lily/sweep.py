@@ -5,7 +5,7 @@
     python -m vtab_lily.sweep --preset table4 --tasks all
     python -m vtab_lily.sweep --preset mini --prepare                 # the offline mini-benchmark (CPU)
     ... --launcher slurm --partition gpu [--timeout-min 240]     # one Slurm job per run, requeued on preemption
-    ... --gpus 4                                                  # local: one worker process per GPU
+    ... --gpus 4 [--runs-per-gpu 2]                               # local: K worker processes per GPU
 
 Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
 share the work without duplicating or corrupting a record. `--protocol vtab` first scores every grid
@@ -20,6 +20,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+
+import torch
+
+from backbones.ssm import BACKENDS, set_backend
 
 from .choices import choices_help
 from .options import error_line
@@ -88,22 +92,22 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
         execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
     except RunBusy:
         return "busy"
+    except torch.cuda.OutOfMemoryError as e:  # this run does not fit next to the others: the sweep goes on
+        torch.cuda.empty_cache()
+        return f"failed: CUDA out of memory ({str(e).splitlines()[0]}); lower the batch size or --runs-per-gpu"
     except (NonFiniteLoss, OSError, *USER_ERRORS) as e:
         return f"failed: {error_line(e)}"
     return "done" if skipped else "ran"
 
 
-def best_on_val(specs: list[RunSpec], runs: str, data_root: str, weights: str | None) -> list[RunSpec]:
+def best_on_val(specs: list[RunSpec], args) -> list[RunSpec]:
     """VTAB protocol: per (backbone, method, task, seed) the grid point with the best final val200
     accuracy, as a spec that trains on train800val200 and tests."""
     best = {}
     for spec in specs:
-        try:
-            record = finished(resolve(spec, data_root, weights)[0].path(runs))
-        except USER_ERRORS:
-            continue  # reported as failed in the first stage
+        record = record_of(spec, args)
         if record is None:
-            continue
+            continue  # not finished, or reported as failed in the first stage
         acc = record["final_acc"]
         key = (spec.backbone, spec.method, spec.task, spec.seed)
         if key not in best or acc > best[key][0]:
@@ -126,8 +130,8 @@ def launch(points: list[Point], args, stage: str) -> list[str]:
     specs = [p.spec for p in points if p.spec is not None]
     if args.launcher in ("slurm", "submitit-local"):
         results = iter(launch_submitit(specs, args))
-    elif args.gpus > 1 and not args.stage:
-        return launch_workers(args, stage)
+    elif len(args.workers) > 1 and not args.stage:
+        return launch_workers(points, args, stage)
     else:
         results = None
     statuses = []
@@ -143,12 +147,43 @@ def launch(points: list[Point], args, stage: str) -> list[str]:
     return statuses
 
 
-def launch_workers(args, stage: str) -> list[str]:
-    """One worker process per GPU over the same job list (of `stage`); lock files split the work."""
+def worker_gpus(gpus: int, runs_per_gpu: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker process: the first `gpus` of the GPUs this process sees (the
+    parent's CUDA_VISIBLE_DEVICES, else all), each `runs_per_gpu` times; None (the CPU) without a GPU."""
+    count = torch.cuda.device_count()
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [g.strip() for g in mask.split(",")][:count] if mask is not None else [str(g) for g in range(count)]
+    if gpus > max(len(visible), 1):
+        raise KeyError(f"--gpus {gpus}: this process sees {len(visible)} GPU(s)"
+                       + (f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else "") + "; lower --gpus")
+    return [gpu for gpu in (visible[:gpus] or [None]) for _ in range(runs_per_gpu)]
+
+
+def launch_workers(points: list[Point], args, stage: str) -> list[str]:
+    """Worker processes over the same job list (of `stage`), lock files splitting the work; each point's
+    status comes from its record afterwards."""
+    before = [record_of(p.spec, args) is not None if p.spec else False for p in points]
     procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *args.argv, "--stage", stage],
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}) for g in range(args.gpus)]
+                              env={**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})})
+             for gpu in args.workers]
     codes = [p.wait() for p in procs]
-    return ["ran" if c == 0 else f"failed: worker exit {c}" for c in codes]
+    statuses = []
+    for point, done_before in zip(points, before):
+        if point.error is not None:
+            statuses.append(f"failed: {point.error}")
+        elif done_before or record_of(point.spec, args) is not None:
+            statuses.append("done" if done_before else "ran")
+        else:
+            statuses.append(f"failed: not finished by the workers (exit codes {codes}; see their output)")
+    return statuses
+
+
+def record_of(spec: RunSpec, args) -> dict | None:
+    """The finished record of `spec` under args.runs, or None."""
+    try:
+        return finished(resolve(spec, args.data_root, args.weights)[0].path(args.runs))
+    except USER_ERRORS:
+        return None
 
 
 def launch_submitit(specs: list[RunSpec], args) -> list[str]:
@@ -186,7 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed settings for all runs")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
     parser.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
-    parser.add_argument("--gpus", type=int, default=1, help="local launcher: worker processes, one per GPU")
+    parser.add_argument("--gpus", type=int, default=1, help="local launcher: GPUs to use (of those visible)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1, metavar="K",
+                        help="local launcher: K runs share each GPU (K worker processes per GPU; on a machine "
+                        "without a GPU, K processes on the CPU)")
+    parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan in every run (as run's option)")
     parser.add_argument("--partition", help="Slurm partition")
     parser.add_argument("--timeout-min", type=int, default=240)
     parser.add_argument("--logs", default="results/slurm-logs")
@@ -211,6 +250,13 @@ def main(argv=None) -> int:
         for task in tasks:
             get_task(task)
         grid = parse_grid(args.grid)
+        if args.scan_backend:
+            os.environ["VTAB_LILY_SCAN"] = args.scan_backend  # worker processes and local jobs inherit it
+            set_backend(args.scan_backend)
+        if min(args.gpus, args.runs_per_gpu) < 1:
+            raise KeyError(f"--gpus and --runs-per-gpu must be at least 1, got {args.gpus} and {args.runs_per_gpu}")
+        local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
+        args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []
         stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
     except USER_ERRORS as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
@@ -228,7 +274,7 @@ def main(argv=None) -> int:
     valid = [p.spec for p in stage1 if p.spec is not None]
     def final():
         return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
-                for s in best_on_val(valid, args.runs, args.data_root, args.weights)]
+                for s in best_on_val(valid, args)]
 
     if args.stage:  # a worker process of --gpus N: run its stage's list
         statuses = launch(final() if args.stage == "final" else stage1, args, args.stage)

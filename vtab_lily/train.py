@@ -54,15 +54,16 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, recipe: Recipe) -> tuple[float, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy."""
+    """Top-1 accuracy (percent) and mean cross-entropy; sums stay on the device: one host sync in all."""
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    totals, n = torch.zeros(2, dtype=torch.float64, device=batches.device), 0  # correct, loss
     for x, y in batches:
         with _autocast(batches.device, recipe.precision):
             logits = model(to_float(x, recipe.normalize)).float()
-        correct += (logits.argmax(-1) == y).sum().item()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        totals[0] += (logits.argmax(-1) == y).sum()
+        totals[1] += F.cross_entropy(logits, y, reduction="sum")
         n += len(y)
+    correct, loss = totals.tolist()
     return 100.0 * correct / n, loss / n
 
 
@@ -84,12 +85,20 @@ class History:
                     images_per_s=self.train_images / max(self.train_time_s, 1e-9))
 
 
-def _state(model, optimizer, scheduler, epoch: int, history: History) -> dict:
+def _state(model, optimizer, scheduler, epoch: int, history: History, device: torch.device) -> dict:
     return {"epoch": epoch, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # this run's GPU only
             "history": history.__dict__}
+
+
+def restore_cuda_rng(saved, device: torch.device) -> None:
+    """Put back the CUDA generator of the run's GPU. States saved before one entry per visible GPU
+    (get_rng_state_all) give their first, so a resume with fewer GPUs visible (a one-GPU sweep worker) works."""
+    if saved is None or device.type != "cuda":
+        return
+    torch.cuda.set_rng_state(saved[0] if isinstance(saved, list) else saved, device)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -114,8 +123,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        restore_cuda_rng(state["rng_cuda"], train.device)
         history, start = History(**state["history"]), state["epoch"]
     wall_before = history.wall_time_s
     if train.device.type == "cuda":
@@ -154,7 +162,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         history.wall_time_s = wall_before + time.perf_counter() - session
         stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
         if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
-            save_state(state_path, _state(model, optimizer, scheduler, done, history))
+            save_state(state_path, _state(model, optimizer, scheduler, done, history, train.device))
         if stop:
             raise Interrupted(f"stopped after epoch {done}; run again to resume")
     return history

@@ -1,0 +1,193 @@
+"""The selective scan: every backend against the per-token definition (outputs, gradients, large dt),
+gradcheck, and the backend choice (devices and imports mocked)."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backbones import ssm
+from backbones.ssm import ChunkedScan, ScanBackendError, choose, selective_scan
+
+
+def naive_scan(u, delta, A, B, C, D, z, bias):
+    """Token by token, channel by channel: the selective scan as written in the Mamba paper."""
+    b, d, l = u.shape
+    out = torch.zeros(b, d, l, dtype=u.dtype)
+    for i in range(b):
+        for c in range(d):
+            h = torch.zeros(A.shape[1], dtype=u.dtype)
+            for t in range(l):
+                dt = F.softplus(delta[i, c, t] + (bias[c] if bias is not None else 0))
+                h = torch.exp(dt * A[c]) * h + dt * B[i, :, t] * u[i, c, t]
+                y = (h * C[i, :, t]).sum() + D[c] * u[i, c, t]
+                out[i, c, t] = y * z[i, c, t] * torch.sigmoid(z[i, c, t])
+    return out
+
+
+def scan_inputs(b=2, d=5, l=7, n=3, seed=0):
+    """Random inputs with some large dt (softplus(delta) up to ~60: decays underflow to 0)."""
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(b, d, l, generator=g) * 3
+    delta[0, -1, l // 2], delta[-1, 0, -1] = 60.0, 45.0
+    return [torch.randn(b, d, l, generator=g), delta, -torch.rand(d, n, generator=g) - 0.1,
+            torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g), torch.randn(d, generator=g),
+            torch.randn(b, d, l, generator=g), torch.randn(d, generator=g)]
+
+
+SCANS = {
+    "torch, chunks of 3 (the last ragged)": lambda *a: ChunkedScan.apply(*a, 3),
+    "torch, one chunk": lambda *a: ChunkedScan.apply(*a, 100),
+    "torch, chunks of 1": lambda *a: ChunkedScan.apply(*a, 1),
+    "triton (interpreter)": "triton",
+}
+
+
+@pytest.mark.parametrize("name", SCANS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scan_equals_naive_loop_outputs_and_gradients(name, with_bias, scan_backend):
+    scan = SCANS[name]
+    if scan == "triton":
+        scan_backend("triton")
+        scan = selective_scan
+    leaves = scan_inputs()
+    if not with_bias:
+        leaves[-1] = None
+    ours = [t.clone().requires_grad_() if t is not None else None for t in leaves]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in leaves]
+    out, want = scan(*ours), naive_scan(*ref)
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    assert (out - want).abs().max() < 1e-5
+    g = torch.randn_like(want)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    for a, r in zip(ours, ref):
+        if a is not None:
+            assert torch.isfinite(a.grad).all()
+            assert_grads_close(a.grad, r.grad)
+
+
+def assert_grads_close(got, want):
+    """Relative to the gradient's own size (an absolute 1e-4 would pass gradients smaller than that), down to
+    fp32's smallest normal number (below it, denormals carry fewer bits: e.g. dA at dt ~ 80 is ~1e-41)."""
+    assert want.abs().max() > 0
+    atol = max(1e-5 * want.abs().max().item(), torch.finfo(want.dtype).tiny)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("name", SCANS)
+def test_scan_is_stable_and_right_when_dt_is_large(name, scan_backend):
+    scan = SCANS[name]
+    if scan == "triton":
+        scan_backend("triton")
+        scan = selective_scan
+    torch.manual_seed(2)
+    leaves = [torch.randn(1, 2, 50), torch.full((1, 2, 50), 80.0) + torch.randn(1, 2, 50), -torch.rand(2, 4) - 1,
+              torch.randn(1, 4, 50), torch.randn(1, 4, 50), torch.ones(2), torch.randn(1, 2, 50), torch.zeros(2)]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    ref = [t.clone().requires_grad_() for t in leaves]
+    out, want = scan(*ours), naive_scan(*ref)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)  # values reach ~80 * |B u C|
+    out.sum().backward()
+    want.sum().backward()
+    for a, r in zip(ours, ref):
+        assert torch.isfinite(a.grad).all()
+        if r.grad.abs().max() > 0:
+            assert_grads_close(a.grad, r.grad)
+
+
+def test_chunked_scan_gradcheck_float64():
+    args = [t.double().requires_grad_() for t in scan_inputs(b=1, d=2, l=5, n=3, seed=1)]
+    args[1] = (args[1].detach() / 3).requires_grad_()  # moderate dt: finite differences need smooth inputs
+    assert torch.autograd.gradcheck(lambda *a: ChunkedScan.apply(*a, 2), args)
+
+
+def test_torch_backend_is_the_default_on_the_cpu(scan_backend):
+    scan_backend("auto")
+    assert choose("cpu", "auto") == ("torch", "cpu tensors")
+    leaves = scan_inputs()
+    assert torch.equal(selective_scan(*leaves), ChunkedScan.apply(*leaves))
+
+
+def mock_imports(monkeypatch, mamba: bool, triton: bool):
+    monkeypatch.setattr(ssm, "cuda_kernels", lambda: (("scan", "conv"), "") if mamba else
+                        (None, "ModuleNotFoundError: No module named 'mamba_ssm'"))
+    monkeypatch.setattr(ssm, "triton_scan", lambda: (object(), "") if triton else
+                        (None, "ModuleNotFoundError: No module named 'triton'"))
+
+
+@pytest.mark.parametrize("mamba,triton,expected", [
+    (True, True, "mamba"), (False, True, "triton"), (False, False, "torch")])
+def test_auto_on_cuda_prefers_mamba_then_triton_then_torch(monkeypatch, mamba, triton, expected):
+    mock_imports(monkeypatch, mamba, triton)
+    name, why = choose("cuda", "auto")
+    assert name == expected
+    if not mamba:
+        assert "No module named 'mamba_ssm'" in why
+    assert choose("cpu", "auto")[0] == "torch"
+
+
+@pytest.mark.parametrize("requested,device,mamba,triton,message", [
+    ("mamba", "cuda", False, True, "scan backend mamba cannot run: the kernels do not import"),
+    ("mamba", "cpu", True, True, "scan backend mamba cannot run: tensors on cpu, not CUDA"),
+    ("triton", "cuda", True, False, "scan backend triton cannot run: ModuleNotFoundError"),
+    ("triton", "cpu", False, True, "scan backend triton cannot run: tensors on cpu, not CUDA"),
+    ("cuda-graphs", "cuda", True, True, "unknown scan backend 'cuda-graphs'"),
+])
+def test_a_forced_backend_that_cannot_run_says_why_in_one_line(monkeypatch, requested, device, mamba, triton,
+                                                               message):
+    mock_imports(monkeypatch, mamba, triton)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ScanBackendError, match=message) as e:
+        choose(device, requested)
+    assert "\n" not in str(e.value)
+
+
+def test_forced_backends_run_when_they_can(monkeypatch):
+    mock_imports(monkeypatch, True, True)
+    assert choose("cuda", "triton") == ("triton", "forced")
+    assert choose("cuda", "torch") == ("torch", "forced")
+    assert choose("cuda", "mamba") == ("mamba", "forced")
+
+
+def test_the_backend_is_said_once_per_device_type(scan_backend, capsys):
+    scan_backend("torch")
+    leaves = scan_inputs()
+    selective_scan(*leaves)
+    selective_scan(*leaves)
+    assert capsys.readouterr().err.count("selective scan on cpu: torch (forced)") == 1
+    assert ssm.backend("cpu") == ("torch", "forced")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["triton", "mamba", "torch"])
+def test_cuda_backends_match_the_cpu_scan_and_conv(name, monkeypatch):
+    """fp32 and bf16 inputs, outputs and gradients, B and C as the mixer passes them (channel-last views of
+    x_proj's output), and the conv; tolerances of upstream's kernel tests (fp32) and of bf16 inputs."""
+    try:
+        ssm.choose("cuda", name)
+    except ScanBackendError as e:
+        pytest.skip(str(e))
+    monkeypatch.setitem(ssm._requested, "name", name)  # compiled kernels: not the `scan_backend` fixture's interpreter
+    monkeypatch.setattr(ssm, "backend", functools.cache(ssm.backend.__wrapped__))  # a choice for this test only
+    b, d, l, n = 2, 64, 197, 16
+    for dtype, rtol, atol in ((torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)):
+        leaves = scan_inputs(b, d, l, n)
+        leaves[1] = leaves[1] / 3 - 2
+        leaves[3], leaves[4] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[3:5])  # (b, l, n)
+        cpu = [t.clone().requires_grad_() for t in leaves]
+        gpu = [(t.to(dtype) if i in (0, 1, 3, 4, 6) else t).cuda().requires_grad_() for i, t in enumerate(leaves)]
+        want = ChunkedScan.apply(*[t.to(dtype).float() if i in (0, 1, 3, 4, 6) else t for i, t in enumerate(cpu)])
+        out = selective_scan(*gpu)
+        g = torch.randn_like(want)
+        want.backward(g)
+        out.float().backward(g.cuda())
+        assert torch.allclose(out.float().cpu(), want.detach(), rtol=rtol, atol=atol)
+        for a, r in zip(gpu, cpu):
+            assert torch.allclose(a.grad.float().cpu(), r.grad, rtol=rtol * 10, atol=atol * 10)
+    x, w, bias = torch.randn(b, d, l), torch.randn(d, 1, 4), torch.randn(d)
+    want = F.silu(F.conv1d(x, w, bias, padding=3, groups=d)[..., :l])
+    got = ssm.causal_conv1d(x.cuda(), w.cuda(), bias.cuda()).cpu()
+    assert torch.allclose(got, want, rtol=3e-4, atol=1e-3)
