@@ -34,7 +34,8 @@ def atomic_path(path: str | os.PathLike):
             os.remove(tmp)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,7 +54,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
         if len(parts) != 5 or not parts[2].isdigit():
             continue
         try:
-            stale = (not _alive(int(parts[2])) if parts[1] == HOST
+            stale = (not pid_alive(int(parts[2])) if parts[1] == HOST
                      else time.time() - tmp.stat().st_mtime > STALE_TEMP_S)
             if stale:
                 tmp.unlink()

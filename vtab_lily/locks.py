@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .fileio import pid_alive
+
 HEARTBEAT_S = 30.0
 TTL_S = 300.0  # 10 missed heartbeats
 GARBAGE_GRACE_S = 10.0
@@ -32,16 +34,6 @@ def process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -78,7 +70,7 @@ class RunLock:
             return True
         if info.get("host") == socket.gethostname():
             pid = int(info.get("pid", -1))
-            if pid <= 0 or not _alive(pid):
+            if pid <= 0 or not pid_alive(pid):
                 return True
             start = process_start(pid)
             return start is not None and info.get("start") not in (None, start)  # pid reused
