@@ -15,15 +15,11 @@ import math
 import types
 import typing
 
+from .errors import UserError, error_line  # noqa: F401  (error_line: re-exported for callers)
 
-class OptionError(ValueError):
+
+class OptionError(UserError, ValueError):
     """An option value of the wrong type or outside its range; the message names the option."""
-
-
-def error_line(e: BaseException) -> str:
-    """An exception's message as one line (KeyError's quotes dropped, inner newlines folded)."""
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    return " ".join(text.split())
 
 
 def _kinds(hint) -> tuple[set, bool]:
