@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, randomize_trainable, tiny
+from conftest import TINY, assert_close, randomize_trainable, tiny
 
 from backbones import create_backbone
 from vtab_lily import adapter_config, build_model, count_params, disable_adapters, load_adapter, save_adapter
@@ -37,7 +37,10 @@ def test_zero_init_is_identity_and_keeps_fused_attention(method, options, images
         assert len(calls) == 4  # timm's fused attention ran in all 4 blocks
         with disable_adapters(model):
             off = model(images)
-    assert torch.equal(got, want) if method in ("fft", "linear") else torch.allclose(got, want, atol=1e-6)
+    if method in ("fft", "linear"):
+        assert torch.equal(got, want)
+    else:
+        assert_close(got, want, 1e-6)
     assert torch.equal(off, want)
 
 
@@ -168,4 +171,4 @@ def test_adaptformer_reads_the_stream_before_norm2_and_adds_after_the_mlp():
     with torch.no_grad():
         h = x + block.attn(block.norm1(x))
         want = h + block.mlp(block.norm2(h)) + 0.3 * branch.up(torch.relu(branch.down(h)))
-        assert (block(x) - want).abs().max() < 1e-5
+        assert_close(block(x), want, 1e-5)

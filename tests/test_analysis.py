@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 import torch
-from conftest import randomize_trainable, tiny
+from conftest import assert_close, randomize_trainable, tiny
 
 from analysis.attention import cls_attention, plot_attention
 from analysis.common import save_figure
@@ -31,7 +31,7 @@ def test_feature_difference_is_zero_for_identical_layers(images, tmp_path):
     assert diff.shape == (4, 4) and torch.allclose(diff.diagonal(), torch.zeros(4), atol=1e-6)
     assert torch.allclose(diff, diff.T) and (diff > 1e-3).sum() == 12
     same = feature_difference([feats[1]] * 3)
-    assert torch.allclose(same, torch.zeros(3, 3), atol=1e-6)
+    assert torch.allclose(same, torch.zeros(3, 3), atol=1e-6)  # exact zeros: no scale to be relative to
     assert save_figure(plot_differences({"lily": diff}), tmp_path / "f.png").exists()
 
 
@@ -89,7 +89,7 @@ def test_lily_routed_update_uses_the_seen_router_weights(images):
     w = router_weights(model, images, "k")
     mix = w[2] / w[2].sum()
     want = torch.einsum("e,erd->rd", mix, model.lily.hps["k"]).T @ model.lily.lps["k"][1].weight
-    assert torch.allclose(ups["k.2"], want, atol=1e-6)
+    assert_close(ups["k.2"], want, 1e-6)
     with pytest.raises(ValueError, match="needs images"):
         updates(model)
 

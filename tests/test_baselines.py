@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, randomize_trainable, tiny
+from conftest import TINY, assert_close, randomize_trainable, tiny
 from scipy.stats import norm
 
 from backbones import create_backbone
@@ -37,7 +37,7 @@ def test_bilora_forward_is_quantise_then_matmul_with_straight_through_gradient()
     down, up = quantised(branch.down.weight.detach()), quantised(branch.up.weight.detach())
     want = (x @ down.T) @ up.T * 0.5
     out = branch(x)
-    assert (out - want).abs().max() < 1e-5
+    assert_close(out, want, 1e-5)
     # straight-through: the gradient is that of W(w) = (c + z(w) - z(w0)) * std(w) + mean(w), c and w0 fixed
     g = torch.randn_like(out)
     (out * g).sum().backward()
@@ -46,7 +46,7 @@ def test_bilora_forward_is_quantise_then_matmul_with_straight_through_gradient()
     c = torch.sign(z0) * code[1]
     eff = (c + (w - w.mean()) / (w.std() + 1e-5) - z0) * w.std() + w.mean()
     (((x @ down.T) @ eff.T * 0.5) * g).sum().backward()
-    assert torch.allclose(branch.up.weight.grad, w.grad, atol=1e-5)
+    assert_close(branch.up.weight.grad, w.grad, 1e-5)
 
 
 def test_bilora_counts_storage_and_exported_bits_round_trip(tmp_path, images):
@@ -60,7 +60,7 @@ def test_bilora_counts_storage_and_exported_bits_round_trip(tmp_path, images):
     fresh = tiny("bilora", r=4).eval()
     load_bits(fresh, path)
     with torch.no_grad():
-        assert (fresh(images) - model(images)).abs().max() < 1e-5
+        assert_close(fresh(images), model(images), 1e-5)
 
 
 def test_bilora_starts_near_but_not_at_the_backbone(images):
@@ -89,7 +89,7 @@ def test_fourierft_equals_peft_fourierft(images):
             branch = ob.attn.qkv.branches[0]
             assert torch.equal(torch.stack([branch.rows, branch.cols]), rb.attn.qkv.indices["default"])
             rb.attn.qkv.fourierft_spectrum["default"].copy_(branch.spectrum)
-        assert (ours(images) - ref(images)).abs().max() < 1e-5
+        assert_close(ours(images), ref(images), 1e-5)
 
 
 def test_fourierft_locations_are_shared_by_layers_and_count():
@@ -143,4 +143,4 @@ def test_zero_init_identity(method, options, images):
     with torch.no_grad():
         out = model(images)
         with disable_adapters(model):
-            assert torch.allclose(out, model(images), atol=1e-6)
+            assert_close(out, model(images), 1e-6)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, randomize_trainable, tiny
+from conftest import TINY, assert_close, randomize_trainable, tiny
 
 from backbones import create_backbone
 
@@ -29,7 +29,7 @@ def test_whole_linear_lily_equals_peft_lily(images):
                 layer.lily_A["default"].weight.copy_(ours.lily.lps[t][i // 2].weight)
                 layer.lily_B["default"].weight.copy_(ours.lily.hps[t].reshape(-1, layer.out_features))
                 layer.lily_router["default"].weight.copy_(ours.lily.routers[t][i].weight)
-        assert (ours(images) - ref(images)).abs().max() < 1e-5
+        assert_close(ours(images), ref(images), 1e-5)
 
 
 def test_whole_qkv_lora_equals_peft_lora(images):
@@ -44,7 +44,7 @@ def test_whole_qkv_lora_equals_peft_lora(images):
             branch = ob.attn.qkv.branches[0]
             rb.attn.qkv.lora_A["default"].weight.copy_(branch.down.weight)
             rb.attn.qkv.lora_B["default"].weight.copy_(branch.up.weight)
-        assert (ours(images) - ref(images)).abs().max() < 1e-5
+        assert_close(ours(images), ref(images), 1e-5)
 
 
 def _naive_lily(model, x, r, s, ne_1, ne_2):
@@ -91,7 +91,7 @@ def test_lily_equals_naive_loop_over_layers_and_experts(images):
     with torch.no_grad():
         got = model(images)
         want = _naive_lily(model, images, r=4, s=0.7, ne_1=2, ne_2=3)
-        assert (got - want).abs().max() < 1e-5
+        assert_close(got, want, 1e-5)
     lps = [model.blocks[i].attn.qkv.branches[0] for i in range(4)]
     assert [b.shared.lp_index("k", b.layer) for b in lps] == [0, 0, 1, 1]  # layers 0-1 share LP 0, 2-3 LP 1
     assert model.lily.hps["k"].shape == (3, 4, 64)  # one HP bank for all layers
@@ -108,7 +108,7 @@ def test_per_token_and_per_sample_routing_equal_explicit_experts(routing):
     if routing == "sample":
         probs = probs.mean(1, keepdim=True).expand_as(probs)
     want = sum(probs[..., j:j + 1] * (h @ hps[j]) for j in range(3))
-    assert (lily_combine(h, hps, router, routing) - want).abs().max() < 1e-5
+    assert_close(lily_combine(h, hps, router, routing), want, 1e-5)
 
 
 def test_batch_routing_makes_predictions_depend_on_the_batch(images):
@@ -121,4 +121,4 @@ def test_batch_routing_makes_predictions_depend_on_the_batch(images):
     per_token = tiny("lily", routing="token").eval()
     randomize_trainable(per_token, std=0.3)
     with torch.no_grad():
-        assert (per_token(images[:1]) - per_token(images)[:1]).abs().max() < 1e-5
+        assert_close(per_token(images[:1]), per_token(images)[:1], 1e-5)

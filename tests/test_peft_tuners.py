@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_trainable
+from conftest import assert_close, randomize_trainable
 
 from backbones import create_backbone
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
@@ -55,7 +55,7 @@ def test_peft_tuner_counts_trains_switches_and_round_trips(backbone, options, tu
     plain = _model(backbone, options, "linear").eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("head.")}, strict=False)
     with disable_adapters(model):
-        assert torch.allclose(model(x), plain(x), atol=1e-5)
+        assert_close(model(x), plain(x), 1e-5)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     adapted = model(x)
     assert (adapted - plain(x)).abs().max() > 1e-3
@@ -63,7 +63,7 @@ def test_peft_tuner_counts_trains_switches_and_round_trips(backbone, options, tu
     save_adapter(model, tmp_path / "adapter.safetensors")
     again = _model(backbone, options, f"peft:{tuner}").eval()
     load_adapter(again, tmp_path / "adapter.safetensors")
-    assert torch.allclose(again(x), adapted, atol=1e-6)
+    assert_close(again(x), adapted, 1e-6)
 
 
 @pytest.mark.parametrize("backbone,tuner", [("vit-tiny", t) for t in ("lora", "ia3", "vera", "oft", "loha", "lokr")]

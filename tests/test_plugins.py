@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_trainable, tiny
+from conftest import assert_close, randomize_trainable, tiny
 
 from vtab_lily import count_params, disable_adapters, load_model, save_adapter
 from vtab_lily import run as run_cli
@@ -36,7 +36,7 @@ def test_example_method_counts_its_shared_tensors_once_and_starts_as_the_backbon
     save_adapter(model, tmp_path / "a.safetensors")
     torch.manual_seed(0)  # load_model rebuilds the backbone: same seed as tiny(), random weights
     again = load_model(tmp_path / "a.safetensors", pretrained=False, backbone_options={"img_size": 32, "patch_size": 8})
-    assert torch.allclose(again(images), model(images), atol=1e-6)
+    assert_close(again(images), model(images), 1e-6)
 
 
 def test_example_method_runs_through_the_cli_sweep_and_tables(data_root, tmp_path):

@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 from backbones import ssm
 from backbones.ssm import ChunkedScan, ScanBackendError, choose, selective_scan
@@ -57,7 +58,7 @@ def test_scan_equals_naive_loop_outputs_and_gradients(name, with_bias, scan_back
     ref = [t.clone().requires_grad_() if t is not None else None for t in leaves]
     out, want = scan(*ours), naive_scan(*ref)
     assert out.shape == want.shape and torch.isfinite(out).all()
-    assert (out - want).abs().max() < 1e-5
+    assert_close(out, want, 1e-5)
     g = torch.randn_like(want)
     (out * g).sum().backward()
     (want * g).sum().backward()

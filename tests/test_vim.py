@@ -1,7 +1,7 @@
 """Vision Mamba: checkpoint keys, the mixer and model against naive per-token code, Lily/LoRA on Vim."""
 import pytest
 import torch
-from conftest import randomize_trainable
+from conftest import assert_close, randomize_trainable
 from test_scan import assert_grads_close, naive_scan
 
 from backbones import create_backbone
@@ -90,7 +90,7 @@ def test_mixer_equals_naive_mixer_outputs_and_gradients(backend, scan_backend):
     h = torch.randn(2, 5, 8, requires_grad=True)
     out = mixer(h)
     want = naive_mixer(mixer, h)
-    assert (out - want).abs().max() < 1e-5
+    assert_close(out, want, 1e-5)
     params = [h, mixer.in_proj.weight, mixer.conv1d_b.weight, mixer.x_proj.weight, mixer.dt_proj_b.bias,
               mixer.A_log, mixer.D_b]
     grads = torch.autograd.grad(out.square().sum(), params)
@@ -114,7 +114,7 @@ def test_whole_model_equals_naive_blocks():
         residual = residual + h
         h = naive_mixer(model.layers[1].mixer, rms(residual, model.layers[1].norm.weight))
         want = model.head(rms(residual + h, model.norm_f.weight)[:, 2])
-        assert (model(x) - want).abs().max() < 1e-5
+        assert_close(model(x), want, 1e-5)
 
 
 @pytest.mark.parametrize("method,options", [("lily", {}), ("lily", {"preset": "lily-s"}), ("lora", {"r": 2})])
@@ -125,7 +125,7 @@ def test_zero_init_adapters_leave_vim_unchanged(method, options):
     with torch.no_grad():
         out = model(x)
         with disable_adapters(model):
-            assert torch.allclose(out, model(x), atol=1e-6)
+            assert_close(out, model(x), 1e-6)
 
 
 @pytest.mark.parametrize("options,expected", [
@@ -159,8 +159,8 @@ def test_vim_lily_is_the_official_per_token_computation():
         probs = torch.softmax(h @ lily.routers["in_proj"][0].weight.T, -1)
         combined = torch.einsum("ble,eio->blio", probs, lily.hps["in_proj"])  # official, memory heavy
         want = x @ adapted.base.weight.T + torch.einsum("bld,blde->ble", h, combined)
-        assert (adapted(x) - want).abs().max() < 1e-5
+        assert_close(adapted(x), want, 1e-5)
         dt_proj = model.layers[0].mixer.dt_proj_b
         low = torch.randn(2, 5, dt_proj.base.in_features)
         w = dt_proj.base.weight + lily.hps["dt_proj_b"][0].T @ lily.lps["dt_proj_b"][0].weight
-        assert (dt_proj(low) - (low @ w.T + dt_proj.base.bias)).abs().max() < 1e-5
+        assert_close(dt_proj(low), (low @ w.T + dt_proj.base.bias), 1e-5)
