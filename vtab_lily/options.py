@@ -138,10 +138,15 @@ def check_device(device: str) -> None:
 
 
 def check_writable_folder(path: str | os.PathLike, what: str, flag: str) -> None:
-    """Fail early, in one line, when `what` cannot be written under `path` (created when missing)."""
+    """Fail early, in one line, when `what` cannot be written under `path`, without creating anything: a
+    file is created and removed in the folder, or in the nearest existing folder above it."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
