@@ -76,11 +76,13 @@ def _range(cls, name: str) -> tuple:
     return (1, None)
 
 
-def check_fields(obj, prefix: str = "") -> None:
+def check_fields(obj, prefix: str = "", first=()) -> None:
     """Coerce and check every field of dataclass instance `obj` in place; raise OptionError on the first
-    bad one. `prefix` names the owner in messages (e.g. 'lily ')."""
+    bad one, checking the fields named in `first` (those the user gave) before the others (which a config's
+    __post_init__ may have derived from them, as Lily's ne_1 from ne). `prefix` names the owner in messages
+    (e.g. 'lily ')."""
     hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
+    for f in sorted(dataclasses.fields(obj), key=lambda f: f.name not in first):
         value = getattr(obj, f.name)
         kinds, optional = _kinds(hints[f.name])
         if value is None:

@@ -182,7 +182,7 @@ def make_config(method: str, options: dict[str, Any], backbone: str | None = Non
     if unknown:
         raise UnknownName(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     cfg = cls(**options)
-    check_fields(cfg, f"{method} ")
+    check_fields(cfg, f"{method} ", first=options)
     defaults = getattr(cls, "FAMILY_DEFAULTS", {}).get(family(backbone)) if backbone else None
     for key, value in (defaults or {}).items():
         if getattr(cfg, key) is None:
