@@ -110,10 +110,10 @@ def method_fields(method: str) -> set[str] | None:
 
 def scoped(values: dict, method: str) -> dict:
     """The entries of `values` (--set or --grid) that apply to `method`'s rows: `<method>.key` ones, and
-    bare keys that are a recipe field or one of the method's options."""
+    bare keys that are a recipe field or one of the method's options (`<method>.key` wins over `key`)."""
     fields = method_fields(method) or set()
-    return {k: v for k, v in values.items()
-            if k.startswith(f"{method}.") or ("." not in k and (k in RECIPE_FIELDS or k in fields))}
+    bare = {k: v for k, v in values.items() if "." not in k and (k in RECIPE_FIELDS or k in fields)}
+    return {**bare, **{k: v for k, v in values.items() if k.startswith(f"{method}.")}}  # the prefixed one wins
 
 
 def check_keys(rows, values: dict, flag: str) -> None:
