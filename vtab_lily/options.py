@@ -7,6 +7,9 @@ Types come from the field annotations (int, float, bool, str, tuple[str, ...], e
 Ranges: a class may declare `RANGES = {"field": (low, high)}` (inclusive, None = open); otherwise an int
 must be >= 1 (sizes, counts, ranks), except fields named `*seed*` (>= 0); a field named `*dropout*` or
 `drop_path` lies in [0, 1]; every float must be finite.
+
+Also the checks of a run's other options, before any work: the seed, the image size against the
+backbone's patches, the device, a folder that must be writable.
 """
 from __future__ import annotations
 
