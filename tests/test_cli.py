@@ -165,3 +165,19 @@ def test_a_setting_no_row_has_is_refused(tmp_path, capsys, argv, message):
                        str(tmp_path / "runs"), "--dry-run", *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_an_interrupted_sweep_still_prints_its_count(data_root, tmp_path, capsys, monkeypatch):
+    from vtab_lily import sweep
+    calls = []
+
+    def run_job(spec, *args, **kwargs):
+        calls.append(spec.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return "done"
+    monkeypatch.setattr(sweep, "run_job", run_job)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(["--methods", "linear", "--seeds", "1", "2", "3", *SWEEP_TINY], data_root, tmp_path)
+    assert capsys.readouterr().out.splitlines()[-1] == "1 jobs: 0 ran, 1 already done, 0 run elsewhere, 0 failed"
+    assert calls == [1, 2]
