@@ -12,13 +12,13 @@ from torch import nn
 
 from backbones import family
 from vtab_lily import adapter_config
+from vtab_lily.errors import cli
 
 from .common import (
     MAX_ROWS,
     UsageError,
     check_layers,
     evenly_spaced,
-    one_line_errors,
     parse_model_args,
     per_adapter,
     save_figure,
@@ -81,7 +81,7 @@ def plot_attention(maps: dict[str, torch.Tensor], images: torch.Tensor, layers: 
     return fig
 
 
-@one_line_errors
+@cli
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.attention", __doc__, argv, lambda p: p.add_argument(
         "--layers", type=int, nargs="+", help="layers to show, numbered from 0 (default: 4 evenly spaced)"))

@@ -1,11 +1,8 @@
 """Shared helpers of the figure functions and their command lines: models from adapter files, images
-from a task, checked options, one-line errors, saving."""
+from a task, checked options, saving (their command lines report errors through vtab_lily.errors.cli)."""
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -16,19 +13,19 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from torch import nn  # noqa: E402
 
-from backbones import WeightsError  # noqa: E402
 from vtab_lily import adapter_config, load_model  # noqa: E402
 from vtab_lily.choices import choices_help  # noqa: E402
-from vtab_lily.data import DataError, load_split, to_float  # noqa: E402
+from vtab_lily.data import load_split, to_float  # noqa: E402
+from vtab_lily.errors import UserError  # noqa: E402
 from vtab_lily.fileio import atomic_path  # noqa: E402
-from vtab_lily.prepare import PrepareError, ensure_prepared  # noqa: E402
+from vtab_lily.prepare import ensure_prepared  # noqa: E402
 from vtab_lily.tasks import get_task  # noqa: E402
 
 FORMATS = (".png", ".pdf")
 MAX_ROWS = 8  # image rows drawn by attention (more images are measured, not drawn)
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A mistake in a figure's command line; the message says what to do."""
 
 
@@ -128,17 +125,3 @@ def per_adapter(args: argparse.Namespace, measure) -> tuple[torch.Tensor, dict]:
 def evenly_spaced(depth: int, k: int = 4) -> list[int]:
     """k layers spread over 0..depth-1 (fewer when the model is shallower)."""
     return sorted({round(i * (depth - 1) / (k - 1)) for i in range(k)})
-
-
-def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a figure's command line: a mistake (bad option, missing file, unprepared task, no network for
-    the weights) ends in one line `error: ...` and exit code 2, with nothing written."""
-    @functools.wraps(main)
-    def wrapped(argv=None) -> int:
-        try:
-            return main(argv)
-        except (UsageError, DataError, PrepareError, WeightsError, KeyError, ValueError, OSError) as e:
-            message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-            print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
-            return 2
-    return wrapped

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import one_line_errors, parse_model_args, per_adapter, save_figure
+from vtab_lily.errors import cli
+
+from .common import parse_model_args, per_adapter, save_figure
 
 
 @torch.no_grad()
@@ -56,7 +58,7 @@ def plot_differences(matrices: dict[str, torch.Tensor], title: str = ""):
     return fig
 
 
-@one_line_errors
+@cli
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.features", __doc__, argv)
     _, matrices = per_adapter(args, lambda model, images: feature_difference(block_features(model, images)))

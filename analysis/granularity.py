@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vtab_lily.choices import choices_help
+from vtab_lily.errors import cli
 from vtab_lily.records import load_records
 
-from .common import UsageError, check_out, one_line_errors, save_figure
+from .common import UsageError, check_out, save_figure
 
 
 def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: str = "best_acc") -> pd.DataFrame:
@@ -23,7 +24,7 @@ def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: s
     if backbone:
         lily = lily[lily["backbone"] == backbone]
     if lily.empty:
-        raise ValueError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
+        raise UsageError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
                          "over ne first (python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
     return lily.pivot_table(index="task", columns="opt.ne_2", values=metric, aggfunc="max")
 
@@ -40,7 +41,7 @@ def plot_granularity(table: pd.DataFrame, title: str = ""):
     return fig
 
 
-@one_line_errors
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.granularity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

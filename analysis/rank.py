@@ -19,8 +19,9 @@ from backbones import adapter_sites
 from vtab_lily.adapters import Adapted
 from vtab_lily.adapters.lily import LilyBranch
 from vtab_lily.adapters.lora import LoRABranch
+from vtab_lily.errors import cli
 
-from .common import UsageError, one_line_errors, parse_model_args, per_adapter, save_figure
+from .common import UsageError, parse_model_args, per_adapter, save_figure
 from .routers import router_weights
 
 
@@ -121,7 +122,7 @@ def plot_spectra(spectra: dict[str, dict[str, torch.Tensor]], title: str = ""):
     return fig
 
 
-@one_line_errors
+@cli
 def main(argv=None) -> int:
     args = parse_model_args("python -m analysis.rank", __doc__, argv)
     _, spectra = per_adapter(args, updates)

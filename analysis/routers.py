@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtab_lily.adapters.lily import LilyBranch
+from vtab_lily.errors import cli
 
 from .common import (
     UsageError,
     check_layers,
     evenly_spaced,
     load_trained,
-    one_line_errors,
     parse_model_args,
     save_figure,
     task_images,
@@ -44,7 +44,7 @@ def router_weights(model: nn.Module, images: torch.Tensor, target: str, batch_si
 
     branches = [m for m in model.modules() if isinstance(m, LilyBranch) and m.target == target]
     if not branches:
-        raise ValueError(f"the model has no Lily branch for target {target!r}; it has {list(shared.specs)}")
+        raise UsageError(f"the model has no Lily branch for target {target!r}; it has {list(shared.specs)}")
     hooks = [b.register_forward_hook(hook) for b in branches]
     try:
         for i in range(0, len(images), batch_size):
@@ -77,7 +77,7 @@ def plot_router_weights(weights: torch.Tensor, layers: list[int], title: str, pe
     return fig
 
 
-@one_line_errors
+@cli
 def main(argv=None) -> int:
     def extra(parser):
         parser.add_argument("--target", default=None, help="Lily target (default: the first one)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import UnknownName
 from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
@@ -25,12 +26,14 @@ from .vit import (
     vit_head,
     vit_hub_file,
     vit_model_sites,
+    vit_patch_size,
     vit_sites,
 )
 from .weights import SHIPPED, shipped_weights
 
 __all__ = ["BACKBONES", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite", "UnmappableBackbone",
-           "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites"]
+           "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites",
+           "patch_size"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def _backbone(name: str) -> Backbone:
         return Backbone(lambda *a, **k: create_vit(name, *a, **k), vit_sites, vit_head, 0.1, vit_hub_file(name),
                         vit_model_sites)
     if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model name>")
+        raise UnknownName(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm:<model name>")
     return BACKBONES[name]
 
 
@@ -74,6 +77,14 @@ def check_backbone(name: str) -> None:
     _backbone(name)
     if name.startswith(TIMM_PREFIX):
         check_timm_model(name)
+
+
+@functools.cache
+def patch_size(name: str) -> int | None:
+    """The side of backbone `name`'s square patches (the least image size; an image size must be a multiple of
+    it), without building it for real; None when the model does not say."""
+    _backbone(name)
+    return VIM_SPECS[name].patch_size if name in VIM_SPECS else vit_patch_size(name)
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

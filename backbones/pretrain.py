@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import BACKBONES
+from .errors import UserError, cli, write_errors
 from .shapes import SOURCE_CLASSES, source_task
 from .weights import SHIPPED, sha256, shipped_path
 
@@ -92,9 +93,11 @@ def pretrain(name: str, p: Pretraining, log=print) -> nn.Module:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with write_errors(path):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backbones.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write here instead of checking against and replacing the shipped file")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
-        print("error: --steps must be a positive integer", file=sys.stderr)
-        return 2
+        raise UserError(f"--steps must be a positive integer, got {args.steps}")
     p = PRETRAINING[args.backbone]
     if args.steps is not None:
         p = Pretraining(**{**p.__dict__, "steps": args.steps})

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .errors import UnknownName
+
 
 @dataclass(frozen=True)
 class LinearSite:
@@ -72,5 +74,5 @@ class LayerSites:
         site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
         if site is None:
             known = sorted([*self.linear, *self.parallel, *self.serial])
-            raise KeyError(f"unknown adapter site {name!r}; this backbone has {known}")
+            raise UnknownName(f"unknown adapter site {name!r}; this backbone has {known}")
         return site

@@ -24,11 +24,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 BACKENDS = ("auto", "mamba", "triton", "torch")
 CHUNK = 16  # time steps per chunk of the torch scan (8 to 64 timed alike on a 2-core CPU, Vim-S mixer)
 
 
-class ScanBackendError(RuntimeError):
+class ScanBackendError(UserError, RuntimeError):
     """A forced scan backend cannot run here (the message says why and what to do)."""
 
 

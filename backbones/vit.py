@@ -29,6 +29,7 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from .errors import UnknownName, UserError
 from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 from .weights import WeightsError, shipped_weights
@@ -55,20 +56,21 @@ VIT_SPECS = {
 TIMM_PREFIX = "timm:"
 
 
-class UnmappableBackbone(ValueError):
+class UnmappableBackbone(UserError, ValueError):
     """A model whose blocks do not have the modules that adapter sites are made of."""
 
 
 def timm_spec(name: str) -> ViTSpec:
-    """The spec of `timm:<model name>[.<tag>]`; an unknown model or tag raises one clear KeyError."""
+    """The spec of `timm:<model name>[.<tag>]`; an unknown model or tag raises one clear UnknownName."""
     model_name = name.removeprefix(TIMM_PREFIX)
     arch, _, tag = model_name.partition(".")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        raise KeyError(f"unknown timm model {arch!r}" + (f"; did you mean {close}?" if close else "") +
+        raise UnknownName(f"unknown timm model {arch!r}" + (f"; did you mean {close}?" if close else "") +
                        " (timm.list_models('*vit*') lists them)")
     if tag and model_name not in timm.list_pretrained(f"{arch}.*"):
-        raise KeyError(f"timm model {arch!r} has no pretrained tag {tag!r}; it has {timm.list_pretrained(arch + '.*')}")
+        raise UnknownName(f"timm model {arch!r} has no pretrained tag {tag!r}; it has "
+                          f"{timm.list_pretrained(arch + '.*')}")
     return ViTSpec(model_name, f"timm/{model_name} (a .safetensors or .pth file)")
 
 
@@ -85,6 +87,21 @@ def check_timm_model(name: str) -> None:
     vit_sites(model, name)
 
 
+
+
+def vit_patch_size(name: str) -> int | None:
+    """The side of a ViT's square patches, read from the model built on the meta device (no memory, no
+    weights); None for a model without a patch embedding that says."""
+    spec = VIT_SPECS[name] if name in VIT_SPECS else timm_spec(name)
+    if "patch_size" in spec.kwargs:
+        return spec.kwargs["patch_size"]
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    except Exception:  # a model that cannot be built on meta is checked when it is built for real
+        return None
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return size[0] if isinstance(size, tuple) else size
 
 
 def create_vit(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

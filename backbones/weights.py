@@ -9,6 +9,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .errors import UserError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {  # backbone -> SHA-256 of backbones/weights/<backbone>.safetensors
     "vit-mini": "8e5f4fba6c9935d3080b07fe13d8bea5449b0fea48b41b505b03fbe35a954134",
@@ -16,7 +18,7 @@ SHIPPED = {  # backbone -> SHA-256 of backbones/weights/<backbone>.safetensors
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights could not be loaded; the message says what to bring and how to pass it."""
 
 

@@ -8,6 +8,7 @@ from conftest import TINY, assert_close, randomize_trainable, tiny
 
 from backbones import create_backbone
 from vtab_lily import adapter_config, build_model, count_params, disable_adapters, load_adapter, save_adapter
+from vtab_lily.errors import UserError
 
 METHODS = [
     ("lily", {}),
@@ -83,7 +84,7 @@ def test_gradients_only_where_they_belong(method, images):
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\].*valid options: \['r', 's'"):
+    with pytest.raises(UserError, match=r"unknown option\(s\) \['rank'\].*valid options: \['r', 's'"):
         tiny("lily", rank=4)
     with pytest.raises(KeyError, match="unknown method 'lorax'"):
         tiny("lorax")
@@ -115,7 +116,7 @@ def test_save_load_round_trip_stores_shared_tensors_once(tmp_path, images):
 def test_load_adapter_rejects_a_different_config(tmp_path):
     model = tiny("lily", r=4)
     save_adapter(model, tmp_path / "a.safetensors")
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(UserError, match="does not fit this model"):
         load_adapter(tiny("lily", r=8), tmp_path / "a.safetensors")
 
 

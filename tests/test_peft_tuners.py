@@ -8,6 +8,7 @@ from conftest import assert_close, randomize_trainable
 
 from backbones import create_backbone
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
+from vtab_lily.errors import UserError
 from vtab_lily.records import RunSpec, read_record
 from vtab_lily.run import execute
 
@@ -87,5 +88,5 @@ def test_options_go_to_peft_and_sites_map_to_whole_modules():
         build_model("vit-tiny", "peft:lora", 5, pretrained=False, backbone_options=VIT, targets="k")
     with pytest.raises(ValueError, match="site 'mlp' is a parallel site"):
         build_model("vit-tiny", "peft:lora", 5, pretrained=False, backbone_options=VIT, targets="mlp")
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(UserError, match="unknown option"):
         build_model("vit-tiny", "peft:lora", 5, pretrained=False, backbone_options=VIT, rank=2)

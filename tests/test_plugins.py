@@ -15,6 +15,7 @@ from vtab_lily import run as run_cli
 from vtab_lily import sweep as sweep_cli
 from vtab_lily import tables as tables_cli
 from vtab_lily.adapters import get_method, origin
+from vtab_lily.errors import UserError
 from vtab_lily.records import RunSpec, load_records, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def test_entry_point_method_records_its_package_version(tmp_path, monkeypatch):
 
 def test_a_registered_name_cannot_be_taken_by_another_module():
     from vtab_lily.adapters import register
-    with pytest.raises(ValueError, match="'lora' is already taken by vtab_lily.adapters.lora"):
+    with pytest.raises(UserError, match="'lora' is already taken by vtab_lily.adapters.lora"):
         register("lora", object)(lambda model, cfg: None)
 
 
@@ -107,12 +108,10 @@ def test_a_registered_name_cannot_be_taken_by_another_module():
     (["--backbone", "timm:vit_nosuch_patch16"], r"unknown timm model 'vit_nosuch_patch16'"),
     (["--backbone", "timm:resnet18"], r"timm:resnet18 \(ResNet\) cannot be adapted: it has no `blocks`"),
     (["--backbone", "timm:vit_small_patch16_18x2_224"], r"block 0 \(ParallelThingsBlock\) has no attn.qkv"),
-    (["--method", "broken_plugin:m"], r"could not import method module 'broken_plugin': ZeroDivisionError"),
     (["--method", "missing_plugin:m"], r"could not import method module 'missing_plugin': ModuleNotFoundError"),
     (["--method", "examples.tied_lora:nosuch"], r"module 'examples.tied_lora' does not register .*'tied_lora'"),
 ])
 def test_bad_names_are_one_clear_error_and_write_nothing(data_root, tmp_path, monkeypatch, capsys, args, message):
-    (tmp_path / "broken_plugin.py").write_text("x = 1 / 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     backbone = [] if "--backbone" in args else ["--backbone", "vit-tiny"]
     argv = [*backbone, "--task", "digits", "--data-root", str(data_root), "--runs", str(tmp_path / "runs"),

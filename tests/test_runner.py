@@ -175,7 +175,7 @@ def test_two_runs_per_gpu_train_every_run_of_both_vtab_stages_once(data_root, tm
                            str(tmp_path)])
     assert code == 0
     out = capfd.readouterr().out
-    assert out.count(": ran\n") == 3  # the workers' lines: each of the 3 runs trained by one worker only
+    assert out.count(": ran (best ") == 3  # the workers' lines: each of the 3 runs trained by one worker only
     assert out.count(": busy\n") + out.count(": done\n") == 3  # the other worker's view of them
     assert out.strip().splitlines()[-1] == "3 jobs: 3 ran, 0 already done, 0 run elsewhere, 0 failed"
     df = load_records(tmp_path)

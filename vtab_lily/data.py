@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .errors import UserError
 from .fileio import atomic_path, remove_stale_temps, write_json
 from .tasks import SPLITS, Task, get_task
 
@@ -29,7 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A VTAB-1K folder is missing or broken; the message names the file (and line) and what to do."""
 
 

@@ -14,6 +14,7 @@ from backbones import create_backbone, head_of
 
 from .adapters import adapted_modules, get_method, make_config
 from .adapters.peft_tuners import tuner_layers
+from .errors import UserError, write_errors
 from .fileio import atomic_path
 
 
@@ -93,7 +94,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the trainable tensors (head included) as safetensors, with the build config as JSON
     metadata under the key `vtab_lily`. Atomic."""
     tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         save_file(tensors, str(tmp), metadata={"vtab_lily": json.dumps(model.peft_config)})
 
 
@@ -121,16 +122,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     saved = adapter_config(path)
     if {k: saved[k] for k in ("backbone", "method", "options")} != {
             k: json.loads(json.dumps(model.peft_config[k])) for k in ("backbone", "method", "options")}:
-        raise ValueError(f"{path} was saved from {saved}, which does not fit this model "
+        raise UserError(f"{path} was saved from {saved}, which does not fit this model "
                          f"({model.peft_config}); build the model with the saved backbone, method and options")
     tensors = load_file(str(path))
     own = trainable_state(model)
     if set(tensors) != set(own):
-        raise ValueError(f"{path} holds tensors {sorted(set(tensors) ^ set(own))[:5]} that do not match "
+        raise UserError(f"{path} holds tensors {sorted(set(tensors) ^ set(own))[:5]} that do not match "
                          "this model's trainable parameters")
     with torch.no_grad():
         for name, p in own.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model expects "
+                raise UserError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, model expects "
                                  f"{tuple(p.shape)}")
             p.copy_(tensors[name])

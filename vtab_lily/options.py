@@ -7,15 +7,25 @@ Types come from the field annotations (int, float, bool, str, tuple[str, ...], e
 Ranges: a class may declare `RANGES = {"field": (low, high)}` (inclusive, None = open); otherwise an int
 must be >= 1 (sizes, counts, ranks), except fields named `*seed*` (>= 0); a field named `*dropout*` or
 `drop_path` lies in [0, 1]; every float must be finite.
+
+Also the checks of a run's other options, before any work: the seed, the image size against the
+backbone's patches, the device, a folder that must be writable.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 import types
 import typing
+from pathlib import Path
 
-from .errors import UserError, error_line  # noqa: F401  (error_line: re-exported for callers)
+import torch
+
+from backbones import patch_size
+
+from .errors import UserError
 
 
 class OptionError(UserError, ValueError):
@@ -69,11 +79,13 @@ def _range(cls, name: str) -> tuple:
     return (1, None)
 
 
-def check_fields(obj, prefix: str = "") -> None:
+def check_fields(obj, prefix: str = "", first=()) -> None:
     """Coerce and check every field of dataclass instance `obj` in place; raise OptionError on the first
-    bad one. `prefix` names the owner in messages (e.g. 'lily ')."""
+    bad one, checking the fields named in `first` (those the user gave) before the others (which a config's
+    __post_init__ may have derived from them, as Lily's ne_1 from ne). `prefix` names the owner in messages
+    (e.g. 'lily ')."""
     hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
+    for f in sorted(dataclasses.fields(obj), key=lambda f: f.name not in first):
         value = getattr(obj, f.name)
         kinds, optional = _kinds(hints[f.name])
         if value is None:
@@ -91,3 +103,57 @@ def check_fields(obj, prefix: str = "") -> None:
                           else f"in [{low}, {round(high, 6)}]")
                 raise OptionError(f"{label} must be {bounds}, got {value!r}")
         object.__setattr__(obj, f.name, value)  # frozen dataclasses too
+
+
+# data.Batches shuffles epoch e of seed s with torch.Generator().manual_seed(s * 100_003 + e), and torch takes
+# seeds in [-2**63, 2**64 - 1]: the largest seed for which every epoch below 100_003 has a valid generator seed.
+MAX_SEED = (2**64 - 1) // 100_003 - 1
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
+def check_image_size(backbone: str, image_size: int) -> None:
+    """The image must hold whole patches of the backbone: a positive multiple of its patch size."""
+    patch = patch_size(backbone)
+    if patch and (image_size < patch or image_size % patch):
+        raise OptionError(f"image_size {image_size} does not fit {backbone}'s {patch} px patches: use a multiple "
+                          f"of {patch} (e.g. {max(patch, image_size - image_size % patch)})")
+
+
+def check_device(device: str) -> None:
+    """`cpu`, `mps` (where present) or `cuda[:N]` with a GPU N that this process sees."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"--device {device!r}: choose cpu or cuda[:N]")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {device}: this machine has no MPS device; use cpu")
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"--device {device}: no CUDA GPU is visible here (torch {torch.__version__}, "
+                              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cpu")
+        if kind.index is not None and kind.index >= count:
+            raise OptionError(f"--device {device}: this process sees {count} GPU(s), numbered 0..{count - 1}")
+
+
+def check_writable_folder(path: str | os.PathLike, what: str, flag: str) -> None:
+    """Fail early, in one line, when `what` cannot be written under `path`, without creating anything: a
+    file is created and removed in the folder, or in the nearest existing folder above it."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OptionError(f"cannot write {what} under {path} ({e.strerror or e}); pass a writable folder with "
+                          f"{flag}") from None

@@ -26,13 +26,15 @@ from tqdm import tqdm
 from backbones.hub import reachable
 
 from .data import DataError, task_dir
+from .errors import UserError, cli
 from .fileio import atomic_path, remove_stale_temps, write_json
+from .options import OptionError
 from .tasks import SPLITS, TASK_SETS, TASKS, Task, get_task
 
 FORMATS = {"png": ("png", {}), "jpeg": ("jpg", {"quality": 75})}
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """A dataset could not be prepared; the message says what to do."""
 
 
@@ -119,6 +121,7 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
     task = get_task(name)
     if fmt not in FORMATS:
         raise PrepareError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    check_limit(limit)
     ext, save_kw = FORMATS[fmt]
     out = Path(root) / task.name
     manifest_path = out / "manifest.json"
@@ -176,6 +179,11 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
     return manifest
 
 
+def check_limit(limit) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise OptionError(f"--limit must be an integer >= 1 (the examples kept per split), got {limit!r}")
+
+
 def ensure_prepared(task: str, root: str | Path, prepare: bool) -> None:
     """Raise DataError (saying how to prepare) when the task has no folder under `root`; with `prepare`,
     prepare it instead, and also finish a half-prepared one (a prepare that was killed: lists missing)."""
@@ -197,6 +205,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,13 +218,12 @@ def main(argv=None) -> int:
                         help="keep only the first N examples per split (a smoke-test subset, not VTAB-1K)")
     args = parser.parse_args(argv)
     names = TASK_SETS.get(args.task, [args.task])
-    try:
-        for name in names:
-            m = prepare_task(name, args.root, args.format, args.data_dir, limit=args.limit)
-            print(f"{m['task']}: {m['counts']} -> {Path(args.root) / m['task']}")
-    except (PrepareError, KeyError) as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
+    for name in names:
+        get_task(name)
+    check_limit(args.limit)
+    for name in names:
+        m = prepare_task(name, args.root, args.format, args.data_dir, limit=args.limit)
+        print(f"{m['task']}: {m['counts']} -> {Path(args.root) / m['task']}")
     return 0
 
 

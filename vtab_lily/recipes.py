@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .data import INTERPOLATIONS
+from .errors import UserError
 from .options import OptionError, check_fields
 from .tasks import VTAB_TASKS
 
@@ -82,7 +83,7 @@ def for_task(settings: dict, task: str) -> dict:
     """`settings` with every PerTask value resolved for `task`."""
     missing = [k for k, v in settings.items() if isinstance(v, PerTask) and task not in v]
     if missing:
-        raise KeyError(f"no per-task setting of {missing} for task {task!r}: this preset gives them for the 19 "
+        raise UserError(f"no per-task setting of {missing} for task {task!r}: this preset gives them for the 19 "
                        "VTAB-1K tasks only")
     return {k: v[task] if isinstance(v, PerTask) else v for k, v in settings.items()}
 

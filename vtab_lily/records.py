@@ -24,7 +24,9 @@ from backbones import check_backbone
 
 from .adapters import get_method, make_config, origin
 from .adapters.plugins import origin_label
+from .errors import UserError
 from .fileio import write_json
+from .options import OptionError
 from .provenance import short
 from .recipes import Recipe, recipe_for
 from .tasks import get_task
@@ -49,7 +51,7 @@ class RunSpec:
         check_backbone(self.backbone)
         self.task = get_task(self.task).name
         if self.eval_split not in EVAL_SPLITS:
-            raise ValueError(f"eval split must be one of {sorted(EVAL_SPLITS)}, got {self.eval_split!r}")
+            raise OptionError(f"eval split must be one of {sorted(EVAL_SPLITS)}, got {self.eval_split!r}")
         make_config(self.method, self.options, self.backbone)  # bad options fail here, before anything is written
         self.full_recipe()
 
@@ -115,7 +117,7 @@ def write_record(spec: RunSpec, runs: str | Path, **result) -> Path:
     return path
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record file that cannot be read as a run record; the message names it."""
 
 

@@ -12,27 +12,26 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from backbones import WeightsError, family
-from backbones.ssm import BACKENDS, ScanBackendError, set_backend
+from backbones import family
+from backbones.ssm import BACKENDS, set_backend
 from backbones.ssm import chosen as scan_backend
 
 from .adapters import get_method
 from .choices import choices_help
-from .data import Batches, DataError, load_split, read_list, task_dir
+from .data import Batches, load_split, read_list, task_dir
+from .errors import UnknownName, UserError, cli
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
-from .options import OptionError, error_line
-from .prepare import PrepareError, ensure_prepared
+from .options import OptionError, check_device, check_image_size, check_seed, check_writable_folder
+from .prepare import ensure_prepared
 from .provenance import data_provenance, weights_provenance
 from .recipes import RECIPE_FIELDS, effective_precision
-from .records import RecordError, RunSpec, environment, finished, read_record, write_record
+from .records import RunSpec, environment, finished, read_record, write_record
 from .tasks import get_task
 from .train import NonFiniteLoss, fit
 
@@ -40,17 +39,8 @@ DEFAULT_DATA = "data/vtab-1k"
 DEFAULT_RUNS = "results/runs"
 
 
-class RunBusy(RuntimeError):
+class RunBusy(UserError, RuntimeError):
     """Another process holds this run's lock."""
-
-
-class RunsFolderError(OSError):
-    """The records folder cannot be written; the message says which and why."""
-
-
-# Errors a user can cause: main() turns each into one line and exit code 2.
-USER_ERRORS = (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy,
-               RunsFolderError, RecordError, ScanBackendError)
 
 
 def parse_value(text: str):
@@ -71,8 +61,8 @@ def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
         elif bare in RECIPE_FIELDS and "." not in key:
             recipe[bare] = value
         else:
-            raise KeyError(f"unknown setting {key!r}: {method} options are {fields}; recipe fields are "
-                           f"{list(RECIPE_FIELDS)}")
+            raise UnknownName(f"unknown setting {key!r}: {method} options are {fields}; recipe fields are "
+                              f"{list(RECIPE_FIELDS)}")
     return options, recipe
 
 
@@ -90,16 +80,11 @@ def resolve(spec: RunSpec, data_root: str | Path, weights: str | None = None, pr
     return dataclasses.replace(spec, provenance=provenance), wfile
 
 
-def check_runs_folder(runs: str | Path) -> None:
-    """Fail early, in one line, when records cannot be written under `runs`."""
-    try:
-        Path(runs).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=runs, prefix=".write-probe.")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise RunsFolderError(f"cannot write run records under {runs} ({e.strerror or e}); pass a writable folder "
-                              "with --runs") from None
+def check_spec(spec: RunSpec) -> None:
+    """What a spec asks for that cannot run, before any work: a bad seed, an image size the backbone's
+    patches do not fit (the method, its options and the recipe's ranges are checked by RunSpec and Recipe)."""
+    check_seed(spec.seed)
+    check_image_size(spec.backbone, spec.full_recipe().image_size)
 
 
 def check_batch_size(spec: RunSpec, data_root: str | Path) -> None:
@@ -117,15 +102,20 @@ def print_epoch(m: dict) -> None:
         print(f"epoch {m['epoch']}: train loss {m['train_loss']:.4f}, lr {m['lr']:.3g}, acc {m['acc']:.2f}")
 
 
+def summary_writer():
+    """TensorBoard's SummaryWriter class; one clear error when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    return SummaryWriter
+
+
 class TensorBoardLog:
     """Per-epoch scalars (train/loss, train/lr, eval/acc, eval/loss) under <dir>/<run-id>."""
 
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from e
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, writer):
+        self.writer = writer
 
     def __call__(self, m: dict) -> None:
         self.writer.add_scalar("train/loss", m["train_loss"], m["epoch"])
@@ -142,6 +132,9 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             tensorboard: str | Path | None = None, on_skip=None) -> Path:
     """Run `spec` (or skip it when its record is done, calling `on_skip(path)`) and return the record's path."""
     device = device or default_device()
+    check_device(device)
+    check_spec(spec)
+    writer = summary_writer() if tensorboard else None
     ensure_prepared(spec.task, data_root, prepare)
     spec, weights_file = resolve(spec, data_root, weights, pretrained, device)
     record_path = spec.path(runs)
@@ -157,7 +150,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
                         drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
                         seed=spec.seed, **spec.options).to(device)
-    check_runs_folder(runs)
+    check_writable_folder(runs, "run records", "--runs")
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
             raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
@@ -180,8 +173,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                       weights=weights_file, data_root=str(data_root), device=device,
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
                       scan=dict(zip(("backend", "reason"), scan)) if scan else None)
-        on_epoch = ([print_epoch] if progress else []) + ([TensorBoardLog(Path(tensorboard) / spec.run_id)]
-                                                          if tensorboard else [])
+        on_epoch = ([print_epoch] if progress else []) + (
+            [TensorBoardLog(writer(log_dir=str(Path(tensorboard) / spec.run_id)))] if writer else [])
         try:
             history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
                           progress=progress, on_epoch=on_epoch)
@@ -203,6 +196,7 @@ def summary(path: Path) -> str:
     return "\n".join([head, "|---|---|---|---|---|---|---|---|", row, f"record: {path}"])
 
 
+@cli(os_hint="; fix it and run again (an interrupted run resumes from its last saved state)")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--task", required=True, help=choices_help("task"))
     parser.add_argument("--method", default="lily", help=choices_help("method", "default lily; ") + ", or "
                         "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="0 .. 2^64 / 100003 (the shuffle's seeds)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (e.g. s=10, lily.ne=3) or a recipe field (e.g. lr=1e-3, epochs=20)")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
@@ -229,29 +223,22 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan (default auto: the mamba-ssm "
                         "kernels, else Triton, on CUDA; PyTorch elsewhere); the record says which ran")
     args = parser.parse_args(argv)
+    if args.scan_backend:
+        set_backend(args.scan_backend)
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"--set expects KEY=VALUE, got {item!r}")
+        settings[key] = parse_value(value)
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    options, recipe = split_settings(args.method, settings)
+    spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
     try:
-        if args.scan_backend:
-            set_backend(args.scan_backend)
-        settings = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise KeyError(f"--set expects KEY=VALUE, got {item!r}")
-            settings[key] = parse_value(value)
-        if args.epochs is not None:
-            settings["epochs"] = args.epochs
-        options, recipe = split_settings(args.method, settings)
-        spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
         path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
                        pretrained=not args.random_init, progress=not args.no_progress, tensorboard=args.tensorboard,
                        on_skip=lambda p: print(f"skipped: this run is already finished ({p}); --force runs it again"))
-    except USER_ERRORS as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a file system gone read-only: the run resumes from its last state
-        print(f"error: could not write {e.filename or 'a file'}: {e.strerror or e}; fix it and run again "
-              "(an interrupted run resumes from its last saved state)", file=sys.stderr)
-        return 2
     except NonFiniteLoss as e:
         print(f"error: {e}; the record is marked failed", file=sys.stderr)
         return 1

@@ -8,33 +8,44 @@
     ... --gpus 4 [--runs-per-gpu 2]                               # local: K worker processes per GPU
 
 Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
-share the work without duplicating or corrupting a record. `--protocol vtab` first scores every grid
-point on val200 (trained on train800), then retrains the best point per task and seed on
-train800val200 and tests it (report its final accuracy).
+share the work without duplicating or corrupting a record. `--preset` with `--methods` (or `--backbones`)
+keeps the preset's rows of those methods (backbones). A `--set` or `--grid` key `<method>.key` applies to
+that method's rows only; a bare `key` to every row that has it (a recipe field, or an option of the row's
+method); a key that no row has is an error. A point that fails, for any reason, is reported as
+`failed: <reason>` with its traceback in a file under `--logs`, and the sweep goes on; the last line counts
+the jobs (exit code 1 when any failed). Each `ran` line gives the run's best and final accuracy.
+`--protocol vtab` first scores every grid point on val200 (trained on train800), then retrains the best
+point per task and seed on train800val200 and tests it (report its final accuracy).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from backbones.ssm import BACKENDS, set_backend
 
+from .adapters import get_method
 from .choices import choices_help
-from .options import error_line
+from .errors import UserError, cli, error_line, os_error_line
+from .options import OptionError, check_seed
 from .prepare import ensure_prepared
-from .recipes import PRESET_TASKS, PRESETS, for_task
-from .records import RunSpec, finished
+from .recipes import PRESET_TASKS, PRESETS, RECIPE_FIELDS, for_task
+from .records import RunSpec, finished, read_record
 from .run import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
-    USER_ERRORS,
     RunBusy,
+    check_spec,
     default_device,
     execute,
     parse_value,
@@ -42,7 +53,6 @@ from .run import (
     split_settings,
 )
 from .tasks import TASK_SETS, get_task
-from .train import NonFiniteLoss
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -50,27 +60,81 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise KeyError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+            raise OptionError(f"--grid expects KEY=V1,V2,..., got {item!r}")
         grid[key] = [parse_value(v) for v in values.split(",")]
     return grid
 
 
+def parse_settings(items: list[str]) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OptionError(f"--set expects KEY=VALUE, got {item!r}")
+        settings[key] = parse_value(value)
+    return settings
+
+
+def failure(e: BaseException, label: str, logs: str | Path | None) -> str:
+    """'failed: <one line>' for an exception caught at a point; with `logs`, its traceback is written to a
+    file under <logs>/failed/ that the line names."""
+    line = (error_line(e) if isinstance(e, UserError) else os_error_line(e) if isinstance(e, OSError)
+            else f"{type(e).__name__}: {error_line(e)}")
+    if logs is None:
+        return f"failed: {line}"
+    path = Path(logs) / "failed" / f"{re.sub(r'[^A-Za-z0-9_.=+-]+', '_', label).strip('_')[:200]}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{label}\n\n{''.join(traceback.format_exception(e))}")
+    except OSError as write_error:
+        return f"failed: {line} (its traceback could not be written: {os_error_line(write_error)})"
+    return f"failed: {line} (traceback: {path})"
+
+
 @dataclass
 class Point:
-    """One grid point: its spec, or the reason it is invalid (reported as failed, never fatal)."""
+    """One grid point: its spec, or its status line when it cannot run (reported as failed, never fatal)."""
 
     label: str
     spec: RunSpec | None = None
     error: str | None = None
 
 
-def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[Point]:
+def method_fields(method: str) -> set[str] | None:
+    """The option names of `method`, or None when the method cannot be resolved (its points fail)."""
+    try:
+        return set(get_method(method).config.__dataclass_fields__)
+    except Exception:  # reported, with its traceback, by each of the method's points
+        return None
+
+
+def scoped(values: dict, method: str) -> dict:
+    """The entries of `values` (--set or --grid) that apply to `method`'s rows: `<method>.key` ones, and
+    bare keys that are a recipe field or one of the method's options (`<method>.key` wins over `key`)."""
+    fields = method_fields(method) or set()
+    bare = {k: v for k, v in values.items() if "." not in k and (k in RECIPE_FIELDS or k in fields)}
+    return {**bare, **{k: v for k, v in values.items() if k.startswith(f"{method}.")}}  # the prefixed one wins
+
+
+def check_keys(rows, values: dict, flag: str) -> None:
+    """Every key applies to at least one row; else one clear error naming the rows' methods."""
+    methods = sorted({method for _, method, _, _ in rows})
+    used = {k for method in methods for k in scoped(values, method)}
+    unknown = [k for k in values if k not in used]
+    if unknown:
+        raise OptionError(f"{flag} {', '.join(unknown)}: no row of this sweep has such a setting (its methods are "
+                          f"{methods}; recipe fields are {list(RECIPE_FIELDS)}); prefix a method option with "
+                          "its method (e.g. lily.ne)")
+
+
+def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test",
+           logs: str | Path | None = None) -> list[Point]:
     """Points for rows (backbone, method, fixed options, row grid) x tasks x seeds x grid points.
-    A grid key prefixed '<method>.' applies to that method only; PerTask values are chosen per task.
-    Invalid points carry their error."""
+    `grid` and `settings` apply to a row as `scoped` says; PerTask values are chosen per task.
+    A point that cannot be made (any error) carries its failure line."""
     points = []
     for backbone, method, fixed, row_grid in rows:
-        own = {**row_grid, **{k: v for k, v in grid.items() if "." not in k or k.startswith(f"{method}.")}}
+        own = {**row_grid, **scoped(grid, method)}
         keys = list(own)
         for values in itertools.product(*own.values()):
             point = dict(zip(keys, values))
@@ -78,26 +142,36 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
                 for seed in seeds:
                     label = f"{backbone} {method} {task} seed {seed} {point or ''} eval {eval_split}".replace("  ", " ")
                     try:
-                        options, recipe = split_settings(method, for_task({**settings, **fixed, **point}, task))
-                        points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe)))
-                    except USER_ERRORS as e:
-                        points.append(Point(label, error=error_line(e)))
+                        options, recipe = split_settings(method, for_task({**scoped(settings, method), **fixed,
+                                                                           **point}, task))
+                        spec = RunSpec(backbone, task, method, options, seed, eval_split, recipe)
+                        check_spec(spec)
+                        points.append(Point(label, spec))
+                    except Exception as e:  # this point cannot run: the others still do
+                        points.append(Point(label, error=failure(e, label, logs)))
     return points
 
 
-def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepare: bool) -> str:
-    """Run one spec; return 'ran', 'done' (skipped, finished before), 'busy' or 'failed: <reason>'."""
+def accuracy(record: dict) -> str:
+    return f"best {record['best_acc']:.2f} at epoch {record['best_epoch']}, final {record['final_acc']:.2f}"
+
+
+def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepare: bool,
+            logs: str | None = None) -> str:
+    """Run one spec; return 'ran (<accuracies>)', 'done' (skipped, finished before), 'busy' or
+    'failed: <reason>' (any exception: the sweep goes on; with `logs`, the traceback is kept there)."""
     skipped = []
     try:
-        execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
+        path = execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
+        return "done" if skipped else f"ran ({accuracy(read_record(path))})"
     except RunBusy:
         return "busy"
     except torch.cuda.OutOfMemoryError as e:  # this run does not fit next to the others: the sweep goes on
         torch.cuda.empty_cache()
         return f"failed: CUDA out of memory ({str(e).splitlines()[0]}); lower the batch size or --runs-per-gpu"
-    except (NonFiniteLoss, OSError, *USER_ERRORS) as e:
-        return f"failed: {error_line(e)}"
-    return "done" if skipped else "ran"
+    except Exception as e:  # a user error, a full disk, a NaN loss or a bug: this point fails, the sweep goes on
+        label = f"{spec.backbone} {spec.method} {spec.task} seed {spec.seed} {spec.options} eval {spec.eval_split}"
+        return failure(e, label, logs)
 
 
 def best_on_val(specs: list[RunSpec], args) -> list[RunSpec]:
@@ -115,36 +189,41 @@ def best_on_val(specs: list[RunSpec], args) -> list[RunSpec]:
     return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
 
 
-def dry_run_status(spec: RunSpec, args) -> str:
-    """'done', 'to run', or 'to run (...)' when the identity cannot be resolved yet (e.g. data not prepared)."""
+def dry_run_status(point: Point, args) -> str:
+    """'done', 'to run', 'to run (...)' when the identity cannot be resolved yet (e.g. data not prepared),
+    or the point's failure."""
+    if point.error is not None:
+        return point.error
     try:
-        ensure_prepared(spec.task, args.data_root, prepare=False)
-        resolved = resolve(spec, args.data_root, args.weights, device=default_device())[0]
-    except USER_ERRORS as e:
+        ensure_prepared(point.spec.task, args.data_root, prepare=False)
+        resolved = resolve(point.spec, args.data_root, args.weights, device=default_device())[0]
+        return "done" if finished(resolved.path(args.runs)) else f"to run ({resolved.run_id})"
+    except (UserError, OSError) as e:
         return f"to run (cannot check: {error_line(e)})"
-    return "done" if finished(resolved.path(args.runs)) else f"to run ({resolved.run_id})"
+    except Exception as e:  # a bug: this point's line says so, the listing goes on
+        return failure(e, point.label, args.logs)
 
 
-def launch(points: list[Point], args, stage: str) -> list[str]:
-    """Run the valid points (through the chosen launcher); every point gets a status, invalid ones 'failed'."""
+def launch(points: list[Point], args, stage: str, statuses: list[str]) -> None:
+    """Run the valid points (through the chosen launcher) and append every point's status to `statuses`
+    (invalid points 'failed'), printing one line per point."""
     specs = [p.spec for p in points if p.spec is not None]
     if args.launcher in ("slurm", "submitit-local"):
         results = iter(launch_submitit(specs, args))
     elif len(args.workers) > 1 and not args.stage:
-        return launch_workers(points, args, stage)
+        statuses += launch_workers(points, args, stage)
+        return
     else:
         results = None
-    statuses = []
     for i, point in enumerate(points, 1):
         if point.error is not None:
-            status = f"failed: {point.error}"
+            status = point.error
         elif results is not None:
             status = next(results)
         else:
-            status = run_job(point.spec, args.runs, args.data_root, args.weights, args.prepare)
+            status = run_job(point.spec, args.runs, args.data_root, args.weights, args.prepare, args.logs)
         print(f"[{i}/{len(points)}] {point.label}: {status}", flush=True)
         statuses.append(status)
-    return statuses
 
 
 def worker_gpus(gpus: int, runs_per_gpu: int) -> list[str | None]:
@@ -154,8 +233,8 @@ def worker_gpus(gpus: int, runs_per_gpu: int) -> list[str | None]:
     mask = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = [g.strip() for g in mask.split(",")][:count] if mask is not None else [str(g) for g in range(count)]
     if gpus > max(len(visible), 1):
-        raise KeyError(f"--gpus {gpus}: this process sees {len(visible)} GPU(s)"
-                       + (f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else "") + "; lower --gpus")
+        raise OptionError(f"--gpus {gpus}: this process sees {len(visible)} GPU(s)"
+                          + (f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else "") + "; lower --gpus")
     return [gpu for gpu in (visible[:gpus] or [None]) for _ in range(runs_per_gpu)]
 
 
@@ -169,20 +248,23 @@ def launch_workers(points: list[Point], args, stage: str) -> list[str]:
     codes = [p.wait() for p in procs]
     statuses = []
     for point, done_before in zip(points, before):
+        record = None if point.error is not None or done_before else record_of(point.spec, args)
         if point.error is not None:
-            statuses.append(f"failed: {point.error}")
-        elif done_before or record_of(point.spec, args) is not None:
-            statuses.append("done" if done_before else "ran")
+            statuses.append(point.error)
+        elif done_before:
+            statuses.append("done")
+        elif record is not None:
+            statuses.append(f"ran ({accuracy(record)})")
         else:
             statuses.append(f"failed: not finished by the workers (exit codes {codes}; see their output)")
     return statuses
 
 
 def record_of(spec: RunSpec, args) -> dict | None:
-    """The finished record of `spec` under args.runs, or None."""
+    """The finished record of `spec` under args.runs, or None (also when its identity cannot be resolved)."""
     try:
         return finished(resolve(spec, args.data_root, args.weights)[0].path(args.runs))
-    except USER_ERRORS:
+    except (UserError, OSError):
         return None
 
 
@@ -192,8 +274,8 @@ def launch_submitit(specs: list[RunSpec], args) -> list[str]:
     class Job(submitit.helpers.Checkpointable):
         """Requeued on preemption or timeout; the run resumes from its saved state."""
 
-        def __call__(self, spec, runs, data_root, weights, prepare):
-            return run_job(spec, runs, data_root, weights, prepare)
+        def __call__(self, spec, runs, data_root, weights, prepare, logs):
+            return run_job(spec, runs, data_root, weights, prepare, logs)
 
     cluster = "slurm" if args.launcher == "slurm" else "local"
     executor = submitit.AutoExecutor(folder=args.logs, cluster=cluster)
@@ -203,22 +285,75 @@ def launch_submitit(specs: list[RunSpec], args) -> list[str]:
     executor.update_parameters(**params)
     n = len(specs)
     jobs = executor.map_array(Job(), specs, [args.runs] * n, [args.data_root] * n, [args.weights] * n,
-                              [args.prepare] * n)
+                              [args.prepare] * n, [args.logs] * n)
     print(f"submitted {n} jobs to {cluster} (logs: {args.logs})", flush=True)
-    return [job.result() for job in jobs]
+    return [job_status(job, args) for job in jobs]
 
 
+def job_status(job, args) -> str:
+    """A submitted job's status; a job that died (killed, node lost) is a failed point, not a dead sweep."""
+    try:
+        return job.result()
+    except Exception as e:
+        return failure(e, f"submitit job {job.job_id}", args.logs)
+
+
+def select_rows(args) -> list:
+    """The sweep's rows: a preset's (kept to --methods / --backbones when given), else --backbones x --methods."""
+    if not args.preset:
+        if not (args.backbones and args.methods):
+            raise OptionError("give --preset, or --backbones and --methods")
+        return [(b, m, {}, {}) for b in args.backbones for m in args.methods]
+    rows = list(PRESETS[args.preset])
+    for flag, names, at in (("--methods", args.methods, 1), ("--backbones", args.backbones, 0)):
+        missing = sorted(set(names) - {row[at] for row in rows})
+        if missing:
+            raise OptionError(f"{flag} {' '.join(missing)}: preset {args.preset} has no such rows; its "
+                              f"{flag.lstrip('-')} are {sorted({row[at] for row in rows})}")
+        rows = [row for row in rows if not names or row[at] in names]
+    return rows
+
+
+def check_launcher(args) -> None:
+    if args.launcher == "slurm":
+        if not args.partition:
+            raise OptionError("--launcher slurm needs --partition")
+        if shutil.which("sbatch") is None:
+            raise OptionError("--launcher slurm: Slurm's sbatch is not on PATH (run the sweep on a Slurm login "
+                              "node, or use --launcher local)")
+    if args.launcher in ("slurm", "submitit-local"):
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise OptionError(f"--launcher {args.launcher} needs submitit: pip install submitit") from None
+    if args.timeout_min < 1:
+        raise OptionError(f"--timeout-min must be >= 1, got {args.timeout_min}")
+    if min(args.gpus, args.runs_per_gpu) < 1:
+        raise OptionError(f"--gpus and --runs-per-gpu must be at least 1, got {args.gpus} and {args.runs_per_gpu}")
+
+
+def count_line(statuses: list[str]) -> str:
+    ran = sum(s.startswith("ran") for s in statuses)
+    failed = sum(s.startswith("failed") for s in statuses)
+    return (f"{len(statuses)} jobs: {ran} ran, {statuses.count('done')} already done, {statuses.count('busy')} "
+            f"run elsewhere, {failed} failed")
+
+
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table (only those of "
+                        "--methods / --backbones when given)")
     parser.add_argument("--backbones", nargs="+", default=[], help=choices_help("backbone", "each "))
     parser.add_argument("--methods", nargs="+", default=[], help=choices_help("method", "each "))
     parser.add_argument("--tasks", nargs="+", help=choices_help("task", "'all' (the 19 of VTAB-1K), 'mini' (the "
                         "mini VTAB), or each ") + "; default: the preset's tasks, else all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed settings for all runs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="fixed settings: `<method>.key=V` for that method's rows, `key=V` for every row "
+                        "that has the key (a recipe field or the row's method option)")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
     parser.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
     parser.add_argument("--gpus", type=int, default=1, help="local launcher: GPUs to use (of those visible)")
@@ -228,7 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan in every run (as run's option)")
     parser.add_argument("--partition", help="Slurm partition")
     parser.add_argument("--timeout-min", type=int, default=240)
-    parser.add_argument("--logs", default="results/slurm-logs")
+    parser.add_argument("--logs", default="results/slurm-logs",
+                        help="submitit's job logs, and the tracebacks of failed points (under failed/)")
     parser.add_argument("--weights")
     parser.add_argument("--data-root", default=DEFAULT_DATA)
     parser.add_argument("--runs", default=DEFAULT_RUNS)
@@ -237,55 +373,52 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=["all", "select", "final"], help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.launcher == "slurm" and not args.partition:
-            raise KeyError("--launcher slurm needs --partition")
-        rows = list(PRESETS[args.preset]) if args.preset else []
-        rows += [(b, m, {}, {}) for b in args.backbones for m in args.methods]
-        if not rows:
-            raise KeyError("give --preset, or --backbones and --methods")
-        tasks = args.tasks or [PRESET_TASKS.get(args.preset, "all")]
-        tasks = list(TASK_SETS[tasks[0]]) if len(tasks) == 1 and tasks[0] in TASK_SETS else tasks
-        settings = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
-        for task in tasks:
-            get_task(task)
-        grid = parse_grid(args.grid)
-        if args.scan_backend:
-            os.environ["VTAB_LILY_SCAN"] = args.scan_backend  # worker processes and local jobs inherit it
-            set_backend(args.scan_backend)
-        if min(args.gpus, args.runs_per_gpu) < 1:
-            raise KeyError(f"--gpus and --runs-per-gpu must be at least 1, got {args.gpus} and {args.runs_per_gpu}")
-        local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
-        args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []
-        stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test")
-    except USER_ERRORS as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 2
+    check_launcher(args)
+    rows = select_rows(args)
+    tasks = args.tasks or [PRESET_TASKS.get(args.preset, "all")]
+    tasks = list(TASK_SETS[tasks[0]]) if len(tasks) == 1 and tasks[0] in TASK_SETS else tasks
+    for task in tasks:
+        get_task(task)
+    for seed in args.seeds:
+        check_seed(seed)
+    settings = parse_settings(args.set)
+    grid = parse_grid(args.grid)
+    check_keys(rows, settings, "--set")
+    check_keys(rows, grid, "--grid")
+    if args.scan_backend:
+        os.environ["VTAB_LILY_SCAN"] = args.scan_backend  # worker processes and local jobs inherit it
+        set_backend(args.scan_backend)
+    local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
+    args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []
+    stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test",
+                    args.logs)
     if args.dry_run:
         statuses = []
         for point in stage1:
-            status = f"failed: {point.error}" if point.error else dry_run_status(point.spec, args)
-            print(f"{point.label}: {status}")
+            status = dry_run_status(point, args)
+            print(f"{point.label}: {status}", flush=True)
             statuses.append(status)
         failed = sum(s.startswith("failed") for s in statuses)
         print(f"{len(statuses)} runs: {statuses.count('done')} done, {len(statuses) - failed - statuses.count('done')} "
-              f"to run, {failed} failed (invalid settings)")
+              f"to run, {failed} failed")
         return 1 if failed else 0
     valid = [p.spec for p in stage1 if p.spec is not None]
+
     def final():
         return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
                 for s in best_on_val(valid, args)]
 
-    if args.stage:  # a worker process of --gpus N: run its stage's list
-        statuses = launch(final() if args.stage == "final" else stage1, args, args.stage)
-    else:
-        statuses = launch(stage1, args, "select" if args.protocol == "vtab" else "all")
-        if args.protocol == "vtab":
-            statuses += launch(final(), args, "final")
-    failed = [s for s in statuses if s.startswith("failed")]
-    print(f"{len(statuses)} jobs: {statuses.count('ran')} ran, {statuses.count('done')} already done, "
-          f"{statuses.count('busy')} run elsewhere, {len(failed)} failed")
-    return 1 if failed else 0
+    statuses: list[str] = []
+    try:
+        if args.stage:  # a worker process of --gpus N: run its stage's list
+            launch(final() if args.stage == "final" else stage1, args, args.stage, statuses)
+        else:
+            launch(stage1, args, "select" if args.protocol == "vtab" else "all", statuses)
+            if args.protocol == "vtab":
+                launch(final(), args, "final", statuses)
+    finally:  # also when interrupted: what ran so far is counted
+        print(count_line(statuses), flush=True)
+    return 1 if any(s.startswith("failed") for s in statuses) else 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import UserError, cli
 from .fileio import atomic_path
+from .options import check_writable_folder
 from .records import load_records
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
@@ -155,7 +157,7 @@ def _config_key(frame: pd.DataFrame) -> pd.Series:
     return frame[cols].apply(lambda r: "|".join(map(str, r)), axis=1) if cols else pd.Series("", index=frame.index)
 
 
-class ProvenanceConflict(ValueError):
+class ProvenanceConflict(UserError, ValueError):
     """Records that would be pooled into one cell were made on different weights, data or precision."""
 
 
@@ -185,7 +187,7 @@ def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
     for item in selections:
         column, sep, prefix = item.partition("=")
         if not sep or column not in PROVENANCE:
-            raise ValueError(f"--select expects one of {list(PROVENANCE)}=<prefix>, got {item!r}")
+            raise UserError(f"--select expects one of {list(PROVENANCE)}=<prefix>, got {item!r}")
         if not records.empty:
             records = records[records[column].astype(str).str.startswith(prefix)]
     return records
@@ -325,6 +327,7 @@ def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Pa
     return [*written, stem.with_suffix(".png")]
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,15 +342,19 @@ def main(argv=None) -> int:
     parser.add_argument("--select", action="append", default=[], metavar="COLUMN=PREFIX",
                         help="keep records whose weights_id, data_id or precision starts with PREFIX")
     args = parser.parse_args(argv)
-    paper = read_paper(*args.paper)
-    out = Path(args.out)
+    missing = [p for p in args.paper if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"--paper {' '.join(missing)}: no such file; give CSV files of published numbers")
+    check_writable_folder(args.out, "tables", "--out")
     try:
-        records = select(load_records(args.runs), args.select)
-        results = {table: build_table(table, records, args.protocol, paper)
-                   for table in (TABLES if args.table == "all" else [args.table])}
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        paper = read_paper(*args.paper)
+    except (ValueError, KeyError) as e:  # pandas' parser errors, a CSV without the table/backbone/method columns
+        raise UserError(f"--paper {' '.join(args.paper)}: not a table of published numbers ({type(e).__name__}: "
+                        f"{e})") from None
+    out = Path(args.out)
+    records = select(load_records(args.runs), args.select)
+    results = {table: build_table(table, records, args.protocol, paper)
+               for table in (TABLES if args.table == "all" else [args.table])}
     for table, result in results.items():
         if result["mean"].empty:
             print(f"Table {table}: no records under {args.runs}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import minitasks
+from .errors import UnknownName
 
 GROUPS = ("Natural", "Specialized", "Structured")
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -203,5 +204,5 @@ ALIASES = {alias: t.name for t in TASKS.values() for alias in t.aliases}
 def get_task(name: str) -> Task:
     name = ALIASES.get(name, name)
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose one of {list(TASKS)} (aliases: {sorted(ALIASES)})")
+        raise UnknownName(f"unknown task {name!r}; choose one of {list(TASKS)} (aliases: {sorted(ALIASES)})")
     return TASKS[name]

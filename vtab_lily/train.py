@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, to_float
+from .errors import write_errors
 from .fileio import atomic_path
 from .recipes import Recipe
 
@@ -102,7 +103,7 @@ def restore_cuda_rng(saved, device: torch.device) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         torch.save(state, tmp)
 
 

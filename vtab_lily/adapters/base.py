@@ -7,6 +7,7 @@ attention, its keyword arguments and future signature changes keep working.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ from torch import nn
 
 from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
+from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
 
 
@@ -142,11 +144,24 @@ def register(name: str, config: type, trains_backbone: bool = False):
     def wrap(attach):
         known = METHODS.get(name)
         if known is not None and known.module != attach.__module__:
-            raise ValueError(f"method name {name!r} is already taken by {known.module}; register yours under "
-                             "another name")
-        METHODS[name] = Method(config, attach, trains_backbone, attach.__module__)
+            raise UserError(f"method name {name!r} is already taken by {known.module}; register yours under "
+                            "another name")
+        METHODS[name] = Method(config, guarded(name, attach), trains_backbone, attach.__module__)
         return attach
     return wrap
+
+
+def guarded(name: str, attach: Callable) -> Callable:
+    """`attach` with a SystemExit (a method's `sys.exit()`) turned into a RuntimeError that names the method
+    and keeps the traceback: a method may not end the runner silently with its own exit code."""
+    @functools.wraps(attach)
+    def call(model, cfg):
+        try:
+            return attach(model, cfg)
+        except SystemExit as e:
+            raise RuntimeError(f"method {name!r} ({attach.__module__}) called sys.exit({e.code!r}) while "
+                               "attaching; a method must raise an exception instead") from e
+    return call
 
 
 def get_method(name: str) -> Method:
@@ -165,9 +180,9 @@ def make_config(method: str, options: dict[str, Any], backbone: str | None = Non
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
+        raise UnknownName(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     cfg = cls(**options)
-    check_fields(cfg, f"{method} ")
+    check_fields(cfg, f"{method} ", first=options)
     defaults = getattr(cls, "FAMILY_DEFAULTS", {}).get(family(backbone)) if backbone else None
     for key, value in (defaults or {}).items():
         if getattr(cfg, key) is None:

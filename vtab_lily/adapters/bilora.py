@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import norm
 from torch import nn
 
+from ..errors import write_errors
 from ..fileio import atomic_path
 from .base import attach_each, register
 from .lora import LoRABranch, LoRAConfig
@@ -87,7 +88,7 @@ def export_bits(model: nn.Module, path: str | os.PathLike) -> int:
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
             tensors[n] = p.detach().cpu().contiguous()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, write_errors(path):
         save_file(tensors, str(tmp), metadata={"vtab_lily": json.dumps(model.peft_config)})
     return adapter_bytes
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import OptionError
 from .base import TargetedConfig, attach_each, register
 
 
@@ -26,14 +27,14 @@ class FourierFTConfig(TargetedConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.init not in ("normal", "zeros"):
-            raise ValueError(f"fourierft init must be 'normal' or 'zeros', got {self.init!r}")
+            raise OptionError(f"fourierft init must be 'normal' or 'zeros', got {self.init!r}")
 
 
 class FourierFTBranch(nn.Module):
     def __init__(self, d_in: int, d_out: int, cfg: FourierFTConfig):
         super().__init__()
         if not 0 < cfg.n <= d_in * d_out:
-            raise ValueError(f"fourierft n={cfg.n} must be in 1..{d_in * d_out} for a {d_out}x{d_in} weight")
+            raise OptionError(f"fourierft n={cfg.n} must be in 1..{d_in * d_out} for a {d_out}x{d_in} weight")
         loc = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(cfg.loc_seed))[: cfg.n]
         self.register_buffer("rows", loc // d_in, persistent=False)
         self.register_buffer("cols", loc % d_in, persistent=False)

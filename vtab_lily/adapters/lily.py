@@ -34,6 +34,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import OptionError
 from .base import add_branch, register, split_targets
 
 ROUTINGS = ("batch", "sample", "token")
@@ -74,7 +75,7 @@ class LilyConfig:
     def __post_init__(self):
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"lily preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+                raise OptionError(f"lily preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
             for key, value in PRESETS[self.preset].items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)
@@ -82,9 +83,9 @@ class LilyConfig:
             self.ne_1 = self.ne_2 = self.ne
         self.targets = split_targets(self.targets)
         if self.routing not in (None, *ROUTINGS):
-            raise ValueError(f"lily routing must be one of {ROUTINGS}, got {self.routing!r}")
+            raise OptionError(f"lily routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.router not in (None, *ROUTERS):
-            raise ValueError(f"lily router must be one of {ROUTERS}, got {self.router!r}")
+            raise OptionError(f"lily router must be one of {ROUTERS}, got {self.router!r}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class LilyModule(nn.Module):
         self.routers = nn.ModuleDict()
         for t, sp in specs.items():
             if not 1 <= sp.n_lp <= num_layers:
-                raise ValueError(f"lily ne_1={sp.n_lp} (LPs for {t!r}) must be between 1 and the number of layers "
+                raise OptionError(f"lily ne_1={sp.n_lp} (LPs for {t!r}) must be between 1 and the number of layers "
                                  f"({num_layers})")
             n_lp = len(range(0, num_layers, self.stride(t)))
             self.lps[t] = nn.ModuleList(nn.Linear(sp.d_in, sp.r, bias=False) for _ in range(n_lp))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..options import OptionError
 from .base import TargetedConfig, attach_each, register
 
 
@@ -33,7 +34,7 @@ class MoRAConfig(TargetedConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.type not in (1, 6):
-            raise ValueError(f"mora type must be 1 or 6, got {self.type}")
+            raise OptionError(f"mora type must be 1 or 6, got {self.type}")
 
 
 class MoRABranch(nn.Module):

@@ -20,6 +20,8 @@ from torch import nn
 
 from backbones import LinearSite, adapter_sites
 
+from ..errors import UnknownName, UserError
+from ..options import OptionError
 from .base import Method, split_targets
 
 # peft config fields that the suite sets itself, or that name modules / configure other libraries
@@ -44,7 +46,7 @@ def _peft():
         import peft
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     except ImportError as e:
-        raise ImportError("peft:<tuner> methods need HuggingFace peft: pip install peft") from e
+        raise UserError("peft:<tuner> methods need HuggingFace peft: pip install peft") from e
     return peft, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 
@@ -73,7 +75,10 @@ class PeftOptions:
         for name in SITE_FIELDS:
             if hasattr(self, name):
                 setattr(self, name, split_targets(getattr(self, name)) or ())
-        self.peft_config(["site"])  # peft checks its options here, before a run starts
+        try:
+            self.peft_config(["site"])  # peft checks its options here, before a run starts
+        except (TypeError, ValueError) as e:  # peft's own checks of the values
+            raise OptionError(f"peft:{self.PEFT_TYPE.lower()}: {e}") from e
 
     def peft_config(self, target_modules: list[str], modules: dict[str, list[str]] | None = None):
         """peft's config for these options, adapting `target_modules` (and site fields mapped in `modules`)."""
@@ -119,7 +124,7 @@ def peft_method(tuner: str) -> Method:
     known = tuners()
     if tuner not in known:
         why = UNSUPPORTED.get(tuner.upper())
-        raise KeyError(f"peft tuner {tuner!r} is not usable here: {why}" if why else
+        raise UnknownName(f"peft tuner {tuner!r} is not usable here: {why}" if why else
                        f"unknown peft tuner {tuner!r}; the installed peft offers {sorted(known)}")
     peft, configs, tuner_classes = _peft()
     peft_type, changed = known[tuner]
@@ -146,10 +151,10 @@ def module_names(model: nn.Module, targets) -> list[str]:
         for t in targets:
             site = layer.get(t)
             if not isinstance(site, LinearSite):
-                raise ValueError(f"site {t!r} is a parallel site; peft adapts whole Linear modules only")
+                raise OptionError(f"site {t!r} is a parallel site; peft adapts whole Linear modules only")
             module = getattr(site.parent, site.attr)
             if site.out != slice(0, module.out_features):
-                raise ValueError(f"site {t!r} is a slice of {site.attr}; peft adapts whole modules and cannot adapt "
+                raise OptionError(f"site {t!r} is a slice of {site.attr}; peft adapts whole modules and cannot adapt "
                                  f"the slice alone: use {site.attr!r} as the target")
             out.append(f"{names[id(site.parent)]}.{site.attr}")
     return out

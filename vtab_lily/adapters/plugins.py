@@ -17,6 +17,8 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
+from ..errors import UnknownName, UserError
+
 ENTRY_POINTS = "vtab_lily.methods"
 
 
@@ -32,7 +34,7 @@ def resolve(name: str):
         found = importlib.metadata.entry_points(group=ENTRY_POINTS, name=name)
         if not found:
             builtin = sorted(n for n, m in METHODS.items() if m.module.startswith("vtab_lily."))
-            raise KeyError(f"unknown method {name!r}; choose one of {builtin}, peft:<tuner> (e.g. peft:lora), "
+            raise UnknownName(f"unknown method {name!r}; choose one of {builtin}, peft:<tuner> (e.g. peft:lora), "
                            f"<module>:<name> (your own method) or an installed entry point "
                            f"{sorted(e.name for e in importlib.metadata.entry_points(group=ENTRY_POINTS))}")
         module, short = next(iter(found)).module, name
@@ -40,19 +42,30 @@ def resolve(name: str):
     method = METHODS.get(short)
     if method is None or method.module != module:
         own = sorted(n for n, m in METHODS.items() if m.module == module)
-        raise KeyError(f"module {module!r} does not register a method named {short!r} (it registers {own}); "
+        raise UnknownName(f"module {module!r} does not register a method named {short!r} (it registers {own}); "
                        "decorate its attach function with @vtab_lily.adapters.register(name, Config)")
     return method
 
 
+class PluginNotFound(UserError, ImportError):
+    """A method module that cannot be found (a typo, or not on PYTHONPATH / not installed)."""
+
+
 def import_plugin(module: str) -> None:
-    """Import a method's module; any failure becomes one ImportError line saying which module and why."""
+    """Import a method's module. A module that does not exist is one UserError line; a module that fails
+    while it runs (a bug in it, or its own sys.exit()) is a RuntimeError naming it, with its traceback."""
     try:
         importlib.import_module(module)
-    except Exception as e:  # a plugin may fail in any way: report it, do not crash the runner
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ImportError(f"could not import method module {module!r}: {type(e).__name__}: {detail} "
-                          "(is it on PYTHONPATH or installed?)") from e
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(f"{e.name}.")):
+            raise PluginNotFound(f"could not import method module {module!r}: ModuleNotFoundError: no module "
+                                 f"named {e.name!r} (is it on PYTHONPATH or installed?)") from None
+        raise PluginNotFound(f"method module {module!r} imports {e.name or e}, which is not installed") from e
+    except UserError:
+        raise
+    except (Exception, SystemExit) as e:  # a bug in the plugin: its traceback is what its author needs
+        what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"raised {type(e).__name__}: {e}"
+        raise RuntimeError(f"method module {module!r} {what} while importing") from e
 
 
 def origin(module: str) -> dict | None:

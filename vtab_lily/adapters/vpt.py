@@ -25,6 +25,7 @@ from torch import nn
 
 from backbones import TokenSite, model_sites
 
+from ..errors import UnknownName
 from .base import Switch, register
 
 
@@ -76,7 +77,7 @@ class PromptedBlocks(Switch, nn.Sequential):
 def prompt_site(model: nn.Module) -> TokenSite:
     site = model_sites(model).get("blocks")
     if site is None:
-        raise KeyError(f"vpt needs a token-sequence site ('blocks'); backbone {model.backbone_name!r} has none")
+        raise UnknownName(f"vpt needs a token-sequence site ('blocks'); backbone {model.backbone_name!r} has none")
     return site
 
 
