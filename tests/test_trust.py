@@ -188,7 +188,7 @@ def test_a_truncated_record_is_named_rerun_and_skipped_by_sweep_and_tables(data_
 def test_a_bad_grid_point_fails_alone_and_is_counted(data_root, tmp_path, capsys):
     sweep = ["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--grid", "lora.r=2,0,abc",
              "--set", *[f"{k}={v}" for k, v in TINY.items()], "epochs=1", "--data-root", str(data_root),
-             "--runs", str(tmp_path / "runs")]
+             "--runs", str(tmp_path / "runs"), "--logs", str(tmp_path / "logs")]
     assert sweep_cli.main([*sweep, "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert "lora r must be >= 1, got 0" in out and "lora r must be an integer, got 'abc'" in out
