@@ -26,7 +26,7 @@ from backbones.ssm import chosen as scan_backend
 from .adapters import get_method
 from .choices import choices_help
 from .data import Batches, DataError, load_split, read_list, task_dir
-from .locks import RunLock
+from .locks import LockLost, RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
 from .options import OptionError, error_line
 from .prepare import PrepareError, ensure_prepared
@@ -50,7 +50,7 @@ class RunsFolderError(OSError):
 
 # Errors a user can cause: main() turns each into one line and exit code 2.
 USER_ERRORS = (KeyError, TypeError, ValueError, ImportError, DataError, PrepareError, WeightsError, RunBusy,
-               RunsFolderError, RecordError, ScanBackendError)
+               LockLost, RunsFolderError, RecordError, ScanBackendError)
 
 
 def parse_value(text: str):
@@ -180,15 +180,18 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                       weights=weights_file, data_root=str(data_root), device=device,
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
                       scan=dict(zip(("backend", "reason"), scan)) if scan else None)
-        on_epoch = ([print_epoch] if progress else []) + ([TensorBoardLog(Path(tensorboard) / spec.run_id)]
-                                                          if tensorboard else [])
+        # a holder that was taken over (its heartbeat found another token) stops before it writes anything
+        on_epoch = [lambda _: lock.check()] + ([print_epoch] if progress else []) + (
+            [TensorBoardLog(Path(tensorboard) / spec.run_id)] if tensorboard else [])
         try:
             history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
                           progress=progress, on_epoch=on_epoch)
         except NonFiniteLoss as e:
+            lock.check()
             write_record(spec, runs, status="failed", error=str(e), **common)
             state_path.unlink(missing_ok=True)
             raise
+        lock.check()
         save_adapter(model, spec.path(runs, ".safetensors"))
         path = write_record(spec, runs, status="done", **common, **history.summary())
         state_path.unlink(missing_ok=True)
