@@ -198,8 +198,8 @@ def vim_hub_file(name: str) -> tuple[str, str] | None:
 
 def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
     """Load an official checkpoint (weights under ckpt["model"], read as data: weights.load_torch_file) or a
-    .safetensors state dict strictly; the head is dropped when its class count differs and pos_embed is resized around the middle class token
-    when the size differs."""
+    .safetensors state dict strictly; the head is dropped when its class count differs and pos_embed is
+    resized around the middle class token when the size differs."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
