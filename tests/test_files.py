@@ -7,6 +7,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from backbones.vim import load_vim_weights
 from backbones.weights import UnsafeCheckpoint, load_torch_file
 from vtab_lily import data as data_mod
 from vtab_lily import fileio
+from vtab_lily import locks as locks_mod
 from vtab_lily import run as run_cli
 from vtab_lily.data import load_split, read_list
 from vtab_lily.locks import TTL_S, LockLost, RunLock
@@ -296,6 +298,17 @@ def test_a_slow_heartbeat_on_another_node_is_taken_over_only_after_the_timeout(t
         assert f"last heartbeat {late:.0f} s ago" in lock.describe()
     os.utime(path, (time.time() - TTL_S - 5, time.time() - TTL_S - 5))
     assert RunLock(path).acquire()
+
+
+def test_ages_are_measured_in_the_file_systems_clock(tmp_path, monkeypatch):
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "token": "t", "created": time.time() - 900}))
+    os.utime(path, (time.time() - 31, time.time() - 31))  # a live holder, beating
+    real = time.time
+    monkeypatch.setattr(locks_mod, "time", SimpleNamespace(time=lambda: real() + 600))  # our clock 10 min ahead
+    lock = RunLock(path)
+    assert not lock.acquire()
+    assert "last heartbeat 31 s ago" in lock.describe()
 
 
 # 6. prepared folders ---------------------------------------------------------------------------------

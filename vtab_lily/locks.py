@@ -10,8 +10,10 @@ seconds from a background thread. A lock is stale, and taken over, when
   older than a few seconds; the takeover is said in a warning naming the file.
 Takeover is atomic: a takeover guard (O_EXCL) serialises the processes that judge the lock stale; inside it
 the lock is removed only if it still holds the very token that was judged stale.
-A heartbeat dated in the future (the writer's clock is ahead of ours: clock skew between nodes) cannot be aged
-by its mtime; it is said, and the lock is aged by its change time instead, which the file system stamps.
+Ages are measured in the clock that stamps the file system's times (its offset from ours is read off the
+temp file each attempt writes), so a node whose clock runs ahead does not take a live lock over. A heartbeat
+dated in the future even so (the writer's clock is ahead: clock skew between nodes) cannot be aged by its
+mtime; it is said, and the lock is aged by its change time instead, which the file system stamps.
 The holder checks its token at every heartbeat: a holder that was suspended past the TTL and taken over finds
 another token, stops beating, and `check()` (called by the runner after every epoch and before it writes)
 raises LockLost, so that it writes neither record nor state.
@@ -74,6 +76,7 @@ class RunLock:
         self.held = False
         self.lost: str | None = None  # why this holder lost its lock (set by the heartbeat)
         self.token = uuid.uuid4().hex
+        self._fs_offset = 0.0  # file-system clock minus ours, measured when a lock file is written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -86,11 +89,12 @@ class RunLock:
             text = self.path.read_text()
         except FileNotFoundError:
             return None, None, None
-        age, problem = time.time() - st.st_mtime, None
+        now = time.time() + self._fs_offset
+        age, problem = now - st.st_mtime, None
         if age < -SKEW_TOLERANCE_S:  # the writer's clock is ahead: age the file by the time it last changed
             problem = (f"its heartbeat is dated {-age:.0f} s in the future: clock skew between this node "
                        f"({socket.gethostname()}) and the lock's writer; aged by its change time instead")
-            age = time.time() - st.st_ctime
+            age = now - st.st_ctime
         try:
             info = json.loads(text)
         except ValueError:
@@ -129,6 +133,9 @@ class RunLock:
                 "token": self.token, "created": time.time()}
         tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
         tmp.write_text(json.dumps(info) + "\n")
+        # the file system's clock against ours (a network file system stamps with the server's clock): ages of
+        # heartbeats are measured in the clock that stamped them
+        self._fs_offset = tmp.stat().st_mtime - time.time()
         try:
             os.link(tmp, self.path)
             return True
