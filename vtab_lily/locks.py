@@ -204,8 +204,8 @@ class RunLock:
             try:
                 if not self.heartbeat():
                     return
-            except OSError:
-                return
+            except OSError:  # a file-system hiccup (NFS: ESTALE, EIO): beat again next time
+                continue
 
     def check(self) -> None:
         """Raise LockLost when a heartbeat found the lock taken over: the run must stop without writing."""

@@ -143,7 +143,8 @@ def _check_state(state, model: nn.Module) -> None:
             and isinstance(state["scheduler"], dict)):
         raise DamagedState("its optimizer or scheduler state is not a state dict")
     names = {f.name for f in dataclasses.fields(History)}
-    if not isinstance(state["history"], dict) or set(state["history"]) != names:
+    if not (isinstance(state["history"], dict) and set(state["history"]) == names
+            and isinstance(state["history"]["lrs"], list)):
         raise DamagedState("its history does not have the fields of History")
     if not (isinstance(state["epoch"], int) and 0 < state["epoch"] == len(state["history"]["lrs"])):
         raise DamagedState(f"its epoch {state['epoch']!r} does not match its history")
