@@ -26,7 +26,7 @@ from torch import nn
 from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite
 from .ssm import causal_conv1d, selective_scan
-from .weights import WeightsError, shipped_weights
+from .weights import WeightsError, load_torch_file, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -197,9 +197,9 @@ def vim_hub_file(name: str) -> tuple[str, str] | None:
 
 
 def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
-    """Load an official checkpoint (weights under ckpt["model"]) or a .safetensors state dict strictly; the
-    head is dropped when its class count differs and pos_embed is resized around the middle class token
-    when the size differs."""
+    """Load an official checkpoint (weights under ckpt["model"], read as data: weights.load_torch_file) or a
+    .safetensors state dict strictly; the head is dropped when its class count differs and pos_embed is
+    resized around the middle class token when the size differs."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -207,8 +207,10 @@ def load_vim_weights(model: VisionMamba, path: str | os.PathLike) -> None:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_torch_file(path)
             state = dict(ckpt.get("model", ckpt))
+    except WeightsError:
+        raise
     except Exception as e:  # a text file, a truncated download, a foreign pickle
         raise WeightsError(f"{path} is not a readable Vim checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                            "pass the official vim_*_midclstok_*.pth (weights under ckpt['model'])") from e

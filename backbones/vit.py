@@ -32,7 +32,7 @@ from torch import nn
 from .errors import UnknownName, UserError
 from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
-from .weights import WeightsError, shipped_weights
+from .weights import WeightsError, shipped_weights, torch_file
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ def _load_file(model: nn.Module, path: Path) -> None:
         with np.load(path) as w:
             model.head_loaded = "head/bias" in w and w["head/bias"].shape[-1] == model.num_classes
         return
-    state = timm.models.load_state_dict(str(path))
+    with torch_file(path):  # a .pth is read as data, never as code
+        state = timm.models.load_state_dict(str(path), weights_only=True)
     state = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", checkpoint_filter_fn)(state, model)
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     if any(k in state and state[k].shape != v.shape for k, v in head.items()):

@@ -251,7 +251,8 @@ def test_stale_locks_are_taken_over_and_live_ones_are_named(tmp_path):
     os.utime(garbage, (time.time() - 60, time.time() - 60))
     assert RunLock(garbage).acquire()
     reused = tmp_path / "reused.lock"  # our own pid, but with another start time: the pid was reused
-    reused.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "1", "token": "x"}))
+    reused.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": "1", "token": "x",
+                                  "created": time.time()}))
     assert RunLock(reused).acquire()
 
 

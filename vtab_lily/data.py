@@ -7,10 +7,10 @@ size and the interpolation.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import UserError
-from .fileio import atomic_path, remove_stale_temps, write_json
+from .fileio import atomic_path, remove_stale_temps, warn, write_json
 from .tasks import SPLITS, Task, get_task
 
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -32,10 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(UserError, RuntimeError):
     """A VTAB-1K folder is missing or broken; the message names the file (and line) and what to do."""
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def task_dir(root: str | Path, task: Task) -> Path:
@@ -84,8 +80,11 @@ def decode(path: Path, size: int, interpolation: str) -> np.ndarray:
 
 def _checksum(list_file: Path, paths: list[Path]) -> str:
     """blake2b of the list file and every image's bytes. Memoised in <task>/.cache/<split>.checksum under a
-    signature of (path, size, mtime) of each file, so an unchanged split is not read again."""
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [list_file, *paths]]
+    signature of (path relative to the task folder, size, mtime) of each file, so an unchanged split is not
+    read again, in place or in a copy that keeps mtimes. The memo is written only when it changes, and a
+    memo that cannot be written (a read-only data root) costs a rehash, not the run."""
+    folder = list_file.parent
+    stats = [(os.path.relpath(p, folder), p.stat().st_size, p.stat().st_mtime_ns) for p in [list_file, *paths]]
     signature = hashlib.blake2b(json.dumps(stats).encode(), digest_size=16).hexdigest()
     memo = list_file.parent / ".cache" / f"{list_file.stem}.checksum"
     if memo.exists():
@@ -99,7 +98,10 @@ def _checksum(list_file: Path, paths: list[Path]) -> str:
     h.update(list_file.read_bytes())
     for p in paths:
         h.update(p.read_bytes())
-    write_json(memo, {"signature": signature, "checksum": h.hexdigest()})
+    try:
+        write_json(memo, {"signature": signature, "checksum": h.hexdigest()})
+    except OSError as e:
+        warn(f"could not write the checksum memo {memo} ({e.strerror or e}); the split is hashed again next time")
     return h.hexdigest()
 
 
@@ -117,6 +119,25 @@ def _open_cache(cache: Path, shape: tuple) -> np.ndarray | None:
     warn(f"decoded-image cache {cache} is damaged ({problem}); rebuilding it")
     cache.unlink(missing_ok=True)
     return None
+
+
+def preallocate(tmp: Path, cache: Path) -> None:
+    """Reserve the disk blocks of a (sparse) memory-mapped file before it is written: on a full disk, writing
+    into an unbacked page kills the process with SIGBUS ("Bus error"); this turns it into one OSError naming
+    the cache, before any image is decoded. Where the call or the file system lacks preallocation, nothing."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = tmp.stat().st_size
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise OSError(e.errno, f"{e.strerror} (the decoded-image cache needs {size / 1e6:.0f} MB; free space "
+                      f"there or pass another --data-root)", str(cache)) from None
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -142,6 +163,7 @@ def load_split(root: str | Path, task: str, split: str, size: int = 224, interpo
         remove_stale_temps(cache.parent)
         with atomic_path(cache) as tmp:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            preallocate(tmp, cache)
             with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes and resizes without the GIL
                 decoded = pool.map(decode, paths, repeat(size), repeat(interpolation))
                 for i, img in enumerate(tqdm(decoded, total=len(paths), desc=f"decode {spec.name}/{split}",

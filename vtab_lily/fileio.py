@@ -1,10 +1,12 @@
-"""Atomic writes: a file is either absent or complete, never half-written; temps of killed writers are
-removed."""
+"""Atomic writes: a file is either absent or complete, never half-written, even after a power loss; temps of
+killed writers are removed."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -14,10 +16,16 @@ STALE_TEMP_S = 24 * 3600  # a temp from another host is removed after this long 
 HOST = socket.gethostname().replace(".", "-")  # as it appears in temp names
 
 
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path` (`.<name>.<host>.<pid>.<random>.tmp`); on success it replaces
-    `path`, on error it is removed."""
+    `path`, on error it is removed. The temp's bytes reach the disk (fsync) before the rename, and the rename
+    itself (fsync of the folder) before this returns: without both, a power loss can leave `path` empty or
+    truncated under its final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}.{os.getpid()}.",
@@ -28,10 +36,26 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk. A folder on a file system that cannot sync
+    folders (some network file systems answer EINVAL) is left as it is."""
+    folder = os.path.isdir(path)
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,7 +6,8 @@
 writes <root>/<task>/images/<split>/NNNNNN.png and <root>/<task>/{train800,val200,train800val200,test}.txt
 (lines `images/<split>/000000.png <label>`) plus manifest.json (counts, tfds version, checksums).
 Lossless PNG by default; `--format jpeg` writes PIL quality-75 JPEGs like the community copy.
-Resumable: images are written atomically and skipped when present; a task with a manifest is done.
+Resumable: images are written atomically and skipped when present; a task is done when its manifest
+is readable and every list it names is present with its recorded checksum (else it is prepared again).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from backbones.hub import reachable
 
 from .data import DataError, task_dir
 from .errors import UserError, cli
-from .fileio import atomic_path, remove_stale_temps, write_json
+from .fileio import atomic_path, remove_stale_temps, warn, write_json
 from .options import OptionError
 from .tasks import SPLITS, TASK_SETS, TASKS, Task, get_task
 
@@ -127,9 +128,11 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
     manifest_path = out / "manifest.json"
     remove_stale_temps(out)  # lists and manifest of a killed prepare; image temps go split by split below
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if (manifest["format"], manifest["limit"]) == (fmt, limit):
+        manifest, problem = read_manifest(manifest_path)
+        if problem is None and (manifest["format"], manifest["limit"]) == (fmt, limit):
             return manifest
+        if problem is not None:
+            warn(f"{out} is not fully prepared ({problem}); preparing it again")
         manifest_path.unlink()
     sources: dict[str, object] = {}
     lines: dict[str, list[str]] = {}
@@ -182,6 +185,25 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
 def check_limit(limit) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise OptionError(f"--limit must be an integer >= 1 (the examples kept per split), got {limit!r}")
+
+
+def read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) when the task it describes is done: readable, and every list it names present with
+    the checksum it recorded; else (None or the manifest, what is wrong)."""
+    try:
+        manifest = json.loads(path.read_text())
+        lists = manifest["sha256"]
+        if not (isinstance(manifest, dict) and isinstance(lists, dict) and {"format", "limit"} <= set(manifest)):
+            raise TypeError("not a manifest")
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"its manifest {path} is damaged ({type(e).__name__}: {e})"
+    for name, digest in lists.items():
+        lst = path.parent / name
+        if not lst.is_file():
+            return manifest, f"{lst}, named in its manifest, is missing"
+        if digest is not None and _sha256(lst) != digest:
+            return manifest, f"{lst} differs from the checksum in its manifest"
+    return manifest, None
 
 
 def ensure_prepared(task: str, root: str | Path, prepare: bool) -> None:

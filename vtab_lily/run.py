@@ -173,15 +173,18 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                       weights=weights_file, data_root=str(data_root), device=device,
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
                       scan=dict(zip(("backend", "reason"), scan)) if scan else None)
-        on_epoch = ([print_epoch] if progress else []) + (
+        # a holder that was taken over (its heartbeat found another token) stops before it writes anything
+        on_epoch = [lambda _: lock.check()] + ([print_epoch] if progress else []) + (
             [TensorBoardLog(writer(log_dir=str(Path(tensorboard) / spec.run_id)))] if writer else [])
         try:
             history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
                           progress=progress, on_epoch=on_epoch)
         except NonFiniteLoss as e:
+            lock.check()
             write_record(spec, runs, status="failed", error=str(e), **common)
             state_path.unlink(missing_ok=True)
             raise
+        lock.check()
         save_adapter(model, spec.path(runs, ".safetensors"))
         path = write_record(spec, runs, status="done", **common, **history.summary())
         state_path.unlink(missing_ok=True)

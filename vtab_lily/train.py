@@ -7,8 +7,12 @@ epochs at warmup_lr_init), evaluation every `eval_every` epochs and after the la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +22,11 @@ from timm.scheduler.cosine_lr import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
+from backbones.weights import UnsafeCheckpoint, load_torch_file
+
 from .data import Batches, to_float
 from .errors import write_errors
-from .fileio import atomic_path
+from .fileio import atomic_path, warn
 from .recipes import Recipe
 
 
@@ -103,8 +109,70 @@ def restore_cuda_rng(saved, device: torch.device) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
+    """Tensors and plain values only, so that it loads with weights_only=True (load_torch_file)."""
     with atomic_path(path) as tmp, write_errors(path):
         torch.save(state, tmp)
+
+
+class DamagedState(ValueError):
+    """A resumable state file that cannot be loaded or does not fit this run."""
+
+
+# what torch.load raises on an empty, truncated or foreign file (a truncated archive: OSError EINVAL from its
+# reader); UnsafeCheckpoint: a global outside the allow-list; DamagedState (a ValueError): not this run's state
+UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+              UnsafeCheckpoint)
+
+
+def _check_state(state, model: nn.Module) -> None:
+    """Raise DamagedState unless `state` is what `_state` saved for this model."""
+    if not isinstance(state, dict):
+        raise DamagedState(f"it holds a {type(state).__name__}, not a state dict")
+    missing = {"epoch", "trainable", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "history"} - set(state)
+    if missing:
+        raise DamagedState(f"it lacks {sorted(missing)}")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    if not isinstance(saved, dict) or set(saved) != set(trainable) or any(
+            not isinstance(saved[n], torch.Tensor) or saved[n].shape != p.shape for n, p in trainable.items()):
+        raise DamagedState("its trainable tensors do not match this model's")
+    rng = state["rng_cpu"]
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        raise DamagedState("its CPU random state is not a generator state")
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and isinstance(state["scheduler"], dict)):
+        raise DamagedState("its optimizer or scheduler state is not a state dict")
+    names = {f.name for f in dataclasses.fields(History)}
+    if not (isinstance(state["history"], dict) and set(state["history"]) == names
+            and isinstance(state["history"]["lrs"], list)):
+        raise DamagedState("its history does not have the fields of History")
+    if not (isinstance(state["epoch"], int) and 0 < state["epoch"] == len(state["history"]["lrs"])):
+        raise DamagedState(f"its epoch {state['epoch']!r} does not match its history")
+
+
+def restore_state(path: Path, model: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[History, int]:
+    """(history, epoch to start at) from a resumable state file. A damaged file (empty, truncated, unloadable,
+    refused by the allow-list, or not this run's) is named in a warning and moved aside to
+    `<name>.damaged`, and the run starts at epoch 0, as a fresh run."""
+    try:
+        state = load_torch_file(path)
+        _check_state(state, model)
+        optimizer.load_state_dict(state["optimizer"])  # checks its groups before it changes anything
+    except UNREADABLE as e:
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        warn(f"the resumable state {path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+             f"moved it to {aside} and starting this run at epoch 0")
+        return History(), 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state["trainable"][n])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    restore_cuda_rng(state["rng_cuda"], device)
+    return History(**state["history"]), state["epoch"]
 
 
 def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_path: Path | None = None,
@@ -116,16 +184,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
     history, start = History(), 0
     session = time.perf_counter()
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(state["trainable"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        restore_cuda_rng(state["rng_cuda"], train.device)
-        history, start = History(**state["history"]), state["epoch"]
+        history, start = restore_state(state_path, model, optimizer, scheduler, train.device)
     wall_before = history.wall_time_s
     if train.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.precision == "tf32"
