@@ -15,6 +15,7 @@ train800val200 and tests it (report its final accuracy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -29,7 +30,7 @@ from .choices import choices_help
 from .options import error_line
 from .prepare import ensure_prepared
 from .recipes import PRESET_TASKS, PRESETS, for_task
-from .records import RunSpec, finished
+from .records import RunSpec, finished, selection_order
 from .run import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
@@ -62,6 +63,7 @@ class Point:
     label: str
     spec: RunSpec | None = None
     error: str | None = None
+    row: int = 0  # the row (backbone, method, fixed options) it belongs to: the vtab protocol chooses per row
 
 
 def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "test") -> list[Point]:
@@ -69,7 +71,7 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
     A grid key prefixed '<method>.' applies to that method only; PerTask values are chosen per task.
     Invalid points carry their error."""
     points = []
-    for backbone, method, fixed, row_grid in rows:
+    for row, (backbone, method, fixed, row_grid) in enumerate(rows):
         own = {**row_grid, **{k: v for k, v in grid.items() if "." not in k or k.startswith(f"{method}.")}}
         keys = list(own)
         for values in itertools.product(*own.values()):
@@ -79,9 +81,10 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
                     label = f"{backbone} {method} {task} seed {seed} {point or ''} eval {eval_split}".replace("  ", " ")
                     try:
                         options, recipe = split_settings(method, for_task({**settings, **fixed, **point}, task))
-                        points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe)))
+                        points.append(Point(label, RunSpec(backbone, task, method, options, seed, eval_split, recipe),
+                                            row=row))
                     except USER_ERRORS as e:
-                        points.append(Point(label, error=error_line(e)))
+                        points.append(Point(label, error=error_line(e), row=row))
     return points
 
 
@@ -100,19 +103,19 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
     return "done" if skipped else "ran"
 
 
-def best_on_val(specs: list[RunSpec], args) -> list[RunSpec]:
-    """VTAB protocol: per (backbone, method, task, seed) the grid point with the best final val200
-    accuracy, as a spec that trains on train800val200 and tests."""
+def best_on_val(points: list[Point], args) -> list[RunSpec]:
+    """VTAB protocol: per row, task and seed, the grid point whose val200 record comes first in
+    records.selection_order (the best final val200 accuracy; ties: the smaller run id), as a spec that
+    trains on train800val200 and tests. Points without a finished record are left out."""
     best = {}
-    for spec in specs:
-        record = record_of(spec, args)
+    for point in points:
+        record = record_of(point.spec, args) if point.spec is not None else None
         if record is None:
-            continue  # not finished, or reported as failed in the first stage
-        acc = record["final_acc"]
-        key = (spec.backbone, spec.method, spec.task, spec.seed)
-        if key not in best or acc > best[key][0]:
-            best[key] = (acc, spec)
-    return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
+            continue  # invalid, not finished, or reported as failed in the first stage
+        key = (point.row, point.spec.task, point.spec.seed)
+        if key not in best or selection_order(record) < selection_order(best[key][0]):
+            best[key] = (record, point.spec)
+    return [dataclasses.replace(spec, eval_split="test") for _, spec in best.values()]
 
 
 def dry_run_status(spec: RunSpec, args) -> str:
@@ -271,10 +274,9 @@ def main(argv=None) -> int:
         print(f"{len(statuses)} runs: {statuses.count('done')} done, {len(statuses) - failed - statuses.count('done')} "
               f"to run, {failed} failed (invalid settings)")
         return 1 if failed else 0
-    valid = [p.spec for p in stage1 if p.spec is not None]
     def final():
         return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
-                for s in best_on_val(valid, args)]
+                for s in best_on_val(stage1, args)]
 
     if args.stage:  # a worker process of --gpus N: run its stage's list
         statuses = launch(final() if args.stage == "final" else stage1, args, args.stage)
