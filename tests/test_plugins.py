@@ -72,7 +72,7 @@ def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):
     assert "origin" in spec.identity() and "origin" not in builtin.identity()
     import pandas as pd
     records = pd.DataFrame({"backbone": ["vit-b"] * 3, "method": ["m", "m", "lora"],
-                            "origin": ["pkg 1.0", "pkg 2.0", ""]})
+                            "origin": ["pkg 1.0", "pkg 2.0", ""], "recipe": ["{}"] * 3})
     labels = [r.label for r in tables_cli.rows_from_records(records)]
     assert labels == ["lora", "m [pkg 1.0]", "m [pkg 2.0]"]
 
