@@ -9,8 +9,8 @@
 
 Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
 share the work without duplicating or corrupting a record. `--protocol vtab` first scores every grid
-point on val200 (trained on train800), then retrains the best point per task and seed on
-train800val200 and tests it (report its final accuracy).
+point on val200 (trained on train800), then retrains the best point (final val200 accuracy) per row, task
+and seed on train800val200 and tests it (report its final accuracy).
 """
 from __future__ import annotations
 
