@@ -62,8 +62,8 @@ def test_example_method_runs_through_the_cli_sweep_and_tables(data_root, tmp_pat
     assert tables_cli.main(["--table", "runs", "--runs", str(runs), "--out", str(tmp_path / "tables")]) == 0
     md = (tmp_path / "tables" / "runs_paper.md").read_text()
     (row,) = [line for line in md.splitlines() if f"vit-tiny {TIED}" in line]
-    best = df.loc[df.best_acc.idxmax()]  # the paper protocol's choice; digits is not one of the 19 columns
-    assert row.split(" | ")[1] == f"{best.params / 1e6:.3f}"
+    best = df.loc[df.best_acc.idxmax()]  # the paper protocol's choice
+    assert row.split(" | ")[1] == f"{best.params / 1e6:.3f}" and row.split(" | ")[3] == f"{best.best_acc:.1f}"
 
 
 def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):

@@ -38,8 +38,7 @@ IDENTITY = ("backbone", "task", "method", "seed", "method_config", "train_split"
 SPLIT_FIELDS = ("train_split", "eval_split")
 # What every record holds, and what a finished one holds besides (read by tables, sweep and run's summary).
 REQUIRED = ("run_id", "status", *(k for k in IDENTITY if k != "origin"))
-REQUIRED_DONE = {"params": int, "storage_bytes": int, "best_acc": float, "best_epoch": int, "final_acc": float,
-                 "wall_time_s": float, "images_per_s": float}  # field -> type (float: any number)
+REQUIRED_DONE = ("params", "storage_bytes", "best_acc", "best_epoch", "final_acc", "wall_time_s", "images_per_s")
 # The vtab protocol's choice on val200 (sweep's retrain and the tables): the accuracy after the last epoch,
 # as VTAB scores a hyper-parameter setting (best_acc would pick an epoch the retrain never stops at).
 VAL_SELECTION = "final_acc"
@@ -162,11 +161,11 @@ class NotARecord(RecordError):
 
 
 def _missing(record: dict) -> list[str]:
-    """The required fields `record` lacks (or holds with the wrong type)."""
+    """The required fields `record` lacks (or, for the numbers of a finished run, holds as no number)."""
     missing = [k for k in REQUIRED if k not in record]
     if record.get("status") == "done":
-        missing += [k for k, kind in REQUIRED_DONE.items() if isinstance(record.get(k), bool)
-                    or not isinstance(record.get(k), (int, float) if kind is float else int)]
+        missing += [k for k in REQUIRED_DONE if isinstance(record.get(k), bool)
+                    or not isinstance(record.get(k), (int, float))]
     return missing
 
 
