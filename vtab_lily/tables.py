@@ -97,7 +97,7 @@ TABLES = {
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
              Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
 }
-RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method and origin found in the records
+RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin and recipe in the records
 
 
 TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini"}
@@ -207,14 +207,10 @@ def add_means(frame: pd.DataFrame, tasks=VTAB_TASKS) -> pd.DataFrame:
     return out
 
 
-def _paper_source(path):
-    return Path(path) if isinstance(path, str) else path
-
-
 def read_paper(*paths: str | Path) -> pd.DataFrame:
     """The published rows of one or more CSVs (default: the package's vtab_lily/paper/ files). A row's
     `mean_of` says which Mean it prints: `groups` (mean of the group means, the default) or `tasks`."""
-    sources = [_paper_source(p) for p in paths] or [resources.files("vtab_lily") / "paper" / n for n in PAPER_FILES]
+    sources = [Path(p) for p in paths] or [resources.files("vtab_lily") / "paper" / name for name in PAPER_FILES]
     frames = []
     for source in sources:
         with source.open() as f:
@@ -411,7 +407,7 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_latex(result: dict, table: str) -> str:
+def to_latex(result: dict) -> str:
     mean, tasks = result["mean"], result["tasks"]
     means = [c for c in summary_columns(tasks) if c.endswith("Mean")]
     cols = ["params_m", *tasks, *means]
@@ -458,7 +454,7 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
 def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
     stem = out / (f"{table}_{protocol}" if table == RUNS_TABLE else f"table{table}_{protocol}")
     written = []
-    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result, table)),
+    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
                          (".csv", result["mean"].to_csv(index_label="row"))):
         with atomic_path(stem.with_suffix(suffix)) as tmp:
             tmp.write_text(text)
