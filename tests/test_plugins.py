@@ -63,8 +63,8 @@ def test_example_method_runs_through_the_cli_sweep_and_tables(data_root, tmp_pat
     assert tables_cli.main(["--table", "runs", "--runs", str(runs), "--out", str(tmp_path / "tables")]) == 0
     md = (tmp_path / "tables" / "runs_paper.md").read_text()
     (row,) = [line for line in md.splitlines() if f"vit-tiny {TIED}" in line]
-    best = df.loc[df.best_acc.idxmax()]  # the paper protocol's choice; digits is not one of the 19 columns
-    assert row.split(" | ")[1] == f"{best.params / 1e6:.3f}"
+    best = df.loc[df.best_acc.idxmax()]  # the paper protocol's choice
+    assert row.split(" | ")[1] == f"{best.params / 1e6:.3f}" and row.split(" | ")[3] == f"{best.best_acc:.1f}"
 
 
 def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):
@@ -73,7 +73,7 @@ def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):
     assert "origin" in spec.identity() and "origin" not in builtin.identity()
     import pandas as pd
     records = pd.DataFrame({"backbone": ["vit-b"] * 3, "method": ["m", "m", "lora"],
-                            "origin": ["pkg 1.0", "pkg 2.0", ""]})
+                            "origin": ["pkg 1.0", "pkg 2.0", ""], "recipe": ["{}"] * 3})
     labels = [r.label for r in tables_cli.rows_from_records(records)]
     assert labels == ["lora", "m [pkg 1.0]", "m [pkg 2.0]"]
 

@@ -214,6 +214,8 @@ def test_only_done_records_count_as_finished(tmp_path):
     from vtab_lily.fileio import write_json
     from vtab_lily.records import finished
     write_json(tmp_path / "a.json", {"run_id": "a", "status": "failed"})
-    write_json(tmp_path / "b.json", {"run_id": "b", "status": "done", "final_acc": 1.0})
+    from vtab_lily.records import REQUIRED, REQUIRED_DONE
+    write_json(tmp_path / "b.json", {**dict.fromkeys(REQUIRED, {}), **dict.fromkeys(REQUIRED_DONE, 1),
+                                     "run_id": "b", "status": "done", "final_acc": 1.0})
     assert finished(tmp_path / "a.json") is None and finished(tmp_path / "none.json") is None
     assert finished(tmp_path / "b.json")["final_acc"] == 1.0

@@ -22,7 +22,7 @@ from vtab_lily.locks import RunLock
 from vtab_lily.prepare import prepare_task
 from vtab_lily.provenance import file_sha256
 from vtab_lily.recipes import RECIPES, Recipe, recipe_for
-from vtab_lily.records import RunSpec, load_records, read_record
+from vtab_lily.records import RunSpec, load_records, read_record, recipe_identity
 from vtab_lily.run import execute, resolve
 from vtab_lily.train import History, evaluate
 
@@ -97,7 +97,7 @@ def test_weights_change_reruns_and_tables_refuse_to_pool(data_root, tmp_path, ca
     fake = tmp_path / "fake"
     for p in records:
         r = read_record(p)
-        r["backbone"] = "vit-b"
+        r["backbone"], r["recipe"] = "vit-b", recipe_identity("vit-b", {})  # Table 4's recipe
         dest = fake / "vit-b" / "linear" / "digits" / p.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(r))
@@ -181,8 +181,9 @@ def test_a_truncated_record_is_named_rerun_and_skipped_by_sweep_and_tables(data_
     with pytest.warns(UserWarning, match="damaged run record"):
         assert sweep_cli.main([*sweep, "--dry-run"]) == 0
     assert "1 runs: 0 done, 1 to run, 0 failed" in capsys.readouterr().out
-    with pytest.warns(UserWarning, match="damaged run record"):
-        assert tables_cli.main(["--table", "4", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 0
+    with pytest.warns(UserWarning, match="damaged run record"):  # skipped: no records left, nothing written
+        assert tables_cli.main(["--table", "4", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 2
+    assert "error: no finished run records" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
 def test_a_bad_grid_point_fails_alone_and_is_counted(data_root, tmp_path, capsys):

@@ -22,7 +22,7 @@ from .tasks import get_task
 
 
 @lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+def _sha256(path: str, size: int, mtime_ns: int, inode: tuple[int, int]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -31,9 +31,10 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, memoised in this process while its size and mtime are unchanged."""
+    """SHA-256 of a file's bytes, memoised in this process while its path, size, mtime and inode are
+    unchanged (a file rewritten in place changes its mtime; one replaced by another, its inode)."""
     st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino))
 
 
 def weights_provenance(backbone: str, weights: str | None, pretrained: bool, seed: int) -> tuple[dict, str | None]:

@@ -4,7 +4,8 @@ Path: <runs>/<backbone>/<method>/<task>/<run-id>.json, where run-id is s<seed>-<
 backbone, task, method, the full method config and recipe (except result-neutral fields such as
 checkpoint_every), seed, splits, and the provenance (weights, data lists, precision; see provenance.py).
 Beside it: <run-id>.safetensors (the adapter), <run-id>.state.pt (resumable state while running),
-<run-id>.lock (held by the process running it).
+<run-id>.lock (held by the process running it). A record lacking a field the tables or the runner read
+(e.g. a hand-edited one without `best_acc`) is damaged: named in a warning, skipped, and rerun.
 """
 from __future__ import annotations
 
@@ -32,6 +33,42 @@ from .recipes import Recipe, recipe_for
 from .tasks import get_task
 
 EVAL_SPLITS = {"test": "train800val200", "val200": "train800"}  # eval split -> train split
+# The fields of a run's identity (RunSpec.identity; `origin` only for a method from outside the suite).
+IDENTITY = ("backbone", "task", "method", "seed", "method_config", "train_split", "eval_split", "recipe",
+            "provenance", "origin")
+SPLIT_FIELDS = ("train_split", "eval_split")
+# What every record holds, and what a finished one holds besides (read by tables, sweep and run's summary).
+REQUIRED = ("run_id", "status", *(k for k in IDENTITY if k != "origin"))
+REQUIRED_DONE = ("params", "storage_bytes", "best_acc", "best_epoch", "final_acc", "wall_time_s", "images_per_s")
+# The vtab protocol's choice on val200 (sweep's retrain and the tables): the accuracy after the last epoch,
+# as VTAB scores a hyper-parameter setting (best_acc would pick an epoch the retrain never stops at).
+VAL_SELECTION = "final_acc"
+
+
+def recipe_identity(backbone: str, overrides: dict) -> dict:
+    """The recipe as a run's identity holds it: the backbone's recipe with `overrides`, without the fields
+    that do not change results (Recipe.NOT_IN_ID)."""
+    recipe = dataclasses.asdict(recipe_for(backbone, **overrides))
+    return {k: v for k, v in recipe.items() if k not in Recipe.NOT_IN_ID}
+
+
+def digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def selection_point(record: dict) -> str:
+    """The record's identity without its splits (and the hash of the split lists they read): a val200 run
+    and its retrain on train800val200 share it, runs of any other config, recipe, seed or provenance do not."""
+    point = {k: record.get(k) for k in IDENTITY if k not in SPLIT_FIELDS}
+    provenance = dict(point["provenance"] or {})
+    provenance["data"] = {k: v for k, v in (provenance.get("data") or {}).items() if k != "lists_sha256"}
+    return digest({**point, "provenance": provenance})[:16]
+
+
+def selection_order(record) -> tuple:
+    """Sort key of the vtab protocol's candidates on val200 (first = chosen): the higher VAL_SELECTION,
+    then the smaller run id, so that a tie is broken the same way by the sweep and by the tables."""
+    return (-float(record[VAL_SELECTION]), str(record["run_id"]))
 
 
 @dataclass
@@ -67,7 +104,7 @@ class RunSpec:
         or file hash), so two methods of the same name, or two versions of one, never share a run id."""
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
-        recipe = {k: v for k, v in dataclasses.asdict(self.full_recipe()).items() if k not in Recipe.NOT_IN_ID}
+        recipe = recipe_identity(self.backbone, self.recipe)
         method_origin = origin(get_method(self.method).module)
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
                 "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
@@ -76,8 +113,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
-        return f"s{self.seed}-{digest[:10]}"
+        return f"s{self.seed}-{digest(self.identity())[:10]}"
 
     def unresolved(self) -> RunSpec:
         """The same run before provenance (e.g. to retarget it at another eval split)."""
@@ -121,15 +157,35 @@ class RecordError(UserError, ValueError):
     """A record file that cannot be read as a run record; the message names it."""
 
 
+class NotARecord(RecordError):
+    """A JSON file under a runs folder that is not a run record (no run_id / status): not ours."""
+
+
+def _missing(record: dict) -> list[str]:
+    """The required fields `record` lacks (or, for the numbers of a finished run, holds as no number)."""
+    missing = [k for k in REQUIRED if k not in record]
+    if record.get("status") == "done":
+        missing += [k for k in REQUIRED_DONE if isinstance(record.get(k), bool)
+                    or not isinstance(record.get(k), (int, float))]
+    return missing
+
+
 def read_record(path: str | Path) -> dict:
-    """The record at `path`; RecordError naming the file when it is damaged or is not a run record."""
+    """The record at `path`; RecordError naming the file when it is damaged (unreadable, not JSON, or
+    without a required field), NotARecord when it is not a run record."""
     try:
         record = json.loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise RecordError(f"damaged run record {path} ({type(e).__name__}: {e}); it counts as not run: "
                           "run it again (the rerun overwrites it) or delete it") from None
+    except OSError as e:  # a dangling symlink, a folder named *.json, no permission
+        raise RecordError(f"unreadable run record {path} ({e.strerror or e}); it counts as not run") from None
     if not isinstance(record, dict) or "run_id" not in record or "status" not in record:
-        raise RecordError(f"{path} is not a run record (no run_id / status)")
+        raise NotARecord(f"{path} is not a run record (no run_id / status)")
+    missing = _missing(record)
+    if missing:
+        raise RecordError(f"damaged run record {path} (missing or invalid: {', '.join(missing)}); it counts as "
+                          "not run: run it again (the rerun overwrites it) or delete it")
     return record
 
 
@@ -150,16 +206,18 @@ def finished(path: str | Path) -> dict | None:
 def load_records(runs: str | Path = "results/runs", include_failed: bool = False) -> pd.DataFrame:
     """All records under `runs`, one row each: identity columns, the method's origin ('' for built-in
     methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>),
-    provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), params,
-    best/final accuracy. Failed runs are left out unless `include_failed`; damaged records are skipped with
-    a warning naming them; JSON files that are not run records are ignored."""
+    provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), the recipe
+    (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy.
+    Failed runs are left out unless `include_failed`; damaged records (and dangling links, folders named
+    *.json) are skipped with a warning naming them; JSON files that are not run records are ignored."""
     rows = []
     for path in sorted(Path(runs).glob("*/*/*/*.json")):
         try:
             r = read_record(path)
+        except NotARecord:  # other JSON files are not ours: ignore them quietly
+            continue
         except RecordError as e:
-            if "not a run record" not in str(e):  # other JSON files are not ours: ignore them quietly
-                warnings.warn(f"skipped {e}", stacklevel=2)
+            warnings.warn(f"skipped {e}", stacklevel=2)
             continue
         if r.get("status") != "done" and not include_failed:
             continue
@@ -169,9 +227,11 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         row["origin"] = origin_label(r.get("origin"))
         row.update({f"opt.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v
                     for k, v in r.get("method_config", {}).items()})
-        prov = r.get("provenance") or {}
+        prov = r["provenance"] or {}
         row.update(weights_id=short(prov, "weights") or "unknown", data_id=short(prov, "data") or "unknown",
                    precision=prov.get("precision", "unknown"))
+        row["recipe"] = json.dumps(r["recipe"], sort_keys=True)
+        row["point"] = selection_point(r)
         row["path"] = str(path)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -15,11 +15,12 @@ method); a key that no row has is an error. A point that fails, for any reason, 
 `failed: <reason>` with its traceback in a file under `--logs`, and the sweep goes on; the last line counts
 the jobs (exit code 1 when any failed). Each `ran` line gives the run's best and final accuracy.
 `--protocol vtab` first scores every grid point on val200 (trained on train800), then retrains the best
-point per task and seed on train800val200 and tests it (report its final accuracy).
+point (final val200 accuracy) per row, task and seed on train800val200 and tests it (report its final accuracy).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import re
@@ -40,7 +41,7 @@ from .errors import UserError, cli, error_line, os_error_line
 from .options import OptionError, check_seed
 from .prepare import ensure_prepared
 from .recipes import PRESET_TASKS, PRESETS, RECIPE_FIELDS, for_task
-from .records import RunSpec, finished, read_record
+from .records import RunSpec, finished, read_record, selection_order
 from .run import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
@@ -98,6 +99,7 @@ class Point:
     label: str
     spec: RunSpec | None = None
     error: str | None = None
+    row: int = 0  # the row (backbone, method, fixed options) it belongs to: the vtab protocol chooses per row
 
 
 def method_fields(method: str) -> set[str] | None:
@@ -133,7 +135,7 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
     `grid` and `settings` apply to a row as `scoped` says; PerTask values are chosen per task.
     A point that cannot be made (any error) carries its failure line."""
     points = []
-    for backbone, method, fixed, row_grid in rows:
+    for row, (backbone, method, fixed, row_grid) in enumerate(rows):
         own = {**row_grid, **scoped(grid, method)}
         keys = list(own)
         for values in itertools.product(*own.values()):
@@ -146,9 +148,9 @@ def expand(rows, tasks, seeds, grid: dict, settings: dict, eval_split: str = "te
                                                                            **point}, task))
                         spec = RunSpec(backbone, task, method, options, seed, eval_split, recipe)
                         check_spec(spec)
-                        points.append(Point(label, spec))
+                        points.append(Point(label, spec, row=row))
                     except Exception as e:  # this point cannot run: the others still do
-                        points.append(Point(label, error=failure(e, label, logs)))
+                        points.append(Point(label, error=failure(e, label, logs), row=row))
     return points
 
 
@@ -174,19 +176,19 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
         return failure(e, label, logs)
 
 
-def best_on_val(specs: list[RunSpec], args) -> list[RunSpec]:
-    """VTAB protocol: per (backbone, method, task, seed) the grid point with the best final val200
-    accuracy, as a spec that trains on train800val200 and tests."""
+def best_on_val(points: list[Point], args) -> list[RunSpec]:
+    """VTAB protocol: per row, task and seed, the grid point whose val200 record comes first in
+    records.selection_order (the best final val200 accuracy; ties: the smaller run id), as a spec that
+    trains on train800val200 and tests. Points without a finished record are left out."""
     best = {}
-    for spec in specs:
-        record = record_of(spec, args)
+    for point in points:
+        record = record_of(point.spec, args) if point.spec is not None else None
         if record is None:
-            continue  # not finished, or reported as failed in the first stage
-        acc = record["final_acc"]
-        key = (spec.backbone, spec.method, spec.task, spec.seed)
-        if key not in best or acc > best[key][0]:
-            best[key] = (acc, spec)
-    return [RunSpec(s.backbone, s.task, s.method, s.options, s.seed, "test", s.recipe) for _, s in best.values()]
+            continue  # invalid, not finished, or reported as failed in the first stage
+        key = (point.row, point.spec.task, point.spec.seed)
+        if key not in best or selection_order(record) < selection_order(best[key][0]):
+            best[key] = (record, point.spec)
+    return [dataclasses.replace(spec, eval_split="test") for _, spec in best.values()]
 
 
 def dry_run_status(point: Point, args) -> str:
@@ -402,11 +404,9 @@ def main(argv=None) -> int:
         print(f"{len(statuses)} runs: {statuses.count('done')} done, {len(statuses) - failed - statuses.count('done')} "
               f"to run, {failed} failed")
         return 1 if failed else 0
-    valid = [p.spec for p in stage1 if p.spec is not None]
-
     def final():
         return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
-                for s in best_on_val(valid, args)]
+                for s in best_on_val(stage1, args)]
 
     statuses: list[str] = []
     try:

@@ -2,20 +2,28 @@
 mini-benchmark's table.
 
     python -m vtab_lily.tables [--table 4|5|15|extended|mini|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+    python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
 
-`--table runs` has one row per backbone, method and origin found in the records (built-in, peft:<tuner>
-and your own methods), chosen and averaged as the paper rows; it has no paper numbers to compare with.
+A paper table's row takes the records of its backbone and method whose config has the row's values
+(`Row.filters`) and whose recipe is the one its preset trains with (the backbone's recipe with the preset
+row's recipe settings, e.g. SSF's per-task lr): a smoke run with other epochs is in no row. Records in no
+row are listed ("not in any row"), never pooled. `--table runs` has one row per backbone, method, origin
+and recipe found in the records (built-in, peft:<tuner> and your own methods), and one column per task
+present in them, grouped by benchmark (VTAB-1K, mini); it has no paper numbers to compare with.
 
 One cell per (row, task): the mean over seeds (+- std and n when there are several). `paper` protocol:
 per seed, the best test accuracy of the best configuration (selected on the test set, as the paper).
-`vtab` protocol: per seed, the configuration with the best final val200 accuracy, and the final test
-accuracy of its retrain on train800val200. Group means (Natural 7, Specialized 4, Structured 8), Mean =
-mean of the group means (the paper's definition), Mean19 = plain mean over the 19 tasks, params (M) = mean
-over tasks of the chosen configurations, storage (KB) likewise (fp32, but 1 bit per Bi-LoRA weight).
-Missing cells stay empty. Writes Markdown (also printed), LaTeX,
-CSV and a heat map of ours minus paper per table, and checks the paper's own printed Means. Table `mini`:
-Table 4's methods on vit-mini and Table 5's on vim-mini over the mini VTAB (groups of 2-3 tasks, Mean7 the
-plain mean); it has no paper numbers, so its heat map shows our accuracies.
+`vtab` protocol: per seed, the configuration with the best final val200 accuracy (records.VAL_SELECTION;
+ties: the smaller run id), and the final test accuracy of its retrain on train800val200 (the record with
+the same identity but the splits). Group means (Natural 7, Specialized 4, Structured 8), Mean = mean of
+the group means (the paper's definition), Mean19 = plain mean over the 19 tasks, params (M) = mean over
+tasks of the chosen configurations, storage (KB) likewise (fp32, but 1 bit per Bi-LoRA weight). Missing
+cells stay empty. Records pooled into one row share their weights and precision per backbone and their
+data per (backbone, task, eval split). Writes Markdown (also printed), LaTeX, CSV and a heat map of ours
+minus paper per table, and checks the paper's own printed Means. Table `mini`: Table 4's methods on
+vit-mini and Table 5's on vim-mini over the mini VTAB (groups of 2-3 tasks, Mean7 the plain mean); it has
+no paper numbers, so its heat map shows our accuracies. The published numbers are package data
+(vtab_lily/paper/).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +40,23 @@ import pandas as pd
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .records import load_records
+from .recipes import PRESETS, for_task
+from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
+from .run import split_settings
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
-PAPER_CSV = Path(__file__).resolve().parent.parent / "results" / "paper" / "paper_tables.csv"
-EXTENDED_CSV = PAPER_CSV.with_name("extended.csv")  # the classic baselines' own published numbers
+# vtab_lily/paper/ (package data): the Lily paper's Tables 4, 5 and 15, and the classic baselines' own
+# published numbers (the `extended` table)
+PAPER_FILES = ("paper_tables.csv", "extended.csv")
+PAPER_TOLERANCE = 0.1  # points between a printed Mean and the Mean recomputed from its row (inclusive)
+
+
+class TableError(UserError):
+    """Nothing to tabulate, or a selection that cannot be made."""
+
+
+class ProvenanceConflict(TableError):
+    """Records that would be pooled into one cell were made on different weights, data or precision."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,7 @@ class Row:
     method: str
     filters: dict = field(default_factory=dict)  # method-config values a record must have
     origin: str | None = None  # the records' origin label (records.load_records), when it must match
+    recipe: str | None = None  # the records' recipe (JSON, `runs` rows); None: the table's preset's
 
 
 def _lily15(targets):
@@ -76,68 +98,156 @@ TABLES = {
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
              Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
 }
-RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method and origin found in the records
+RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin and recipe in the records
+
+
+TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini"}
+BENCHMARKS = {"VTAB-1K": VTAB_TASKS, "mini": MINI_TASKS}  # a table's columns are grouped by these
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def preset_recipe(table: str, row: Row) -> dict:
+    """The recipe settings (e.g. SSF's per-task lr, VPT's drop_path 0) of the preset row that sweeps `row`:
+    same backbone and method, fixed options agreeing with the row's filters."""
+    found = []
+    for backbone, method, fixed, _ in PRESETS.get(TABLE_PRESET.get(table), []):
+        if (backbone, method) == (row.backbone, row.method):
+            options, recipe = split_settings(method, fixed)
+            if all(_same(options[k], v) for k, v in row.filters.items() if k in options):
+                found.append(recipe)
+    if any(not _same(r, found[0]) for r in found):
+        raise RuntimeError(f"Table {table} row {row.label}: its preset rows differ in their recipe; add a filter")
+    return found[0] if found else {}
+
+
+def row_recipe(table: str, row: Row, task: str) -> str | None:
+    """The recipe (JSON, as load_records gives it) of the row's records of `task`; None when its preset
+    has no setting for the task."""
+    if row.recipe is not None:
+        return row.recipe
+    try:
+        overrides = for_task(preset_recipe(table, row), task)
+    except KeyError:
+        return None
+    return json.dumps(recipe_identity(row.backbone, overrides), sort_keys=True)
+
+
+def recipe_difference(backbone: str, recipe: str) -> str:
+    """'epochs=1, lr=0.01': where a record's recipe (JSON) differs from the backbone's own recipe."""
+    ours, base = json.loads(recipe), recipe_identity(backbone, {})
+    return ", ".join(f"{k}={ours.get(k)}" for k in sorted(set(ours) | set(base)) if ours.get(k) != base.get(k))
 
 
 def rows_from_records(records: pd.DataFrame) -> list[Row]:
-    """The rows of the `runs` table: every (backbone, method, origin) in the records, the suite's methods
-    and outside ones alike; a method name with several origins gets one row per origin, labelled with it."""
+    """The rows of the `runs` table: every (backbone, method, origin, recipe) in the records, the suite's
+    methods and outside ones alike; a method name with several origins gets one row per origin, labelled
+    with it, and one with several recipes one row per recipe, labelled with its difference to the
+    backbone's recipe."""
     if records.empty:
         return []
-    keys = records[["backbone", "method", "origin"]].drop_duplicates().sort_values(["backbone", "method", "origin"])
-    several = keys.groupby(["backbone", "method"])["origin"].transform("size") > 1
-    return [Row(b, f"{m} [{o}]" if many else m, m, origin=o)
-            for (b, m, o), many in zip(keys.itertuples(index=False), several)]
+    keys = records[["backbone", "method", "origin", "recipe"]].drop_duplicates().sort_values(
+        ["backbone", "method", "origin", "recipe"])
+    origins = keys.groupby(["backbone", "method"])["origin"].transform("nunique") > 1
+    recipes = keys.groupby(["backbone", "method", "origin"])["recipe"].transform("size") > 1
+    rows = []
+    for (b, m, o, r), many_origins, many_recipes in zip(keys.itertuples(index=False), origins, recipes):
+        label = m + (f" [{o}]" if many_origins else "")
+        label += f" [{recipe_difference(b, r) or 'its recipe'}]" if many_recipes else ""
+        rows.append(Row(b, label, m, origin=o, recipe=r))
+    return rows
 
 
 def table_rows(table: str, records: pd.DataFrame) -> list[Row]:
     return rows_from_records(records) if table == RUNS_TABLE else TABLES[table]
 
 
-TABLE_TASKS = {"mini": MINI_TASKS}  # a table's tasks (others: the 19 of VTAB-1K)
+TABLE_TASKS = {"mini": MINI_TASKS}  # a table's tasks (others: the 19 of VTAB-1K; `runs`: those recorded)
 
 
-def table_tasks(table: str) -> list[str]:
+def table_tasks(table: str, records: pd.DataFrame | None = None) -> list[str]:
+    if table == RUNS_TABLE:
+        present = set(records["task"]) if records is not None and not records.empty else set()
+        return [t for t in TASKS if t in present]
     return list(TABLE_TASKS.get(table, VTAB_TASKS))
 
 
-def plain_mean(tasks) -> str:
-    """The plain-mean column: Mean19 on VTAB-1K."""
-    return f"Mean{len(tasks)}"
+def benchmarks(tasks) -> list[tuple[str, list[str]]]:
+    """(prefix, tasks) per benchmark the tasks span, in column order; the prefix ('mini ') names the
+    benchmark in the summary columns when there are several, else it is ''."""
+    present = [(name, [t for t in members if t in tasks]) for name, members in BENCHMARKS.items()]
+    present = [(name, members) for name, members in present if members]
+    return [(f"{name} " if len(present) > 1 else "", members) for name, members in present]
+
+
+def _groups(members) -> list[tuple[str, list[str]]]:
+    return [(g, [t for t in members if TASKS[t].group == g]) for g in GROUPS]
+
+
+def summary_columns(tasks) -> list[str]:
+    """Per benchmark: the means of its groups present, Mean (of the three group means), the plain mean
+    (Mean19 on VTAB-1K)."""
+    return [name for prefix, members in benchmarks(tasks) for name in
+            (*(prefix + g for g, ts in _groups(members) if ts), f"{prefix}Mean", f"{prefix}Mean{len(members)}")]
 
 
 def add_means(frame: pd.DataFrame, tasks=VTAB_TASKS) -> pd.DataFrame:
-    """Group means, Mean (of the three group means) and the plain mean (Mean19) for complete rows; else NaN."""
+    """Group means, Mean (of the three group means: NaN when a group has no task) and the plain mean for
+    complete rows, per benchmark; else NaN."""
     out = frame.copy()
-    for g in GROUPS:
-        out[g] = frame[[t for t in tasks if TASKS[t].group == g]].mean(axis=1, skipna=False)
-    out["Mean"] = out[list(GROUPS)].mean(axis=1, skipna=False)
-    out[plain_mean(tasks)] = frame[list(tasks)].mean(axis=1, skipna=False)
+    for prefix, members in benchmarks(tasks):
+        groups = pd.DataFrame({g: frame[ts].mean(axis=1, skipna=False) if ts else np.nan
+                               for g, ts in _groups(members)}, index=frame.index)
+        for g, ts in _groups(members):
+            if ts:
+                out[prefix + g] = groups[g]
+        out[f"{prefix}Mean"] = groups.mean(axis=1, skipna=False)
+        out[f"{prefix}Mean{len(members)}"] = frame[members].mean(axis=1, skipna=False)
     return out
 
 
 def read_paper(*paths: str | Path) -> pd.DataFrame:
-    """The published rows of one or more CSVs (default: the Lily paper's tables and extended.csv). A row's
+    """The published rows of one or more CSVs (default: the package's vtab_lily/paper/ files). A row's
     `mean_of` says which Mean it prints: `groups` (mean of the group means, the default) or `tasks`."""
-    df = pd.concat([pd.read_csv(p, dtype={"table": str}) for p in paths or (PAPER_CSV, EXTENDED_CSV)])
-    return df.rename(columns={"method": "label"}).set_index(["table", "backbone", "label"])
+    sources = [Path(p) for p in paths] or [resources.files("vtab_lily") / "paper" / name for name in PAPER_FILES]
+    frames = []
+    for source in sources:
+        with source.open() as f:
+            frames.append(pd.read_csv(f, dtype={"table": str}))
+    return pd.concat(frames).rename(columns={"method": "label"}).set_index(["table", "backbone", "label"])
 
 
 def _mean_of_tasks(paper: pd.DataFrame) -> pd.Series:
     return paper["mean_of"] == "tasks" if "mean_of" in paper else pd.Series(False, index=paper.index)
 
 
-def check_paper(paper: pd.DataFrame, tolerance: float = 0.1) -> pd.DataFrame:
+def check_paper(paper: pd.DataFrame, tolerance: float = PAPER_TOLERANCE) -> pd.DataFrame:
     """Recomputed vs printed Mean of every paper row (by the row's own definition of its Mean); `flag`
-    where they differ by more than `tolerance`."""
+    where they differ by more than `tolerance` (a difference of exactly `tolerance` is within it)."""
     means = add_means(paper[list(VTAB_TASKS)])
     recomputed = means["Mean"].where(~_mean_of_tasks(paper), means["Mean19"])
     out = pd.DataFrame({"printed": paper["mean"], "recomputed": recomputed.round(2)})
-    out["flag"] = (out["printed"] - out["recomputed"]).abs() > tolerance
+    out["flag"] = (out["printed"] - out["recomputed"]).abs().round(6) > tolerance  # 50.1 - 50.0 is 0.1000...01
     return out
 
 
-def _matching(records: pd.DataFrame, row: Row) -> pd.DataFrame:
+def published(paper: pd.DataFrame, keys: list[tuple], tasks: list[str]) -> tuple[pd.DataFrame, list]:
+    """The paper's per-task numbers of `keys` ((table, backbone, label); NaN where absent) and the Mean to
+    compare ours with: the printed Mean, or for a source printing the plain task mean (mean_of `tasks`),
+    the mean of the group means of its own tasks (the Mean of Table 4)."""
+    cells = pd.DataFrame([paper.loc[k].reindex(tasks) if k in paper.index else pd.Series(np.nan, index=tasks)
+                          for k in keys]).astype(float)
+    groups_mean = add_means(cells, tasks)["Mean"].round(2) if "Mean" in summary_columns(tasks) else None
+    by_tasks = _mean_of_tasks(paper)
+    printed = [np.nan if k not in paper.index else groups_mean.iloc[i] if by_tasks.get(k, False)
+               else paper.loc[k, "mean"] for i, k in enumerate(keys)]
+    return cells, printed
+
+
+def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
+    """The records of `row`: its backbone, method (origin), filtered config values and recipe."""
     if records.empty:
         return records
     mask = (records["backbone"] == row.backbone) & (records["method"] == row.method)
@@ -149,28 +259,22 @@ def _matching(records: pd.DataFrame, row: Row) -> pd.DataFrame:
             return records.iloc[0:0]
         want = json.dumps(value) if isinstance(value, (list, dict)) else value
         mask &= records[col] == want
-    return records[mask]
-
-
-def _config_key(frame: pd.DataFrame) -> pd.Series:
-    cols = sorted(c for c in frame.columns if c.startswith("opt."))
-    return frame[cols].apply(lambda r: "|".join(map(str, r)), axis=1) if cols else pd.Series("", index=frame.index)
-
-
-class ProvenanceConflict(UserError, ValueError):
-    """Records that would be pooled into one cell were made on different weights, data or precision."""
+    rec = records[mask]
+    recipes = {t: row_recipe(table, row, t) for t in rec["task"].unique()}
+    return rec[rec["recipe"] == rec["task"].map(recipes)]
 
 
 PROVENANCE = ("weights_id", "data_id", "precision")
 
 
 def check_provenance(records: pd.DataFrame) -> None:
-    """Refuse to pool: per backbone one weights id and one precision, per (backbone, task) one data id.
-    The message names the disagreeing records and how to select."""
+    """Refuse to pool: per backbone one weights id and one precision, per (backbone, task, eval split)
+    one data id (a val200 run and a test run read different split lists). The message names the
+    disagreeing records and how to select."""
     if records.empty:
         return
     for keys, column, option in ((["backbone"], "weights_id", "weights"), (["backbone"], "precision", "precision"),
-                                 (["backbone", "task"], "data_id", "data")):
+                                 (["backbone", "task", "eval_split"], "data_id", "data")):
         for key, group in records.groupby(keys):
             values = group[column].value_counts()
             if len(values) > 1:
@@ -187,37 +291,43 @@ def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
     for item in selections:
         column, sep, prefix = item.partition("=")
         if not sep or column not in PROVENANCE:
-            raise UserError(f"--select expects one of {list(PROVENANCE)}=<prefix>, got {item!r}")
+            raise TableError(f"--select expects one of {list(PROVENANCE)}=<prefix>, got {item!r}")
         if not records.empty:
             records = records[records[column].astype(str).str.startswith(prefix)]
     return records
 
 
-def cell_results(records: pd.DataFrame, row: Row, protocol: str) -> pd.DataFrame:
-    """Per (task, seed): the reported accuracy and the params of the chosen configuration."""
-    rec = _matching(records, row)
+CELL = ["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE, "path"]
+
+
+def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per (task, seed): the reported accuracy, params and record of the chosen configuration; the row's
+    records)."""
+    rec = _matching(records, table, row)
     if rec.empty:
-        return pd.DataFrame(columns=["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE])
-    rec = rec.assign(config=_config_key(rec))
+        return pd.DataFrame(columns=CELL), rec
     check_provenance(rec)
     test = rec[rec["eval_split"] == "test"]
     if protocol == "paper":
         best = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
-        return best.rename(columns={"best_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE]]
+        return best.rename(columns={"best_acc": "acc"})[CELL], rec
     val = rec[rec["eval_split"] == "val200"]
-    chosen = val.loc[val.groupby(["task", "seed"])["final_acc"].idxmax()][["task", "seed", "config"]]
-    final = chosen.merge(test, on=["task", "seed", "config"])
-    return final.rename(columns={"final_acc": "acc"})[["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE]]
+    chosen = val.loc[sorted(val.index, key=lambda i: selection_order(val.loc[i]))].drop_duplicates(["task", "seed"])
+    final = test[test["point"].isin(set(chosen["point"]))]
+    return final.rename(columns={"final_acc": "acc"})[CELL], rec
 
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
-    """Returns mean, std and n frames (rows x tasks + means), params (M) and the paper's printed Mean."""
-    tasks = table_tasks(table)
-    means, stds, counts, params, storage, prov = {}, {}, {}, {}, {}, {}
+    """Returns mean, std and n frames (rows x tasks + means), params (M), the paper's printed Mean, the
+    reported records per row (`cells`) and the paths of the records in some row (`used`)."""
+    tasks = table_tasks(table, records)
+    means, stds, counts, params, storage, prov, cells, used = {}, {}, {}, {}, {}, {}, {}, set()
     rows = table_rows(table, records)
     for row in rows:
-        res = cell_results(records, row, protocol)
+        res, rec = cell_results(records, table, row, protocol)
+        used |= set(rec["path"]) if len(rec) else set()
         name = f"{row.backbone} {row.label}"
+        cells[name] = res
         agg = res.groupby("task")["acc"].agg(["mean", "std", "count"]) if len(res) else None
         means[name] = {t: agg["mean"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
         stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
@@ -228,22 +338,42 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
             sorted(set(res["precision"]))), "data_ids": " ".join(f"{t}:{d}" for t, d in sorted(
                 set(zip(res["task"], res["data_id"]))))}
     mean = add_means(pd.DataFrame.from_dict(means, orient="index", columns=tasks), tasks)
-    paper_rows = [(table, r.backbone, r.label) for r in rows]
-    paper_tasks = pd.DataFrame([paper.loc[k, tasks] if k in paper.index else
-                                pd.Series(np.nan, index=tasks) for k in paper_rows], index=mean.index)
-    # a source printing the 19-task mean is shown with the Mean of Table 4 (groups), from its own tasks
-    groups_mean = add_means(paper_tasks.astype(float), tasks)["Mean"].round(2)
-    by_tasks = _mean_of_tasks(paper)
-    printed = [np.nan if k not in paper.index else groups_mean.iloc[i] if by_tasks.get(k, False)
-               else paper.loc[k, "mean"] for i, k in enumerate(paper_rows)]
+    paper_tasks, printed = published(paper, [(table, r.backbone, r.label) for r in rows], tasks)
+    paper_tasks.index = mean.index
     mean["params_m"] = pd.Series(params)
     mean["storage_kb"] = pd.Series(storage)
     mean["paper_Mean"] = printed
     for key in ("weights_id", "precision", "data_ids"):
         mean[key] = pd.Series({name: p[key] for name, p in prov.items()})
+    mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"] if "Mean" in mean else np.nan
+    return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"), "tasks": tasks,
+            "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used}
+
+
+def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
+    """The published rows of `table` in the layout of build_table (None: the table has none)."""
+    if table not in paper.index.get_level_values("table"):
+        return None
+    keys = [k for k in paper.index if k[0] == table]
+    tasks = list(VTAB_TASKS)
+    cells, printed = published(paper, keys, tasks)
+    cells.index = [f"{b} {label}" for _, b, label in keys]
+    mean = add_means(cells, tasks)
+    mean["params_m"] = pd.to_numeric(paper.loc[keys, "params_m"], errors="coerce").values
+    mean["storage_kb"] = np.nan
+    mean["paper_Mean"] = printed
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"]
-    return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"),
-            "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks.astype(float)}
+    return {"mean": mean, "std": cells * np.nan, "n": cells.notna().astype(int), "paper": cells, "tasks": tasks}
+
+
+PROTOCOLS = {  # what a cell holds, per protocol
+    "paper": "per seed, the best test accuracy (over the run's evaluations) of the best configuration, chosen on "
+             "the test set as the paper did; mean over seeds",
+    "vtab": f"per seed, the configuration with the best {VAL_SELECTION.removesuffix('_acc')} val200 accuracy "
+            "(trained on train800; ties: the smaller run id), retrained on train800val200: its final test accuracy; "
+            "mean over seeds",
+    "published": "the published numbers (vtab_lily/paper/); the means recomputed from them",
+}
 
 
 def _fmt(value, std=np.nan, n=1, digits=1) -> str:
@@ -253,33 +383,40 @@ def _fmt(value, std=np.nan, n=1, digits=1) -> str:
     return f"{text} ± {std:.1f} (n={n})" if n > 1 and not pd.isna(std) else text
 
 
+def _group_label(tasks) -> dict:
+    """task -> its group, prefixed with the benchmark when the table spans several."""
+    return {t: prefix + TASKS[t].group for prefix, members in benchmarks(tasks) for t in members}
+
+
 def to_markdown(result: dict, table: str, protocol: str) -> str:
-    mean, std, n = result["mean"], result["std"], result["n"]
-    tasks = table_tasks(table)
-    plain = plain_mean(tasks)
-    header = ["row", "params (M)", "storage (KB)", *tasks, *GROUPS, "Mean", plain, "paper Mean", "diff"]
-    groups = ["", "", ""] + [TASKS[t].group for t in tasks] + ["", "", "", "", "", ""]
-    lines = [f"Table {table} ({protocol} protocol): top-1 accuracy (%). Mean = mean of the group means; "
-             f"{plain} = mean over {len(tasks)} tasks; empty = no record.", "",
+    mean, std, n, tasks = result["mean"], result["std"], result["n"], result["tasks"]
+    summary = summary_columns(tasks)
+    plain = ", ".join(f"{prefix}Mean{len(ts)} = mean over {len(ts)} tasks" for prefix, ts in benchmarks(tasks))
+    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, "paper Mean", "diff"]
+    groups = _group_label(tasks)
+    kind = "published" if protocol == "published" else f"{protocol} protocol"
+    lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
+             "record.", f"Cells: {PROTOCOLS[protocol]}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| " + " | ".join(groups) + " |"]
+             "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(summary) + 2)]) + " |"]
     for name, r in mean.iterrows():
         cells = [name, _fmt(r["params_m"], digits=3), _fmt(r["storage_kb"], digits=0)]
         cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in tasks]
-        cells += [_fmt(r[c]) for c in (*GROUPS, "Mean", plain, "paper_Mean")]
+        cells += [_fmt(r[c]) for c in (*summary, "paper_Mean")]
         cells.append("" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_latex(result: dict, table: str) -> str:
-    mean = result["mean"]
-    tasks = table_tasks(table)
-    cols = ["params_m", *tasks, "Mean"]
-    spans = [(g, sum(TASKS[t].group == g for t in tasks)) for g in GROUPS]
+def to_latex(result: dict) -> str:
+    mean, tasks = result["mean"], result["tasks"]
+    means = [c for c in summary_columns(tasks) if c.endswith("Mean")]
+    cols = ["params_m", *tasks, *means]
+    groups = _group_label(tasks)
+    spans = [(g, sum(groups[t] == g for t in tasks)) for g in dict.fromkeys(groups[t] for t in tasks)]
     lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
-             " & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{g}}}" for g, k in spans) + r" & \\",
-             "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in tasks) + r" & Mean \\",
+             " & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{g}}}" for g, k in spans) + " & " * len(means) + r"\\",
+             "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in (*tasks, *means)) + r" \\",
              r"\midrule"]
     for name, r in mean.iterrows():
         vals = [_fmt(r[c], digits=3 if c == "params_m" else 1) or "--" for c in cols]
@@ -293,7 +430,7 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = table_tasks(table)
+    tasks = result["tasks"]
     ours = result["mean"][tasks].astype(float)
     has_paper = np.isfinite(result["paper"].values).any()
     diff = ours - result["paper"].values if has_paper else ours
@@ -318,7 +455,7 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
 def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
     stem = out / (f"{table}_{protocol}" if table == RUNS_TABLE else f"table{table}_{protocol}")
     written = []
-    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result, table)),
+    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
                          (".csv", result["mean"].to_csv(index_label="row"))):
         with atomic_path(stem.with_suffix(suffix)) as tmp:
             tmp.write_text(text)
@@ -327,54 +464,96 @@ def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Pa
     return [*written, stem.with_suffix(".png")]
 
 
+def not_in_rows(records: pd.DataFrame, used: set[str]) -> list[str]:
+    """One line per (backbone, method, recipe) of the records in no row: how many, where the recipe differs
+    from the backbone's own, and one of them."""
+    rest = records[~records["path"].isin(used)]
+    lines = []
+    for (backbone, method, recipe), group in rest.groupby(["backbone", "method", "recipe"]):
+        diff = recipe_difference(backbone, recipe)
+        lines.append(f"  {backbone} {method}" + (f" [recipe: {diff}]" if diff else "") +
+                     f": {len(group)} record(s), e.g. {group['path'].iloc[0]}")
+    return lines
+
+
+def report_paper_check(paper: pd.DataFrame, tables: list[str], out: Path | None) -> None:
+    """Print the check of the printed Means of `tables` (nothing for tables without paper numbers) and
+    write it under `out` (unless None)."""
+    check = check_paper(paper)
+    check = check[check.index.get_level_values("table").isin(tables)]
+    if check.empty:
+        return
+    flagged = check[check["flag"]]
+    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
+          f"{len(flagged)} differ by more than {PAPER_TOLERANCE}:")
+    for (table, backbone, label), r in flagged.iterrows():
+        print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
+    if out is not None:
+        check_path = out / ("paper_check.csv" if len(tables) > 1 else f"paper_check_table{tables[0]}.csv")
+        with atomic_path(check_path) as tmp:
+            check.to_csv(tmp)
+        print(f"wrote {check_path}")
+
+
 @cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default="all", choices=[*TABLES, RUNS_TABLE, "all"],
-                        help="a paper table, all of them, or `runs`: one row per backbone, method and origin in "
-                             "the records (your own methods included)")
+                        help="a paper table, all of them, or `runs`: one row per backbone, method, origin and "
+                             "recipe in the records (your own methods included), one column per recorded task")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
-    parser.add_argument("--paper", nargs="+", default=[str(PAPER_CSV), str(EXTENDED_CSV)],
-                        help="the published numbers (CSV files)")
+    parser.add_argument("--paper", nargs="+", help="the published numbers (CSV files; default: the package's "
+                        "vtab_lily/paper/paper_tables.csv and extended.csv)")
+    parser.add_argument("--paper-only", action="store_true",
+                        help="print the published tables and the check of their printed Means; read no records, "
+                             "write nothing")
     parser.add_argument("--select", action="append", default=[], metavar="COLUMN=PREFIX",
                         help="keep records whose weights_id, data_id or precision starts with PREFIX")
     args = parser.parse_args(argv)
-    missing = [p for p in args.paper if not Path(p).is_file()]
+    names = list(TABLES) if args.table == "all" else [args.table]
+    missing = [p for p in args.paper or [] if not Path(p).is_file()]
     if missing:
         raise UserError(f"--paper {' '.join(missing)}: no such file; give CSV files of published numbers")
-    check_writable_folder(args.out, "tables", "--out")
+    if not args.paper_only:
+        check_writable_folder(args.out, "tables", "--out")
     try:
-        paper = read_paper(*args.paper)
+        paper = read_paper(*(args.paper or []))
     except (ValueError, KeyError) as e:  # pandas' parser errors, a CSV without the table/backbone/method columns
         raise UserError(f"--paper {' '.join(args.paper)}: not a table of published numbers ({type(e).__name__}: "
                         f"{e})") from None
+    if args.paper_only:
+        shown = []
+        for table in names:
+            result = paper_result(table, paper)
+            if result is not None:
+                print(to_markdown(result, table, "published"))
+                shown.append(table)
+        if not shown:
+            raise TableError(f"--paper-only: no published numbers for table {args.table}")
+        report_paper_check(paper, shown, None)
+        return 0
+    records = load_records(args.runs)
+    if records.empty:
+        raise TableError(f"no finished run records under {args.runs}" + ("" if Path(args.runs).is_dir() else
+                         " (no such folder)") + "; pass the folder your runs wrote with --runs")
+    records = select(records, args.select)
+    if records.empty:
+        raise TableError(f"no records under {args.runs} match {' '.join(args.select)}")
+    results = {table: build_table(table, records, args.protocol, paper) for table in names}
     out = Path(args.out)
-    records = select(load_records(args.runs), args.select)
-    results = {table: build_table(table, records, args.protocol, paper)
-               for table in (TABLES if args.table == "all" else [args.table])}
     for table, result in results.items():
-        if result["mean"].empty:
-            print(f"Table {table}: no records under {args.runs}")
-            continue
         print(to_markdown(result, table, args.protocol))
         for path in write_outputs(result, table, args.protocol, out):
             print(f"wrote {path}")
         print()
-    check = check_paper(paper)
-    if args.table != "all":
-        check = check[check.index.get_level_values("table") == args.table]
-    flagged = check[check["flag"]]
-    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
-          f"{len(flagged)} differ by more than 0.1:")
-    for (table, backbone, label), r in flagged.iterrows():
-        print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
-    check_path = out / ("paper_check.csv" if args.table == "all" else f"paper_check_table{args.table}.csv")
-    with atomic_path(check_path) as tmp:
-        check.to_csv(tmp)
-    print(f"wrote {check_path}")
+    lines = not_in_rows(records, set().union(*(r["used"] for r in results.values())))
+    if lines:
+        print(f"not in any row of table {', '.join(names)} (other backbones, methods, configurations or recipes; "
+              "never pooled):", *lines, sep="\n")
+    report_paper_check(paper, names, out)
     return 0
 
 
