@@ -79,11 +79,15 @@ class PerTask(dict):
     """A preset value that depends on the task (a paper's per-task settings), keyed by task name."""
 
 
+class NoTaskSetting(UserError, KeyError):
+    """A preset's per-task value does not cover the task asked for."""
+
+
 def for_task(settings: dict, task: str) -> dict:
-    """`settings` with every PerTask value resolved for `task`."""
+    """`settings` with every PerTask value resolved for `task` (NoTaskSetting when one does not cover it)."""
     missing = [k for k, v in settings.items() if isinstance(v, PerTask) and task not in v]
     if missing:
-        raise UserError(f"no per-task setting of {missing} for task {task!r}: this preset gives them for the 19 "
+        raise NoTaskSetting(f"no per-task setting of {missing} for task {task!r}: this preset gives them for the 19 "
                        "VTAB-1K tasks only")
     return {k: v[task] if isinstance(v, PerTask) else v for k, v in settings.items()}
 

@@ -40,7 +40,7 @@ import pandas as pd
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .recipes import PRESETS, for_task
+from .recipes import PRESETS, NoTaskSetting, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
 from .run import split_settings
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
@@ -130,7 +130,7 @@ def row_recipe(table: str, row: Row, task: str) -> str | None:
         return row.recipe
     try:
         overrides = for_task(preset_recipe(table, row), task)
-    except KeyError:
+    except NoTaskSetting:
         return None
     return json.dumps(recipe_identity(row.backbone, overrides), sort_keys=True)
 
