@@ -251,3 +251,19 @@ def test_prepare_option_prepares_a_missing_or_half_prepared_task(trained, tmp_pa
     assert attention.main(argv) == 2 and not (tmp_path / "a.png").exists()  # lists missing: an error
     assert attention.main([*argv, "--prepare"]) == 0 and (tmp_path / "a.png").exists()
     assert len((tmp_path / "data" / "digits" / "test.txt").read_text().splitlines()) == 797
+
+
+def test_figures_default_to_the_trained_image_size_and_refuse_another(trained, tmp_path, capsys):
+    """The analysis CLIs defaulted to 224 px for adapters trained at 32 px: they now load at the adapter's
+    own size, and a different --image-size is one error line."""
+    from analysis import attention
+    from analysis.common import load_trained
+    data, _, adapters, _ = trained
+    assert load_trained(adapters[0]).patch_embed.img_size == (32, 32)
+    common = ["--adapter", adapters[0], "--task", "digits", "--data-root", str(data), "--n", "2"]
+    assert attention.main(common + ["--out", str(tmp_path / "a.png")]) == 0 and (tmp_path / "a.png").exists()
+    capsys.readouterr()
+    assert attention.main(common + ["--image-size", "64", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trained with backbone options" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b.png").exists()

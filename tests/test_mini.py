@@ -138,16 +138,15 @@ def test_load_model_follows_the_runs_weights_and_image_size(tmp_path):
             load_model(path.with_suffix(".safetensors"), backbone_options={"img_size": 224})
     with pytest.raises(ProvenanceError, match="pretrained"):
         load_model(path.with_suffix(".safetensors"), pretrained=False)
-    local = tmp_path / "mine.safetensors"
-    shutil.copy(shipped_path("vit-mini"), local)
+    from safetensors.torch import save_file
+    local, shipped = tmp_path / "mine.safetensors", tmp_path / "shipped.safetensors"
+    plain = create_backbone("vit-mini", 10, pretrained=False, img_size=32)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items() if not k.startswith("head")}, str(local))
+    shutil.copy(shipped_path("vit-mini"), shipped)
     spec = RunSpec("vit-mini", "digits", "linear", {}, 5, "test", recipe)
     path = execute(spec, runs, data, weights=str(local), progress=False).with_suffix(".safetensors")
     with pytest.raises(ProvenanceError, match="local weights file .*pass that file"):
         load_model(path)
-    assert load_model(path, weights=str(local)).head.weight.shape == (10, 64)
-    other = tmp_path / "other.safetensors"
-    model = create_backbone("vit-mini", 10, pretrained=False, img_size=32)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head")}, str(other))
-    with pytest.raises(ProvenanceError, match="sha256 .* but weights file .*other.safetensors has sha256"):
-        load_model(path, weights=str(other))
+    assert torch.equal(load_model(path, weights=str(local)).pos_embed, plain.pos_embed)
+    with pytest.raises(ProvenanceError, match="sha256 .* but weights file .*shipped.safetensors has sha256"):
+        load_model(path, weights=str(shipped))

@@ -120,6 +120,14 @@ def adapter_config(path: str | os.PathLike) -> dict:
         return json.loads(f.metadata()["vtab_lily"])
 
 
+def pretrained_is(backbone: str, sha256: str) -> bool:
+    """Whether the backbone's own pretrained file (hub or shipped; `run` passes it as a file) has `sha256`."""
+    try:
+        return weights_provenance(backbone, None, True, None)[0].get("sha256") == sha256
+    except WeightsError:  # offline and not cached: it cannot be that file here
+        return False
+
+
 class ProvenanceError(WeightsError):
     """An adapter asked to load on other backbone weights or another image size than it was trained with."""
 
@@ -162,7 +170,7 @@ def _check_weights(path, cfg: dict, saved: dict, weights: str | None, pretrained
             raise ProvenanceError(f"{path} was trained on a random-init {backbone} drawn without a seed, so its "
                                   "frozen weights cannot be redrawn (pass pretrained=False to load it on a fresh random draw)")
         return False
-    if source == "file" and weights is None:
+    if source == "file" and weights is None and not pretrained_is(backbone, saved["sha256"]):
         raise ProvenanceError(f"{path} was trained on a local weights file (sha256 {saved['sha256'][:12]}...); "
                               "pass that file as weights")
     if pretrained is False:
