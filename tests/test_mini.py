@@ -150,3 +150,14 @@ def test_load_model_follows_the_runs_weights_and_image_size(tmp_path):
     assert torch.equal(load_model(path, weights=str(local)).pos_embed, plain.pos_embed)
     with pytest.raises(ProvenanceError, match="sha256 .* but weights file .*shipped.safetensors has sha256"):
         load_model(path, weights=str(shipped))
+
+
+def test_mini_count_draws_one_separated_shape_per_patch():
+    """mini_count sat at chance for every method (14-25%): its 1-8 small shapes straddled the 8 px patches.
+    Now each shape lies inside its own patch in a contrasting shade, so the label is exactly the number of
+    patches holding one (a patch holds one when >= 4 pixels differ from its median colour by > 50 / 255)."""
+    for split in ("train", "test"):
+        for e in SOURCES["mini_count"](split):
+            p = e["image"].astype(np.float32).reshape(4, 8, 4, 8, 3).transpose(0, 2, 1, 3, 4).reshape(16, 64, 3)
+            deviation = np.abs(p - np.median(p, axis=1, keepdims=True)).max(-1)
+            assert ((deviation > 50).sum(1) >= 4).sum() == e["label"] + 1
