@@ -440,9 +440,9 @@ def test_adaptformer_lora_lily_init_is_the_lily_codes():
     assert_uniform([b.down.weight for b in lora], _linear_default(64))
     assert all(not b.up.weight.any() for b in lora)
     lily = [tiny("lily", seed=s, r=8) for s in range(4)]
-    linears = {"lp": [lp for m in lily for lps in m.lily.lps.values() for lp in lps],
-               "router": [q for m in lily for qs in m.lily.routers.values() for q in qs]}
-    for kind, modules in linears.items():  # in_features differ (the mlp target's own r): scaled to U(-1, 1)
+    lps = [lp for m in lily for group in m.lily.lps.values() for lp in group]
+    routers = [q for m in lily for group in m.lily.routers.values() for q in group]
+    for modules in (lps, routers):  # in_features differ (the mlp target's own r): scaled to U(-1, 1)
         assert_uniform([q.weight * q.in_features ** 0.5 for q in modules], 1.0)
     assert all(not hp.any() for m in lily for hp in m.lily.hps.values())
 

@@ -168,7 +168,8 @@ def _check_weights(path, cfg: dict, saved: dict, weights: str | None, pretrained
                                   "weights or pretrained")
         if seed is None and pretrained is None and not get_method(cfg["method"]).trains_backbone:
             raise ProvenanceError(f"{path} was trained on a random-init {backbone} drawn without a seed, so its "
-                                  "frozen weights cannot be redrawn (pass pretrained=False to load it on a fresh random draw)")
+                                  "frozen weights cannot be redrawn (pass pretrained=False to load it on a fresh "
+                                  "random draw)")
         return False
     if source == "file" and weights is None and not pretrained_is(backbone, saved["sha256"]):
         raise ProvenanceError(f"{path} was trained on a local weights file (sha256 {saved['sha256'][:12]}...); "

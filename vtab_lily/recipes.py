@@ -6,8 +6,8 @@ warmup_lr_init 1e-6, lr_min 1e-5), drop_path 0.1, no normalisation (PETL-ViT `bi
 `get_data(normalize=...)`), test every 10 epochs. The classic baselines' own codes normalise with ImageNet's
 mean / std (`IMAGENET_NORM` below), which their `extended` rows do.
 Vim (official Vim main.py): `--lr 1e-2` is linearly scaled by batch/512 -> 1.25e-3; weight decay 1e-3
-(timm's create_optimizer: no decay on biases, norms, pos_embed and cls_token: `model.param_groups`), cosine with 5 warmup epochs, drop_path 0.05,
-fp32 (its train loop never enters the autocast it sets up).
+(timm's create_optimizer: no decay on biases, norms, pos_embed and cls_token: `model.param_groups`), cosine
+with 5 warmup epochs, drop_path 0.05, fp32 (its train loop never enters the autocast it sets up).
 Both official codes train in fp32, so every recipe defaults to `precision="fp32"`; `"tf32"` (TF32 matmuls
 and convolutions on Ampere or newer GPUs: 10-bit mantissa products, fp32 accumulation) and `"bf16"` (bf16
 autocast of the forward and backward, fp32 weights and optimizer) are faster options, recorded in the run's
