@@ -29,10 +29,25 @@ class UsageError(UserError, ValueError):
     """A mistake in a figure's command line; the message says what to do."""
 
 
-def load_trained(adapter: str | Path, weights: str | None = None, pretrained: bool = True,
-                 image_size: int = 224) -> nn.Module:
-    """The model an adapter file was saved from, at `image_size`, in eval mode."""
-    return load_model(adapter, weights, pretrained, backbone_options={"img_size": image_size})
+def load_trained(adapter: str | Path, weights: str | None = None, pretrained: bool | None = None,
+                 image_size: int | None = None) -> nn.Module:
+    """The model an adapter file was saved from, on the weights it was trained on (vtab_lily.load_model
+    checks them), at its training image size unless `image_size` is given (a different one is refused),
+    in eval mode."""
+    return load_model(adapter, weights, pretrained, backbone_options=None if image_size is None else
+                      {**(adapter_config(adapter).get("backbone_options") or {}), "img_size": image_size})
+
+
+def trained_image_size(adapters: list[str | Path], image_size: int | None = None) -> int:
+    """The image size the adapters were trained at (they must agree), or `image_size` when given;
+    224 for adapter files saved before the size was kept."""
+    if image_size is not None:
+        return image_size
+    sizes = {(adapter_config(a).get("backbone_options") or {}).get("img_size", 224) for a in adapters}
+    if len(sizes) > 1:
+        raise UsageError(f"the adapters were trained at different image sizes {sorted(sizes)}; compare adapters "
+                         "of one size")
+    return sizes.pop()
 
 
 def task_images(data_root: str | Path, task: str, n: int, size: int = 224, split: str = "test",
@@ -87,7 +102,7 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help=choices_help("task"))
     parser.add_argument("--data-root", default="data/vtab-1k")
     parser.add_argument("--prepare", action="store_true", help="prepare the task's data first if it is missing")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, help="default: the size the adapters were trained at")
     parser.add_argument("--n", type=int, default=4, help="images")
     parser.add_argument("--out", required=True, help="figure path (.png or .pdf)")
 
@@ -108,7 +123,7 @@ def parse_model_args(prog: str, doc: str, argv=None, extra=None, method: str | N
     for adapter in args.adapter:
         check_adapter(adapter, method)
     check_out(args.out)
-    if args.n < 1 or args.image_size < 1:
+    if args.n < 1 or (args.image_size is not None and args.image_size < 1):
         raise UsageError(f"--n ({args.n}) and --image-size ({args.image_size}) must be positive")
     get_task(args.task)
     ensure_prepared(args.task, args.data_root, args.prepare)
@@ -117,7 +132,8 @@ def parse_model_args(prog: str, doc: str, argv=None, extra=None, method: str | N
 
 def per_adapter(args: argparse.Namespace, measure) -> tuple[torch.Tensor, dict]:
     """The task's images and {label: measure(model, images)} for every --adapter."""
-    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
+    size = trained_image_size(args.adapter, args.image_size)
+    images, _ = task_images(args.data_root, args.task, args.n, size)
     return images, {label_of(a): measure(load_trained(a, args.weights, image_size=args.image_size), images)
                     for a in args.adapter}
 

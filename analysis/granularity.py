@@ -1,5 +1,6 @@
 """Attention granularity (paper Fig. 5): accuracy against the number of Lily experts ne per task, from
-sweep records (the best accuracy over the other hyper-parameters at each ne).
+sweep records (the best accuracy over the other hyper-parameters at each ne); one curve per backbone,
+weights and recipe (records of different ones are never pooled into one point).
 
     python -m analysis.granularity --runs results/runs --backbone vit-b --out granularity.png
 """
@@ -13,31 +14,48 @@ import pandas as pd
 
 from vtab_lily.choices import choices_help
 from vtab_lily.errors import cli
-from vtab_lily.records import load_records
+from vtab_lily.records import load_records, read_record
 
 from .common import UsageError, check_out, save_figure
 
 
+def _recipe_label(path: str) -> str:
+    """A record's recipe as sorted `field=value` pairs (what trained it, beside backbone and method)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(read_record(path)["recipe"].items()))
+
+
 def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: str = "best_acc") -> pd.DataFrame:
-    """Rows: task; columns: ne_2; values: the best `metric` over the records with that ne_2 (test evals)."""
+    """Rows: one curve per (backbone, weights, recipe, task); columns: ne_2; values: the best `metric` over
+    the records with that ne_2 (test evals). Records of different backbones, weights or recipes are never
+    pooled into one point. Index levels: `curve` (the backbone, with the weights id and the recipe fields
+    that differ where several are present) and `task`."""
     lily = records[(records["method"] == "lily") & (records["eval_split"] == "test")] if len(records) else records
     if backbone:
         lily = lily[lily["backbone"] == backbone]
     if lily.empty:
         raise UsageError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
                          "over ne first (python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
-    return lily.pivot_table(index="task", columns="opt.ne_2", values=metric, aggfunc="max")
+    if "recipe" not in lily:
+        lily = lily.assign(recipe=[_recipe_label(p) for p in lily["path"]])
+    recipes = [dict(kv.split("=", 1) for kv in r.split()) for r in lily["recipe"]]
+    differ = sorted(k for k in recipes[0] if len({r.get(k) for r in recipes}) > 1)
+    several_weights = lily.groupby("backbone")["weights_id"].transform("nunique") > 1
+    lily = lily.assign(curve=[b + (f" [{w}]" if sw else "") + "".join(f" {k}={r[k]}" for k in differ)
+                              for b, w, sw, r in zip(lily["backbone"], lily["weights_id"], several_weights, recipes)])
+    return lily.pivot_table(index=["curve", "task"], columns="opt.ne_2", values=metric, aggfunc="max")
 
 
 def plot_granularity(table: pd.DataFrame, title: str = ""):
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for task, row in table.iterrows():
-        ax.plot(row.index.astype(int), row.values, marker="o", label=task)
+    one = table.index.get_level_values("curve").nunique() == 1
+    for (curve, task), row in table.iterrows():
+        ax.plot(row.index.astype(int), row.values, marker="o", label=task if one else f"{curve}: {task}")
     ax.set_xlabel("ne (LPs = HP experts)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks(sorted(table.columns.astype(int)))
-    ax.legend(fontsize=7, ncol=2, title="task", title_fontsize=7)
-    ax.set_title(title or "Accuracy against ne (best over the other settings)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2, title="task" if one else "curve: task", title_fontsize=7)
+    ax.set_title(title or "Accuracy against ne (best over the other settings)"
+                 + (f", {table.index[0][0]}" if one else ""), fontsize=10)
     return fig
 
 

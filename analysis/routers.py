@@ -23,6 +23,7 @@ from .common import (
     parse_model_args,
     save_figure,
     task_images,
+    trained_image_size,
 )
 
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     if target not in model.lily.specs:
         raise UsageError(f"--target {target}: this Lily adapter has the targets {' '.join(model.lily.specs)}")
     check_layers(args.layers, model.lily.num_layers)
-    images, _ = task_images(args.data_root, args.task, args.n, args.image_size)
+    images, _ = task_images(args.data_root, args.task, args.n, trained_image_size(args.adapter, args.image_size))
     weights = router_weights(model, images, target)
     fig = plot_router_weights(weights, args.layers or evenly_spaced(len(weights)),
                               f"{args.task}: share of router weight per HP expert, target {target}, "

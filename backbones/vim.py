@@ -139,6 +139,10 @@ class VisionMamba(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory leaves undecayed (hustvl/Vim `vim/models_mamba.py` L378-379)."""
+        return {"pos_embed", "cls_token"}
+
     def forward_features(self, x):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         m = self.token_position

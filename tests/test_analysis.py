@@ -98,12 +98,32 @@ def test_accuracy_vs_ne_from_records(tmp_path):
     records = pd.DataFrame({
         "method": ["lily"] * 5 + ["lora"], "eval_split": ["test"] * 6, "backbone": ["vit-b"] * 6,
         "task": ["dtd", "dtd", "dtd", "svhn", "svhn", "dtd"], "opt.ne_2": [2, 2, 4, 2, 4, None],
-        "best_acc": [60.0, 62.0, 65.0, 80.0, 79.0, 99.0]})
+        "best_acc": [60.0, 62.0, 65.0, 80.0, 79.0, 99.0], "weights_id": ["a1"] * 6, "recipe": ["epochs=100"] * 6})
     table = accuracy_vs_ne(records)
-    assert table.loc["dtd", 2] == 62.0 and table.loc["dtd", 4] == 65.0 and table.loc["svhn", 4] == 79.0
+    assert table.loc[("vit-b", "dtd"), 2] == 62.0 and table.loc[("vit-b", "dtd"), 4] == 65.0
+    assert table.loc[("vit-b", "svhn"), 4] == 79.0
     assert save_figure(plot_granularity(table), tmp_path / "g.pdf").stat().st_size > 0
     with pytest.raises(ValueError, match="no finished Lily test records"):
         accuracy_vs_ne(records[records.method == "lora"])
+
+
+def test_granularity_never_pools_backbones_weights_or_recipes():
+    """The notebook's ne=5 digits point was a vim-mini run pooled with vit-mini ones: each (backbone,
+    weights, recipe) is its own curve, and --backbone keeps one backbone's curves."""
+    records = pd.DataFrame({
+        "method": ["lily"] * 5, "eval_split": ["test"] * 5, "task": ["digits"] * 5,
+        "backbone": ["vit-mini", "vit-mini", "vim-mini", "vit-mini", "vit-mini"], "opt.ne_2": [2, 4, 5, 2, 2],
+        "best_acc": [80.0, 85.0, 70.0, 99.0, 30.0], "weights_id": ["w", "w", "v", "w", "random"],
+        "recipe": ["epochs=10 lr=0.001", "epochs=10 lr=0.001", "epochs=10 lr=0.00125", "epochs=1 lr=0.001",
+                   "epochs=10 lr=0.001"]})
+    table = accuracy_vs_ne(records)
+    assert table.loc[("vit-mini [w] epochs=10 lr=0.001", "digits"), 2] == 80.0  # not 99 (epochs=1), not 30 (random)
+    assert table.loc[("vit-mini [w] epochs=1 lr=0.001", "digits"), 2] == 99.0
+    assert table.loc[("vit-mini [random] epochs=10 lr=0.001", "digits"), 2] == 30.0
+    assert pd.isna(table.loc[("vit-mini [w] epochs=10 lr=0.001", "digits"), 5])  # the vim-mini point stays out
+    assert table.loc[("vim-mini epochs=10 lr=0.00125", "digits"), 5] == 70.0
+    only = accuracy_vs_ne(records, backbone="vim-mini")
+    assert list(only.index) == [("vim-mini", "digits")] and list(only.columns) == [5]
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +251,19 @@ def test_prepare_option_prepares_a_missing_or_half_prepared_task(trained, tmp_pa
     assert attention.main(argv) == 2 and not (tmp_path / "a.png").exists()  # lists missing: an error
     assert attention.main([*argv, "--prepare"]) == 0 and (tmp_path / "a.png").exists()
     assert len((tmp_path / "data" / "digits" / "test.txt").read_text().splitlines()) == 797
+
+
+def test_figures_default_to_the_trained_image_size_and_refuse_another(trained, tmp_path, capsys):
+    """The analysis CLIs defaulted to 224 px for adapters trained at 32 px: they now load at the adapter's
+    own size, and a different --image-size is one error line."""
+    from analysis import attention
+    from analysis.common import load_trained
+    data, _, adapters, _ = trained
+    assert load_trained(adapters[0]).patch_embed.img_size == (32, 32)
+    common = ["--adapter", adapters[0], "--task", "digits", "--data-root", str(data), "--n", "2"]
+    assert attention.main(common + ["--out", str(tmp_path / "a.png")]) == 0 and (tmp_path / "a.png").exists()
+    capsys.readouterr()
+    assert attention.main(common + ["--image-size", "64", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trained with backbone options" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b.png").exists()

@@ -144,3 +144,27 @@ def test_zero_init_identity(method, options, images):
         out = model(images)
         with disable_adapters(model):
             assert_close(out, model(images), 1e-6)
+
+
+@pytest.mark.parametrize("backbone,method", [("vim-tiny-test", "fft"), ("vit-tiny", "fft"), ("vit-tiny", "adapter")])
+def test_weight_decay_groups_follow_the_official_optimizers(backbone, method):
+    """no_decay_1d (timm create_optimizer, filter_bias_and_bn): no decay on 1-d tensors, biases and the
+    backbone's no_weight_decay() names: Vim's pos_embed and cls_token (hustvl/Vim vim/models_mamba.py
+    L378-379, vim/main.py L391). Without it (the Lily / FacT code: plain AdamW, PETL-ViT FacT/fact_tt.py L195)
+    everything decays."""
+    from vtab_lily.model import param_groups
+    model = build_model(backbone, method, 5, pretrained=False, backbone_options={"img_size": 32, **(
+        {"patch_size": 8} if backbone == "vit-tiny" else {})})
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    exempt, decay = param_groups(model, 1e-3, no_decay_1d=True)
+    assert (exempt["weight_decay"], decay["weight_decay"]) == (0.0, 1e-3)
+    names = {id(p): n for n, p in trainable.items()}
+    undecayed = {names[id(p)] for p in exempt["params"]}
+    assert undecayed == {n for n, p in trainable.items() if p.ndim <= 1 or n.endswith(".bias")
+                         or n in ("pos_embed", "cls_token", "reg_token", "dist_token")}
+    if method == "fft":
+        assert {"pos_embed", "cls_token"} <= undecayed
+    if method == "adapter":  # NOAH's row: the adapters' biases and the head bias are not decayed
+        assert any(n.endswith("down.bias") for n in undecayed) and "head.bias" in undecayed
+    (everything,) = param_groups(model, 1e-4, no_decay_1d=False)
+    assert everything["weight_decay"] == 1e-4 and len(everything["params"]) == len(trainable)

@@ -172,7 +172,7 @@ def test_identity_at_initialisation_where_the_official_code_has_it(method, optio
 @pytest.mark.parametrize("method,options", [("vpt", {}), ("vpt", dict(deep=False)), ("ssf", {}), ("adapter", {})])
 def test_official_initialisations_that_are_not_identities(method, options, images):
     """VPT's prompts take part in attention; SSF starts at N(1, .02) / N(0, .02); NOAH's adapter has a
-    Xavier up projection. Each changes the logits at initialisation, and disabling it restores them."""
+    trunc_normal(.02) up projection. Each changes the logits at initialisation, and disabling it restores them."""
     model = tiny(method, **options).eval()
     with torch.no_grad():
         base = plain_vit()(images)
@@ -341,6 +341,233 @@ def test_extended_preset_uses_each_papers_settings_per_task():
         1e-2, 5e-3, 64, True)  # SSF train_scripts/vit/vtab/{svhn,dtd}/train_ssf.sh
     vpt = [s for s in specs if s.method == "vpt" and s.task == "dtd"]
     assert sorted(s.options["length"] for s in vpt if s.options["deep"]) == VPT_LENGTHS
-    assert all(s.recipe == {"drop_path": 0.0} for s in vpt)
+    assert all(s.recipe == {"drop_path": 0.0, "normalize": True} for s in vpt)
     (point,) = expand(PRESETS["extended"][-1:], ["digits"], [42], {}, {})  # reported as failed, never fatal
     assert point.spec is None and "no per-task setting of ['r', 's'] for task 'digits'" in point.error
+
+
+# --- Initialisation distributions and train-mode dropout against the official code ----------------------
+
+def _pooled(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().double() for t in tensors])
+
+
+def assert_uniform(tensors, bound):
+    """U(-bound, bound): nothing beyond the bound, the extremes near it, std bound / sqrt(3), flat tails."""
+    t = _pooled(tensors)
+    assert t.numel() >= 256
+    assert t.abs().max() <= bound * (1 + 1e-6) and t.abs().max() > 0.95 * bound
+    assert t.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.08)
+    kurtosis = (((t - t.mean()) / t.std()) ** 4).mean().item()
+    assert kurtosis < 2.2  # uniform: 1.8; normal: 3
+
+
+def assert_normal(tensors, mean, std, bound=None):
+    """N(mean, std) (truncated at mean +- bound when given): its mean and std, normal tails (kurtosis ~3),
+    which neither a Xavier nor a Kaiming uniform init has."""
+    t = _pooled(tensors)
+    assert t.numel() >= 1000
+    assert abs(t.mean().item() - mean) < 5 * std / t.numel() ** 0.5
+    assert t.std().item() == pytest.approx(std, rel=0.08)
+    kurtosis = (((t - t.mean()) / t.std()) ** 4).mean().item()
+    assert 2.5 < kurtosis < 3.6
+    if bound is not None:
+        assert (t - mean).abs().max() <= bound
+
+
+def _modules(model, cls):
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+def _linear_default(d_in):  # nn.Linear's default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+    return 1 / d_in ** 0.5
+
+
+def test_vpt_init_is_official_xavier_uniform_of_a_patch():
+    # KMnP/vpt src/models/vit_prompt/vit.py L57 val = sqrt(6 / (3 * patch^2 + d)), L62 / L70 uniform_(-val, val)
+    assert_uniform([tiny("vpt", seed=s).vpt.tokens for s in range(2)], (6 / (3 * 8 * 8 + 64)) ** 0.5)
+
+
+def test_bitfit_starts_at_the_pretrained_biases():
+    model, plain = tiny("bitfit"), plain_vit()
+    own = dict(plain.named_parameters())
+    biases = {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head")}
+    assert len(biases) == 2 + 4 * 6 and all(torch.equal(p, own[n]) for n, p in biases.items())
+
+
+def test_ssf_init_is_official_normal():
+    # dongzelian/SSF models/vision_transformer.py init_ssf_scale_shift: normal_(scale, mean=1, std=.02),
+    # normal_(shift, std=.02)
+    from vtab_lily.adapters.ssf import ScaleShift
+    branches = _modules(tiny("ssf"), ScaleShift)
+    assert_normal([b.scale for b in branches], 1.0, 0.02)
+    assert_normal([b.shift for b in branches], 0.0, 0.02)
+
+
+def test_adapter_init_is_noahs_trunc_normal_and_xavier_stays_an_option():
+    # NOAH model/supernet_vision_transformer_timm.py L462 -> L531 self.apply(_init_vit_weights), L684-688:
+    # trunc_normal_(std=.02) (timm's bounds +-2), zero biases: it overwrites adapter_super.py L38-44's Xavier
+    from vtab_lily.adapters.adapter import AdapterBranch
+    branches = _modules(tiny("adapter"), AdapterBranch)
+    assert_normal([b.down.weight for b in branches] + [b.up.weight for b in branches], 0.0, 0.02, bound=2.0)
+    assert all(not b.down.bias.any() and not b.up.bias.any() for b in branches)
+    xavier = _modules(tiny("adapter", init="xavier"), AdapterBranch)
+    assert_uniform([b.down.weight for b in xavier], (6 / (64 + 8)) ** 0.5)
+
+
+def test_fact_init_is_official():
+    # PETL-ViT FacT/fact_tt.py L105-107: FacTu, FacTv nn.Linear default, FacTv zero; L110ff FacTs nn.Linear
+    # default; FacT/fact_tk.py L115-116 xavier_uniform_ of FacTc (r, r, r) and FacTp (r, 12 L)
+    from vtab_lily.adapters.fact import FacTBranch
+    tt = [tiny("fact", seed=s) for s in range(4)]
+    assert_uniform([m.fact.u.weight for m in tt], _linear_default(64))
+    assert all(not m.fact.v.weight.any() for m in tt)
+    branches = [b for m in tt for b in _modules(m, FacTBranch)]
+    assert_uniform([b.factor.weight for b in branches if b.target in ("q", "k", "v", "proj")], _linear_default(8))
+    assert_uniform([b.factor.weight for b in branches if b.target == "fc2"], _linear_default(32))
+    tk = [tiny("fact", seed=s, type="tk") for s in range(2)]
+    assert_uniform([m.fact.core for m in tk], (6 / (2 * 8 * 8)) ** 0.5)  # fan_in = fan_out = r * r
+    assert_uniform([m.fact.p for m in tk], (6 / (8 + 48)) ** 0.5)  # 4 layers x 12 columns
+
+
+def test_adaptformer_lora_lily_init_is_the_lily_codes():
+    # PETL-ViT binary_adapter/adaptformer.py L18-20 and binary_adapter/lora.py L29-31 (bit 32): down nn.Linear
+    # default, up zero; Lily: LPs and routers nn.Linear default, HP experts zero (vtab_lily/adapters/lily.py)
+    from vtab_lily.adapters.adaptformer import AdaptFormerBranch
+    from vtab_lily.adapters.lora import LoRABranch
+    af = _modules(tiny("adaptformer"), AdaptFormerBranch)
+    assert_uniform([b.down.weight for b in af], _linear_default(64))
+    assert all(not b.up.weight.any() for b in af)
+    lora = [b for s in range(4) for b in _modules(tiny("lora", seed=s), LoRABranch)]
+    assert_uniform([b.down.weight for b in lora], _linear_default(64))
+    assert all(not b.up.weight.any() for b in lora)
+    lily = [tiny("lily", seed=s, r=8) for s in range(4)]
+    lps = [lp for m in lily for group in m.lily.lps.values() for lp in group]
+    routers = [q for m in lily for group in m.lily.routers.values() for q in group]
+    for modules in (lps, routers):  # in_features differ (the mlp target's own r): scaled to U(-1, 1)
+        assert_uniform([q.weight * q.in_features ** 0.5 for q in modules], 1.0)
+    assert all(not hp.any() for m in lily for hp in m.lily.hps.values())
+
+
+def _same_masks(module, official, x, seed=11):
+    """module(x) in train mode and official(x) with the generator seeded alike: equal outputs (the same
+    dropout masks), and dropout really active (the eval-mode output differs)."""
+    module.train()
+    torch.manual_seed(seed)
+    got = module(x)
+    torch.manual_seed(seed)
+    want = official(x)
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    with torch.no_grad():
+        assert (module.eval()(x) - got).abs().max() > 1e-3 * got.abs().max()
+
+
+def test_adapter_train_mode_dropout_is_noahs():
+    # NOAH model/module/adapter_super.py L62-71: ln1 -> QuickGELU -> dropout(drop_rate_adapter = 0.1) -> ln2
+    from vtab_lily.adapters.adapter import AdapterBranch
+    model = tiny("adapter")
+    randomize_trainable(model, std=0.3)
+    b = _modules(model, AdapterBranch)[0]
+
+    def official(x):
+        h = F.linear(x, b.down.weight, b.down.bias)
+        h = F.dropout(h * torch.sigmoid(1.702 * h), p=0.1, training=True)
+        return F.linear(h, b.up.weight, b.up.bias)
+    _same_masks(b, official, torch.randn(2, 5, 64))
+
+
+@pytest.mark.parametrize("kind", ["tt", "tk"])
+def test_fact_train_mode_dropout_is_official(kind):
+    # PETL-ViT FacT/fact_tt.py L64 q = FacTv(dp(q_FacTs(FacTu(x)))), fact_tk.py L66 FacTv(dp(FacTu(x) @ q_FacTc)),
+    # dp = nn.Dropout(0.1) (fact_tt.py L114, fact_tk.py L124); the block scales by s
+    from vtab_lily.adapters.fact import FacTBranch
+    model = tiny("fact", type=kind, s=2.0)
+    randomize_trainable(model, std=0.3)
+    b = next(m for m in _modules(model, FacTBranch) if m.target == "q")
+    f = model.fact
+
+    def official(x):
+        code = f.u(x) @ (b.factor.weight.T if kind == "tt" else (f.core @ f.p[:, :1]).reshape(8, 8))
+        return f.v(F.dropout(code, p=0.1, training=True)) * 2.0
+    _same_masks(b, official, torch.randn(2, 5, 64))
+
+
+def test_vpt_train_mode_dropout_is_official():
+    # KMnP/vpt src/models/vit_prompt/vit.py L82 / L114: prompt_dropout(prompt embeddings .expand(B, -1, -1)),
+    # MODEL.PROMPT.DROPOUT 0.1 in its VTAB commands for VPT-deep
+    model = tiny("vpt", length=4)
+    prompts = model.vpt
+
+    def official(batch):
+        return F.dropout(prompts.tokens[2].expand(batch, -1, -1), p=0.1, training=True)
+    prompts.train()
+    torch.manual_seed(5)
+    got = prompts(2, 3)
+    torch.manual_seed(5)
+    assert torch.equal(got, official(3)) and not torch.equal(got, prompts.tokens[2].expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "lora"])
+def test_adaptformer_and_lora_train_mode_dropout_is_the_lily_codes(method):
+    # PETL-ViT binary_adapter/adaptformer.py L29-35: down -> ReLU -> Dropout(0.1) -> up (times s, L9);
+    # binary_adapter/lora.py L40-45: down -> Dropout(0.1) -> up (times s, L10-11)
+    from vtab_lily.adapters.adaptformer import AdaptFormerBranch
+    from vtab_lily.adapters.lora import LoRABranch
+    model = tiny(method)
+    randomize_trainable(model, std=0.3)
+    b = _modules(model, AdaptFormerBranch if method == "adaptformer" else LoRABranch)[0]
+    act = F.relu if method == "adaptformer" else (lambda h: h)
+
+    def official(x):
+        return b.up(F.dropout(act(b.down(x)), p=0.1, training=True)) * b.s
+    _same_masks(b, official, torch.randn(2, 5, 64))
+
+
+def test_lily_vim_train_mode_dropout_is_on_the_lp_output():
+    # Lily's official Vim code: dropout 0.1 on the LP output, before the router and the HP experts
+    # (vtab_lily/adapters/lily.py module docstring); ViT: none
+    from vtab_lily.adapters.lily import LilyBranch, lily_combine
+    model = build_model("vim-tiny-test", "lily", 5, pretrained=False, backbone_options={"img_size": 32})
+    randomize_trainable(model, std=0.3)
+    b = _modules(model, LilyBranch)[0]
+    lily, t = model.lily, b.target
+
+    def official(x):
+        h = F.dropout(lily.lps[t][lily.lp_index(t, b.layer)](x), p=0.1, training=True)
+        return lily_combine(h, lily.hps[t], lily.router_for(t, b.layer), lily.routing) * lily.s
+    _same_masks(b, official, torch.randn(2, 5, lily.specs[t].d_in))
+    assert all(m.dropout.p == 0.0 for m in _modules(tiny("lily"), LilyBranch))
+
+
+def test_ssf_and_bitfit_have_no_train_mode_dropout_of_their_own(images):
+    # SSF's ssf_ada (dongzelian/SSF models/vision_transformer.py) and BitFit add no dropout: with the
+    # backbone's drop_path 0 a train-mode forward equals the eval-mode one
+    for method in ("ssf", "bitfit"):
+        torch.manual_seed(0)
+        model = build_model("vit-tiny", method, 5, pretrained=False, backbone_options=TINY, drop_path_rate=0.0)
+        randomize_trainable(model, std=0.1)
+        with torch.no_grad():
+            assert torch.equal(model.train()(images), model.eval()(images))
+
+
+def test_extended_rows_follow_each_official_code():
+    """Inputs ImageNet-normalised for FacT, VPT, Adapter, BitFit; NOAH's Adapter with dropout 0.1, trunc_normal
+    init and no weight decay on 1-d tensors; BitFit with drop_path 0 (encoder in eval mode)."""
+    from vtab_lily.adapters.adapter import AdapterConfig
+    from vtab_lily.recipes import PRESETS
+    from vtab_lily.sweep import expand
+    specs = [p.spec for p in expand(PRESETS["extended"], ["dtd"], [42], {}, {})]
+    by = {}
+    for s in specs:
+        by.setdefault(s.method, []).append(s)
+    # PETL-ViT FacT/vtab.py L81, NOAH lib/datasets.py L241, KMnP/vpt src/data/datasets/tf_dataset.py L75-76
+    for method in ("fact", "vpt", "adapter", "bitfit"):
+        assert all(s.full_recipe().normalize for s in by[method]), method
+    assert not any(s.full_recipe().normalize for s in by["ssf"])  # SSF's own constants (0.5) differ: stated
+    (adapter,) = by["adapter"]
+    cfg = AdapterConfig(**adapter.options)
+    # NOAH supernet_train_prompt.py L209 (--drop_rate_adapter 0.1), L365 timm create_optimizer (1-d: no decay)
+    assert (cfg.width, cfg.dropout, cfg.init, adapter.full_recipe().no_decay_1d) == (8, 0.1, "trunc_normal", True)
+    (bitfit,) = by["bitfit"]
+    assert bitfit.full_recipe().drop_path == 0.0  # KMnP/vpt src/models/vit_models.py L33-35, L173-174
+    assert all(s.full_recipe().drop_path == 0.1 for s in by["fact"])  # FacT/fact_tt.py L175 drop_path_rate=0.1

@@ -192,7 +192,8 @@ def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
     model = build_model("vim-tiny-test", "fft", 5, pretrained=False, backbone_options={"img_size": 32})
     groups = make_optimizer(model, recipe).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert all((id(p) in decayed) == (p.ndim > 1 and not n.endswith(".bias")) for n, p in model.named_parameters())
+    assert all((id(p) in decayed) == (p.ndim > 1 and not n.endswith(".bias") and n not in ("pos_embed", "cls_token"))
+               for n, p in model.named_parameters())  # hustvl/Vim vim/models_mamba.py L378-379: no_weight_decay
     spec = RunSpec("vim-tiny-test", "digits", "lily", {}, 0, "test", {**TINY, "epochs": 1})
     record = read_record(execute(spec, tmp_path, data_root, progress=False))
     assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr

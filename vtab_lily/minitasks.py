@@ -36,6 +36,7 @@ from backbones.shapes import (
 
 SPLIT_SIZE = 1000
 S = SIZE * SUPER  # drawing resolution
+SOLID = ("circle", "triangle", "square", "hexagon")  # filled shapes (no holes to miscount at 32 px)
 
 
 def _rng(task: str, split: str) -> np.random.Generator:
@@ -170,20 +171,23 @@ def _sprites(rng, n: int, kinds: list[str], cx, cy, radius, angle) -> np.ndarray
 
 
 def mini_count(split: str) -> list[dict]:
-    """1-8 shapes (label = count - 1) in distinct cells of a 5 x 5 grid, jittered."""
+    """1-8 solid shapes (label = count - 1), one per cell of a 4 x 4 grid whose cells are the backbones'
+    8 px patches (so no shape is cut by a patch border), each 5-7 px wide and in a contrasting shade: large
+    and well separated enough to count at 32 px (CLEVR-count-style)."""
     rng = _rng("mini_count", split)
     counts = rng.integers(1, 9, size=SPLIT_SIZE)
-    images = background(rng, SPLIT_SIZE)
-    centres = (np.arange(5) - 2) * 0.38
+    images, value = background(rng, SPLIT_SIZE, with_value=True)
+    centres = (np.arange(4) - 1.5) * 0.5
     y, x = canvas(1)
     for i, count in enumerate(counts):
-        cells = rng.choice(25, size=count, replace=False)
-        cx = centres[cells % 5] + rng.uniform(-0.05, 0.05, count)
-        cy = centres[cells // 5] + rng.uniform(-0.05, 0.05, count)
-        u, v = local(y, x, cx, cy, rng.uniform(0.12, 0.16, count), rng.uniform(0, 2 * np.pi, count))
-        colours = _colours(rng, count)
-        for k, kind in enumerate(rng.integers(len(SHAPES), size=count)):
-            images[i:i + 1] = paint(images[i:i + 1], shape_mask(SHAPES[kind], u[k:k + 1], v[k:k + 1]), colours[k:k + 1])
+        cells = rng.choice(16, size=count, replace=False)
+        cx = centres[cells % 4] + rng.uniform(-0.03, 0.03, count)
+        cy = centres[cells // 4] + rng.uniform(-0.03, 0.03, count)
+        u, v = local(y, x, cx, cy, rng.uniform(0.17, 0.21, count), rng.uniform(0, 2 * np.pi, count))
+        shade = rng.uniform(0.0, 0.15, count) if value[i] > 0.5 else rng.uniform(0.85, 1.0, count)
+        colours = hsv_to_rgb(rng.random(count), rng.uniform(0.3, 0.9, count), shade)
+        for k, kind in enumerate(rng.integers(len(SOLID), size=count)):
+            images[i:i + 1] = paint(images[i:i + 1], shape_mask(SOLID[kind], u[k:k + 1], v[k:k + 1]), colours[k:k + 1])
     return _examples(to_uint8(images), counts - 1)
 
 

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from backbones import create_backbone, head_of
+from backbones import WeightsError, create_backbone, head_of
 
 from .adapters import adapted_modules, get_method, make_config
 from .adapters.peft_tuners import tuner_layers
 from .errors import UserError, write_errors
 from .fileio import atomic_path
+from .provenance import weights_provenance
 
 
 def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
@@ -42,8 +43,25 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     for p in model.parameters():
         p.requires_grad = spec.trains_backbone or p.requires_grad or id(p) in head
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
-                         "options": dataclasses.asdict(cfg), "seed": seed}
+                         "options": dataclasses.asdict(cfg), "seed": seed,
+                         "backbone_options": dict(backbone_options or {}),
+                         "weights": weights_provenance(backbone, weights, pretrained, seed)[0]}
     return model
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters. Without `no_decay_1d` one group decays everything
+    (the Lily / FacT code: plain `AdamW(params, weight_decay=wd)`, PETL-ViT `FacT/fact_tt.py` L195). With it,
+    as timm's `create_optimizer` (filter_bias_and_bn, the NOAH / SSF / Vim trainers): no decay on 1-d tensors,
+    biases and the backbone's `no_weight_decay()` names (Vim: pos_embed and cls_token,
+    hustvl/Vim `vim/models_mamba.py` L378-379, `vim/main.py` L391)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay_1d:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    exempt = [p.ndim <= 1 or n.endswith(".bias") or n in skip for n, p in params]
+    return [{"params": [p for (_, p), e in zip(params, exempt) if e], "weight_decay": 0.0},
+            {"params": [p for (_, p), e in zip(params, exempt) if not e], "weight_decay": weight_decay}]
 
 
 def count_params(model: nn.Module) -> int:
@@ -103,18 +121,69 @@ def adapter_config(path: str | os.PathLike) -> dict:
         return json.loads(f.metadata()["vtab_lily"])
 
 
-def load_model(path: str | os.PathLike, weights: str | None = None, pretrained: bool = True,
+def pretrained_is(backbone: str, sha256: str) -> bool:
+    """Whether the backbone's own pretrained file (hub or shipped; `run` passes it as a file) has `sha256`."""
+    try:
+        return weights_provenance(backbone, None, True, None)[0].get("sha256") == sha256
+    except WeightsError:  # offline and not cached: it cannot be that file here
+        return False
+
+
+class ProvenanceError(WeightsError):
+    """An adapter asked to load on other backbone weights or another image size than it was trained with."""
+
+
+def load_model(path: str | os.PathLike, weights: str | None = None, pretrained: bool | None = None,
                backbone_options: dict | None = None) -> nn.Module:
-    """Rebuild the model an adapter file was saved from (backbone, method, options, classes, and the seed
-    of its random weights), load its tensors, and return it in eval mode. `weights` / `pretrained` give the
-    backbone as in build_model. The caller's torch random state is left as it was."""
+    """Rebuild the model an adapter file was saved from (backbone, method, options, classes), on the weights
+    it was trained on, load its tensors, and return it in eval mode. The caller's torch random state is left
+    as it was.
+
+    Weights follow the saved provenance: a random backbone is redrawn from its seed; a local file must be
+    passed as `weights` and have the saved SHA-256; a pretrained (hub or shipped) backbone must give the
+    saved SHA-256. The backbone options (the image size) default to the saved ones. Anything else raises
+    ProvenanceError (one line). Adapter files saved before provenance was kept build as `weights` /
+    `pretrained` (default True) / `backbone_options` say."""
     cfg = adapter_config(path)
+    saved, options = cfg.get("weights"), cfg.get("backbone_options")
+    if options is not None and backbone_options is not None and backbone_options != options:
+        raise ProvenanceError(f"{path} was trained with backbone options {options}, not {backbone_options}; "
+                              "load it with its own (leave them out)")
+    backbone_options = options if backbone_options is None else backbone_options
+    if saved is not None:
+        pretrained = _check_weights(path, cfg, saved, weights, pretrained)
     with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"], pretrained=pretrained,
-                            weights=weights, backbone_options=backbone_options, seed=cfg.get("seed"),
-                            **cfg["options"])
+        model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"],
+                            pretrained=True if pretrained is None else pretrained, weights=weights,
+                            backbone_options=backbone_options, seed=cfg.get("seed"), **cfg["options"])
     load_adapter(model, path)
     return model.eval()
+
+
+def _check_weights(path, cfg: dict, saved: dict, weights: str | None, pretrained: bool | None) -> bool:
+    """`pretrained` for rebuilding on the saved weights; ProvenanceError when the caller's weights differ."""
+    source, backbone, seed = saved.get("source"), cfg["backbone"], cfg.get("seed")
+    if source == "random":
+        if weights is not None or pretrained:
+            raise ProvenanceError(f"{path} was trained on a random-init {backbone} (seed {seed}); load it without "
+                                  "weights or pretrained")
+        if seed is None and pretrained is None and not get_method(cfg["method"]).trains_backbone:
+            raise ProvenanceError(f"{path} was trained on a random-init {backbone} drawn without a seed, so its "
+                                  "frozen weights cannot be redrawn (pass pretrained=False to load it on a fresh "
+                                  "random draw)")
+        return False
+    if source == "file" and weights is None and not pretrained_is(backbone, saved["sha256"]):
+        raise ProvenanceError(f"{path} was trained on a local weights file (sha256 {saved['sha256'][:12]}...); "
+                              "pass that file as weights")
+    if pretrained is False:
+        raise ProvenanceError(f"{path} was trained on pretrained {backbone} weights; load it with pretrained")
+    actual = weights_provenance(backbone, weights, True, seed)[0]
+    if actual.get("sha256") != saved.get("sha256"):
+        given = f"weights file {weights}" if weights is not None else f"{backbone}'s {source} weights"
+        raise ProvenanceError(f"{path} was trained on weights with sha256 {str(saved.get('sha256'))[:12]}..., "
+                              f"but {given} has sha256 {str(actual.get('sha256'))[:12]}...; pass the file it was "
+                              "trained on")
+    return True
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:

@@ -1,11 +1,13 @@
 """The paper's training recipes and the presets behind each row of Tables 4 and 5.
 
-ViT (Lily / Binary Adapter / FacT code): AdamW lr 1e-3, weight decay 1e-4, batch 64 (drop_last),
+ViT (Lily / Binary Adapter code): AdamW lr 1e-3, weight decay 1e-4, batch 64 (drop_last),
 100 epochs, timm CosineLRScheduler stepped after each epoch (t_initial 100, warmup_t 10,
-warmup_lr_init 1e-6, lr_min 1e-5), drop_path 0.1, no normalisation, test every 10 epochs.
+warmup_lr_init 1e-6, lr_min 1e-5), drop_path 0.1, no normalisation (PETL-ViT `binary_adapter/vtab.py`
+`get_data(normalize=...)`), test every 10 epochs. The classic baselines' own codes normalise with ImageNet's
+mean / std (`IMAGENET_NORM` below), which their `extended` rows do.
 Vim (official Vim main.py): `--lr 1e-2` is linearly scaled by batch/512 -> 1.25e-3; weight decay 1e-3
-(timm's create_optimizer: no decay on biases and norms), cosine with 5 warmup epochs, drop_path 0.05,
-fp32 (its train loop never enters the autocast it sets up).
+(timm's create_optimizer: no decay on biases, norms, pos_embed and cls_token: `model.param_groups`), cosine
+with 5 warmup epochs, drop_path 0.05, fp32 (its train loop never enters the autocast it sets up).
 Both official codes train in fp32, so every recipe defaults to `precision="fp32"`; `"tf32"` (TF32 matmuls
 and convolutions on Ampere or newer GPUs: 10-bit mantissa products, fp32 accumulation) and `"bf16"` (bf16
 autocast of the forward and backward, fp32 weights and optimizer) are faster options, recorded in the run's
@@ -29,7 +31,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 class Recipe:
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    no_decay_1d: bool = False  # timm create_optimizer: no weight decay on biases and norm weights
+    no_decay_1d: bool = False  # timm create_optimizer: no decay on biases, 1-d tensors, the no_weight_decay() names
     batch_size: int = 64
     epochs: int = 100
     warmup_epochs: int = 10
@@ -116,6 +118,16 @@ SSF_RECIPE = {
 }
 # VPT's prompt-length search set (paper, Sec. 4.1; its per-task choices are kept outside the repository).
 VPT_LENGTHS = [1, 5, 10, 50, 100, 200]
+# Inputs normalised with ImageNet's mean / std, as the official codes of FacT (PETL-ViT `FacT/vtab.py` L81),
+# NOAH's Adapter (NOAH `lib/datasets.py` L241: its VTAB script passes no --inception), VPT and its Bias
+# baseline (KMnP/vpt `src/data/datasets/tf_dataset.py` L75-76, `src/data/transforms.py` L8-10).
+IMAGENET_NORM = {"normalize": True}
+# NOAH's VTAB Adapter (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh: lr 1e-3, wd 1e-4, batch 64, 100 epochs;
+# supernet_train_prompt.py L365 timm's create_optimizer, filter_bias_and_bn: no weight decay on 1-d tensors).
+NOAH_ADAPTER = {"width": 8, "no_decay_1d": True, **IMAGENET_NORM}
+# VPT's Bias baseline ("tinytl-bias") trains with the encoder in eval mode (KMnP/vpt `src/models/vit_models.py`
+# L33-35 froze_enc, L173-174 `self.enc.eval()`): no backbone dropout, i.e. drop_path 0.
+BITFIT = {"drop_path": 0.0, **IMAGENET_NORM}
 
 
 def recipe_for(backbone: str, **overrides) -> Recipe:
@@ -149,16 +161,20 @@ PRESETS = {
         ("vit-b-in1k", "adaptformer", {"width": 8}, {}),
         ("vit-b-in1k", "lora", {"r": 8}, {}),
     ],
-    # The classic VTAB-1K baselines, each with its paper's settings: VPT's backbone runs without dropout
-    # (the official trainer keeps it in eval mode) and searches the prompt length; Adapter as NOAH
-    # (width 8, the ViT recipe); SSF and FacT with their per-task settings; BitFit with the ViT recipe.
+    # The classic VTAB-1K baselines, each with its official code's settings, inputs ImageNet-normalised as
+    # theirs: VPT's backbone runs without dropout (its ViT has no stochastic depth) and searches the prompt
+    # length; Adapter as NOAH (width 8, dropout 0.1, trunc_normal init, no decay on 1-d tensors); BitFit
+    # with the encoder in eval mode (drop_path 0); SSF and FacT with their per-task settings. SSF's published
+    # numbers come from the AugReg ImageNet-21K ViT-B/16 (timm `vit_base_patch16_224_in21k` of its era),
+    # normalised with mean = std = 0.5; its row here runs on `vit-b` unnormalised, like the other rows.
     "extended": [
-        ("vit-b", "vpt", {"deep": False, "drop_path": 0.0}, {"length": VPT_LENGTHS}),
-        ("vit-b", "vpt", {"deep": True, "drop_path": 0.0}, {"length": VPT_LENGTHS}),
-        ("vit-b", "bitfit", {}, {}),
-        ("vit-b", "adapter", {"width": 8}, {}),
+        ("vit-b", "vpt", {"deep": False, "drop_path": 0.0, **IMAGENET_NORM}, {"length": VPT_LENGTHS}),
+        ("vit-b", "vpt", {"deep": True, "drop_path": 0.0, **IMAGENET_NORM}, {"length": VPT_LENGTHS}),
+        ("vit-b", "bitfit", BITFIT, {}),
+        ("vit-b", "adapter", NOAH_ADAPTER, {}),
         ("vit-b", "ssf", SSF_RECIPE, {}),
-        *[("vit-b", "fact", {"type": kind, "r": FACT_RANK[kind], "s": FACT_SCALE[kind]}, {}) for kind in ("tt", "tk")],
+        *[("vit-b", "fact", {"type": kind, "r": FACT_RANK[kind], "s": FACT_SCALE[kind], **IMAGENET_NORM}, {})
+          for kind in ("tt", "tk")],
     ],
     # Appendix D: Lily on different modules without LP sharing (one LP per layer); the paper tunes the
     # settings to similar parameter counts without publishing them, so the row is a sweep over s and ne_2.

@@ -86,7 +86,7 @@ TABLES = {
     # the classic VTAB-1K baselines beside their own papers' numbers (results/paper/extended.csv)
     "extended": [Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
                  Row("vit-b", "bitfit", "bitfit"),
-                 Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "xavier"}),
+                 Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "trunc_normal"}),
                  Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact-tt", "fact", {"type": "tt"}),
                  Row("vit-b", "fact-tk", "fact", {"type": "tk"})],
     # the `mini` preset's rows (vtab_lily/recipes.py)

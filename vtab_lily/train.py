@@ -27,6 +27,7 @@ from backbones.weights import UnsafeCheckpoint, load_torch_file
 from .data import Batches, to_float
 from .errors import write_errors
 from .fileio import atomic_path, warn
+from .model import param_groups
 from .recipes import Recipe
 
 
@@ -39,13 +40,7 @@ class Interrupted(RuntimeError):
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not recipe.no_decay_1d:
-        return torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=recipe.weight_decay)
-    decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                              {"params": decay, "weight_decay": recipe.weight_decay}], lr=recipe.lr)
+    return torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.no_decay_1d), lr=recipe.lr)
 
 
 def make_scheduler(optimizer, recipe: Recipe) -> CosineLRScheduler:

@@ -1,14 +1,18 @@
 """Adapter (Houlsby et al. 2019): a sequential bottleneck y -> y + up(act(down(y))) on a sub-layer's output.
 
 The common VTAB-1K tables (NOAH, FacT, SSF, ...: "Adapter, 0.16M") quote NOAH's runs (ZhangYuanhan-AI/NOAH,
-`model/module/adapter_super.py`, `experiments/Adapter/ViT-B_prompt_adapter_8.yaml`): ONE adapter per block,
-after the MLP (its output after drop_path, before the residual sum), width 8, with biases, QuickGELU
-(x * sigmoid(1.702 x)), Xavier-uniform weights and N(0, 1e-6) biases, no dropout: 12 x (2 x 768 x 8 + 8
-+ 768) = 156,768 parameters on ViT-B/16. That is Pfeiffer's placement, not Houlsby's two adapters per
-layer; `placement="houlsby"` adds the second one after attention (313,536 at width 8).
+`model/module/adapter_super.py`, `configs/Adapter/VTAB/slurm_train_adapter_vtab.sh`): ONE adapter per block,
+after the MLP (its output after drop_path, before the residual sum: `model/supernet_vision_transformer_timm.py`
+L365), width 8, with biases, QuickGELU (x * sigmoid(1.702 x)), dropout 0.1 after the activation
+(`supernet_train_prompt.py` L209 `--drop_rate_adapter` default 0.1, passed down at L307 -> L426 -> L326),
+12 x (2 x 768 x 8 + 8 + 768) = 156,768 parameters on ViT-B/16. That is Pfeiffer's placement, not Houlsby's
+two adapters per layer; `placement="houlsby"` adds the second one after attention (313,536 at width 8).
 
-Not an identity at initialisation (the up projection is Xavier-initialised, as NOAH's); `init="zero"`
-zero-initialises the up projection (Houlsby's near-identity start).
+Initialisation (`init`): "trunc_normal" (default, NOAH's effective one): the adapter's own Xavier-uniform /
+N(0, 1e-6) init (`adapter_super.py` L38-44) is overwritten when the model is built, by timm's ViT init applied
+to every module (`supernet_vision_transformer_timm.py` L462 -> L531 `self.apply(_init_vit_weights)`, L684-688:
+trunc_normal(std 0.02) weights, zero biases). "xavier": the adapter module's own init alone (our previous
+default). "zero": up projection zero (Houlsby's near-identity start). Only "zero" is an identity at init.
 """
 from __future__ import annotations
 
@@ -23,20 +27,21 @@ from ..options import OptionError
 from .base import add_serial, register
 
 PLACEMENTS = {"mlp": ("mlp_out",), "houlsby": ("attn_out", "mlp_out")}
+INITS = ("trunc_normal", "xavier", "zero")
 
 
 @dataclass
 class AdapterConfig:
     width: int = 8
     placement: str = "mlp"  # "mlp": NOAH (after the MLP); "houlsby": after attention and after the MLP
-    dropout: float = 0.0
-    init: str = "xavier"  # "xavier": NOAH; "zero": up projection zero (identity at initialisation)
+    dropout: float = 0.1  # NOAH's --drop_rate_adapter
+    init: str = "trunc_normal"  # one of INITS (see the module docstring)
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise OptionError(f"adapter placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
-        if self.init not in ("xavier", "zero"):
-            raise OptionError(f"adapter init must be 'xavier' or 'zero', got {self.init!r}")
+        if self.init not in INITS:
+            raise OptionError(f"adapter init must be one of {INITS}, got {self.init!r}")
 
 
 class QuickGELU(nn.Module):
@@ -52,8 +57,12 @@ class AdapterBranch(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(width, d)
         for linear in (self.down, self.up):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.normal_(linear.bias, std=1e-6)
+            if init == "trunc_normal":
+                nn.init.trunc_normal_(linear.weight, std=0.02)  # timm's bounds: [-2, 2]
+                nn.init.zeros_(linear.bias)
+            else:
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.normal_(linear.bias, std=1e-6)
         if init == "zero":
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)

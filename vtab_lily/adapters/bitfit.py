@@ -5,7 +5,9 @@ norm on ViT; the patch embedding, the causal convs and dt_proj on Vim) becomes t
 value replaces the pretrained one, so the merged form is the model itself. As VPT's bias baseline (which
 the common VTAB-1K tables quote: 0.10M on ViT-B/16 = 102,912 here), LayerNorm biases included.
 
-`disable_adapters` cannot undo BitFit (it trains the backbone's own biases).
+`disable_adapters` cannot undo BitFit (it trains the backbone's own biases). The official Bias baseline
+(KMnP/vpt "tinytl-bias") trains with the encoder in eval mode (`src/models/vit_models.py` L33-35, L173-174), so
+the `extended` preset runs it with drop_path 0 (and ImageNet-normalised inputs).
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ the class token's output changes (tests check the exact computation instead).
 
 Differences from the official code: the prompts are removed after the last block (the official keeps
 them through the final norm and reads the class token only, which gives the same logits); the official
-trainer keeps the backbone in eval mode while training (no backbone dropout), which the `extended`
-preset matches with drop_path 0.
+ViT has no stochastic depth (and dropout 0 in its VTAB configs), which the `extended` preset matches with
+drop_path 0, and normalises inputs with ImageNet's mean / std (`src/data/datasets/tf_dataset.py` L75-76),
+as the preset does.
 """
 from __future__ import annotations
 
