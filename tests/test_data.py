@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_checks import assert_disjoint, listed_digests
 
 from vtab_lily.data import Batches, DataError, load_split, read_list, to_float
 from vtab_lily.prepare import PrepareError, prepare_task
@@ -52,6 +53,10 @@ def test_prepare_under_tfds_mock_data_writes_the_four_lists(name, tmp_path):
         assert len(paths) == manifest["counts"][split]
         assert ((labels >= 0) & (labels < task.num_classes)).all()
     assert set(manifest["sha256"]) == {"train800.txt", "val200.txt", "train800val200.txt", "test.txt"}
+    # slices of one tfds split share no image (mock example i is the same in every split: compare only these)
+    for source in {task.slices[s][0].split for s in ("train800", "val200", "test")}:
+        same = [s for s in ("train800", "val200", "test") if task.slices[s][0].split == source]
+        assert_disjoint({s: listed_digests(tmp_path / name, s, task.num_classes) for s in same})
 
 
 def test_manual_download_tasks_say_what_to_fetch(tmp_path):

@@ -76,6 +76,32 @@ def assert_grads_close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
+@pytest.mark.parametrize("d,block_d", [(70, None), (11, 4)])
+def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, block_d, scan_backend):
+    """The kernels split channels into blocks of BLOCK_D (one program per batch row and block); dB and dC are
+    per-program partials summed over blocks, dA over batch rows, so a partial sum that is right for one
+    block only passes at d <= BLOCK_D. Here: 3 blocks, the last one ragged (70 = 32 + 32 + 6 at the
+    shipped BLOCK_D; 11 = 4 + 4 + 3), 2 batch rows, n = 5 states in a block of 8 (masked), vs the
+    per-step loop in float64; tolerances relative to each tensor's magnitude."""
+    scan_backend("triton")
+    from backbones import ssm_triton
+    block_d = block_d or ssm_triton.BLOCK_D
+    assert -(-d // block_d) == 3 and d % block_d
+    leaves = scan_inputs(b=2, d=d, l=6, n=5, seed=3)
+    ours = [t.clone().requires_grad_() for t in leaves]
+    ref = [t.double().requires_grad_() for t in leaves]
+    out = ssm_triton.TritonScan.apply(*ours, block_d)
+    want = naive_scan(*ref)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (out * g.float()).sum().backward()
+    (want * g).sum().backward()
+    for name, a, r in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ours, ref):
+        assert r.grad.abs().max() > 0, name
+        torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-5 * r.grad.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("name", SCANS)
 def test_scan_is_stable_and_right_when_dt_is_large(name, scan_backend):
     scan = SCANS[name]
