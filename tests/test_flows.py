@@ -229,8 +229,8 @@ def test_paper_sweep_runs_every_point(paper):
                    strict=True)
 def test_sweep_ran_lines_show_best_and_final_accuracy(paper):
     runs, out = paper
-    for r in load_records(runs).itertuples():
-        point = f"'lily.ne': {getattr(r, 'opt.ne_2')}" if r.method == "lily" else ""
+    for _, r in load_records(runs).iterrows():
+        point = f"'lily.ne': {int(r['opt.ne_2'])}" if r.method == "lily" else ""
         (line,) = [line for line in out.splitlines() if f"vit-mini {r.method} {r.task} seed {r.seed} " in line
                    and point in line and ": ran" in line]
         assert "best" in line and "final" in line, line
