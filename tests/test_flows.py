@@ -490,9 +490,10 @@ def test_granularity_prints_the_best_accuracy_per_task_and_ne(paper, tmp_path):
 def reevaluate(record_path, data, **load) -> float:
     record = read_record(record_path)
     recipe = recipe_for(record["backbone"], **record["spec"]["recipe"])
-    model = load_model(adapter(record_path), **load)
+    device = record["device"]  # where the run evaluated (a sweep on a GPU machine trains there)
+    model = load_model(adapter(record_path), **load).to(device)
     test = Batches(load_split(data, record["task"], record["eval_split"], recipe.image_size, progress=False),
-                   recipe.eval_batch_size)
+                   recipe.eval_batch_size, device=device)
     return evaluate(model, test, recipe)[0]
 
 
