@@ -7,6 +7,7 @@ weights and recipe (records of different ones are never pooled into one point).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -14,14 +15,9 @@ import pandas as pd
 
 from vtab_lily.choices import choices_help
 from vtab_lily.errors import cli
-from vtab_lily.records import load_records, read_record
+from vtab_lily.records import load_records
 
 from .common import UsageError, check_out, save_figure
-
-
-def _recipe_label(path: str) -> str:
-    """A record's recipe as sorted `field=value` pairs (what trained it, beside backbone and method)."""
-    return " ".join(f"{k}={v}" for k, v in sorted(read_record(path)["recipe"].items()))
 
 
 def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: str = "best_acc") -> pd.DataFrame:
@@ -35,9 +31,7 @@ def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: s
     if lily.empty:
         raise UsageError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
                          "over ne first (python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
-    if "recipe" not in lily:
-        lily = lily.assign(recipe=[_recipe_label(p) for p in lily["path"]])
-    recipes = [dict(kv.split("=", 1) for kv in r.split()) for r in lily["recipe"]]
+    recipes = [json.loads(r) for r in lily["recipe"]]  # load_records' JSON of each record's recipe
     differ = sorted(k for k in recipes[0] if len({r.get(k) for r in recipes}) > 1)
     several_weights = lily.groupby("backbone")["weights_id"].transform("nunique") > 1
     lily = lily.assign(curve=[b + (f" [{w}]" if sw else "") + "".join(f" {k}={r[k]}" for k in differ)

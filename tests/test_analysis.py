@@ -1,4 +1,6 @@
 """Figure functions on tiny models: shapes, ranges and known cases."""
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -98,7 +100,7 @@ def test_accuracy_vs_ne_from_records(tmp_path):
     records = pd.DataFrame({
         "method": ["lily"] * 5 + ["lora"], "eval_split": ["test"] * 6, "backbone": ["vit-b"] * 6,
         "task": ["dtd", "dtd", "dtd", "svhn", "svhn", "dtd"], "opt.ne_2": [2, 2, 4, 2, 4, None],
-        "best_acc": [60.0, 62.0, 65.0, 80.0, 79.0, 99.0], "weights_id": ["a1"] * 6, "recipe": ["epochs=100"] * 6})
+        "best_acc": [60.0, 62.0, 65.0, 80.0, 79.0, 99.0], "weights_id": ["a1"] * 6, "recipe": ['{"epochs": 100}'] * 6})
     table = accuracy_vs_ne(records)
     assert table.loc[("vit-b", "dtd"), 2] == 62.0 and table.loc[("vit-b", "dtd"), 4] == 65.0
     assert table.loc[("vit-b", "svhn"), 4] == 79.0
@@ -114,8 +116,8 @@ def test_granularity_never_pools_backbones_weights_or_recipes():
         "method": ["lily"] * 5, "eval_split": ["test"] * 5, "task": ["digits"] * 5,
         "backbone": ["vit-mini", "vit-mini", "vim-mini", "vit-mini", "vit-mini"], "opt.ne_2": [2, 4, 5, 2, 2],
         "best_acc": [80.0, 85.0, 70.0, 99.0, 30.0], "weights_id": ["w", "w", "v", "w", "random"],
-        "recipe": ["epochs=10 lr=0.001", "epochs=10 lr=0.001", "epochs=10 lr=0.00125", "epochs=1 lr=0.001",
-                   "epochs=10 lr=0.001"]})
+        "recipe": [json.dumps({"epochs": e, "lr": lr}) for e, lr in
+                   ((10, 0.001), (10, 0.001), (10, 0.00125), (1, 0.001), (10, 0.001))]})
     table = accuracy_vs_ne(records)
     assert table.loc[("vit-mini [w] epochs=10 lr=0.001", "digits"), 2] == 80.0  # not 99 (epochs=1), not 30 (random)
     assert table.loc[("vit-mini [w] epochs=1 lr=0.001", "digits"), 2] == 99.0

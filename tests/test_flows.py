@@ -226,8 +226,6 @@ def test_paper_sweep_runs_every_point(paper):
     assert len(re.findall(r": ran\b", out)) == 12
 
 
-@pytest.mark.xfail(reason="issue 18: the sweep prints no accuracy per run (ran lines need best and final)",
-                   strict=True)
 def test_sweep_ran_lines_show_best_and_final_accuracy(paper):
     runs, out = paper
     for _, r in load_records(runs).iterrows():
@@ -254,7 +252,6 @@ def test_dry_run_of_the_mini_preset_finds_the_hand_made_sweep_done(paper, data):
     assert len(to_run) == points * 4 - 12 and not ids & set(to_run)
 
 
-@pytest.mark.xfail(reason="issue 18: --preset silently ignores --methods", strict=True)
 def test_preset_with_methods_keeps_only_those_rows(data, tmp_path):
     code, out, err = call(sweep_cli.main, ["--preset", "mini", "--methods", "lily", "--tasks", "digits",
                                            "--dry-run", "--data-root", data, "--runs", tmp_path])
@@ -265,7 +262,6 @@ def test_preset_with_methods_keeps_only_those_rows(data, tmp_path):
         assert labels and all(line.split()[1] == "lily" for line in labels), out
 
 
-@pytest.mark.xfail(reason="issue 18: `--set lily.r=8` in a sweep is sent to every method", strict=True)
 def test_sweep_set_is_scoped_by_method_prefix(data, tmp_path):
     code, out, err = call(sweep_cli.main, ["--backbones", "vit-mini", "--methods", "lily", "lora", "--tasks",
                                            "digits", "--set", "lily.r=4", "--dry-run", "--data-root", data,
@@ -324,8 +320,6 @@ def test_mini_table_cells_are_the_paper_protocol_choice_per_seed(paper, tmp_path
     assert (tmp_path / "tablemini_paper.tex").read_text().count(r"\\") >= 13 + 2
 
 
-@pytest.mark.xfail(reason="issue 18: a row takes any record of its method, whatever the recipe (a one-epoch "
-                          "smoke run fills the mini table's Lily cell)", strict=True)
 def test_mini_table_row_takes_only_its_recipe(smoke, tmp_path):
     path, _ = smoke
     code, out, err = call(tables_cli.main, ["--table", "mini", "--runs", path.parents[3], "--out", tmp_path])
@@ -334,8 +328,6 @@ def test_mini_table_row_takes_only_its_recipe(smoke, tmp_path):
     assert "not in any row" in out + err
 
 
-@pytest.mark.xfail(reason="issue 18: the vtab protocol can never be tabulated (records of one task differ in "
-                          "data: the data id hashes the split lists)", strict=True)
 def test_vtab_tables_use_the_per_seed_choice_and_its_retrain(vtab, tmp_path):
     runs, out = vtab
     chosen = vtab_choices(out)
@@ -355,8 +347,6 @@ def test_vtab_tables_use_the_per_seed_choice_and_its_retrain(vtab, tmp_path):
             assert md[row][task] == cell(accs)  # n=2: one retrain per seed, nothing else joins
 
 
-@pytest.mark.xfail(reason="issue 18: `tables --protocol paper` on a vtab sweep's folder stops with `differ in "
-                          "data`", strict=True)
 def test_paper_tables_of_a_vtab_folder_take_its_test_records(vtab, tmp_path):
     runs, _ = vtab
     ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])
@@ -384,8 +374,6 @@ def test_table4_with_a_paper_file_made_here(paper, tmp_path):
     assert "Table 4 vit-b lily: printed 52.0, recomputed 50.90" in out
 
 
-@pytest.mark.xfail(reason="issue 18: `--table runs` has the 19 VTAB columns only (no column per mini task)",
-                   strict=True)
 def test_runs_table_has_a_column_per_task_present(paper, tmp_path):
     runs, _ = paper
     ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path])
@@ -398,8 +386,6 @@ def test_runs_table_has_a_column_per_task_present(paper, tmp_path):
         assert md["vit-mini lily"][task] == cell(best.loc[task])
 
 
-@pytest.mark.xfail(reason="issue 18: tables with no paper numbers print a dangling 'Paper check: 0' and write "
-                          "paper_check_table<name>.csv", strict=True)
 def test_tables_without_paper_numbers_write_no_paper_check(paper, tmp_path):
     runs, _ = paper
     for table in ("mini", "runs"):
@@ -464,8 +450,6 @@ def test_analysis_figures_of_sweep_adapters(paper, data, tmp_path, cli, extra):
                    f"{max(rank.numerical_rank(u) for u in ups.values())}" in out
 
 
-@pytest.mark.xfail(reason="issue 18: the analysis CLIs default to 224 px for a 32 px mini backbone",
-                   strict=True)
 def test_analysis_default_image_size_is_the_runs(paper, data, tmp_path):
     lily, _ = lily_and_lora(paper[0])
     common = ["--adapter", lily, "--task", "digits", "--data-root", data, "--n", 2, "--layers", 0, 7]
@@ -511,8 +495,6 @@ def test_load_model_of_a_random_init_run_with_pretrained_false(random_init, data
     assert reevaluate(path, data, pretrained=False) == record["final_acc"]
 
 
-@pytest.mark.xfail(reason="issue 18: load_model rebuilds a --random-init run on the pretrained backbone",
-                   strict=True)
 def test_load_model_follows_the_runs_random_init(random_init, data):
     path, _ = random_init
     assert reevaluate(path, data) == read_record(path)["final_acc"]
@@ -537,8 +519,6 @@ def test_plugin_and_peft_tuner_through_run_and_sweep(outside):
     assert params[TIED, 8] > params[TIED, 4] and params["peft:lora", 8] == 2 * params["peft:lora", 4]
 
 
-@pytest.mark.xfail(reason="issue 18: `--table runs` has the 19 VTAB columns only: the plugin's digits cell is "
-                          "blank", strict=True)
 def test_plugin_and_peft_tuner_in_the_runs_table(outside, tmp_path):
     runs, _, _ = outside
     ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path])
