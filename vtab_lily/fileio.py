@@ -21,11 +21,12 @@ def warn(message: str) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, durable: bool = True):
     """Yield a temporary path beside `path` (`.<name>.<host>.<pid>.<random>.tmp`); on success it replaces
-    `path`, on error it is removed. The temp's bytes reach the disk (fsync) before the rename, and the rename
-    itself (fsync of the folder) before this returns: without both, a power loss can leave `path` empty or
-    truncated under its final name."""
+    `path`, on error it is removed. `durable`: the temp's bytes reach the disk (fsync) before the rename, and
+    the rename itself (fsync of the folder) before this returns: without both, a power loss can leave `path`
+    empty or truncated under its final name. A writer of many small files (prepare's images) passes False
+    and calls os.sync() once before it writes the file that declares them complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{HOST}.{os.getpid()}.",
@@ -36,9 +37,11 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        fsync(tmp)
+        if durable:
+            fsync(tmp)
         os.replace(tmp, path)
-        fsync(path.parent)
+        if durable:
+            fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

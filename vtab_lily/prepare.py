@@ -159,11 +159,12 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
                                    f"{label}, outside 0..{task.num_classes - 1}; the source data is not what VTAB "
                                    "expects")
             if not (out / rel).exists():
-                with atomic_path(out / rel) as tmp:
+                with atomic_path(out / rel, durable=False) as tmp:  # made durable by the sync below
                     Image.fromarray(task.image(example)).save(tmp, format="PNG" if ext == "png" else "JPEG",
                                                               **save_kw)
             lines[split].append(f"{rel} {label}")
     lines["train800val200"] = lines["train800"] + lines["val200"]
+    os.sync()  # every image on the disk before the lists and the manifest that declare the task complete
     for split in SPLITS:
         with atomic_path(out / f"{split}.txt") as tmp:
             tmp.write_text("".join(f"{line}\n" for line in lines[split]))
