@@ -1,5 +1,6 @@
 """What a newcomer meets on the command line: --help names the choices, a skipped run says so, and
 `run --prepare` finishes a half-prepared task."""
+import re
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,19 @@ def test_an_interrupted_sweep_still_prints_its_count(data_root, tmp_path, capsys
         _sweep(["--methods", "linear", "--seeds", "1", "2", "3", *SWEEP_TINY], data_root, tmp_path)
     assert capsys.readouterr().out.splitlines()[-1] == "1 jobs: 0 ran, 1 already done, 0 run elsewhere, 0 failed"
     assert calls == [1, 2]
+
+
+def test_failed_points_are_logged_beside_the_runs_folder_by_default(data_root, tmp_path, capsys, monkeypatch):
+    """Without --logs the tracebacks go to <runs>/../slurm-logs (results/slurm-logs for the default
+    results/runs), never into the folder the sweep was started from."""
+    from vtab_lily import sweep
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code = sweep.main(["--backbones", "vit-tiny", "--tasks", "digits", "--methods", "lora", "--grid", "lora.r=0",
+                       *SWEEP_TINY, "--data-root", str(data_root), "--runs", str(tmp_path / "out" / "runs"),
+                       "--dry-run"])
+    line = capsys.readouterr().out.splitlines()[0]
+    log = Path(re.search(r"traceback: (.+)\)$", line)[1])
+    assert code == 1 and log.parent == tmp_path / "out" / "slurm-logs" / "failed"
+    assert "lora r must be >= 1, got 0" in log.read_text()
+    assert not any((tmp_path / "elsewhere").iterdir())

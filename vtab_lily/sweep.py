@@ -38,6 +38,7 @@ from backbones.ssm import BACKENDS, set_backend
 from .adapters import get_method
 from .choices import choices_help
 from .errors import UserError, cli, error_line, os_error_line
+from .locks import LockLost
 from .options import OptionError, check_seed
 from .prepare import ensure_prepared
 from .recipes import PRESET_TASKS, PRESETS, RECIPE_FIELDS, for_task
@@ -166,7 +167,7 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
     try:
         path = execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
         return "done" if skipped else f"ran ({accuracy(read_record(path))})"
-    except RunBusy:
+    except (RunBusy, LockLost):  # held by another process, or taken over by one while this one trained
         return "busy"
     except torch.cuda.OutOfMemoryError as e:  # this run does not fit next to the others: the sweep goes on
         torch.cuda.empty_cache()
@@ -365,8 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan in every run (as run's option)")
     parser.add_argument("--partition", help="Slurm partition")
     parser.add_argument("--timeout-min", type=int, default=240)
-    parser.add_argument("--logs", default="results/slurm-logs",
-                        help="submitit's job logs, and the tracebacks of failed points (under failed/)")
+    parser.add_argument("--logs", help="submitit's job logs, and the tracebacks of failed points (under failed/); "
+                        "default: slurm-logs beside the --runs folder (results/slurm-logs)")
     parser.add_argument("--weights")
     parser.add_argument("--data-root", default=DEFAULT_DATA)
     parser.add_argument("--runs", default=DEFAULT_RUNS)
@@ -374,6 +375,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
     parser.add_argument("--stage", choices=["all", "select", "final"], help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
+    args.logs = args.logs or str(Path(args.runs).parent / "slurm-logs")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     check_launcher(args)
     rows = select_rows(args)

@@ -83,7 +83,7 @@ TABLES = {
           Row("vit-b-in1k", "lora", "lora", {"r": 8}), Row("vim-s", "lora", "lora"),
           Row("vim-s", "lily-s", "lily", {"preset": "lily-s"}), Row("vim-s", "lily-l", "lily", {"preset": "lily-l"})],
     "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
-    # the classic VTAB-1K baselines beside their own papers' numbers (results/paper/extended.csv)
+    # the classic VTAB-1K baselines beside their own papers' numbers (vtab_lily/paper/extended.csv)
     "extended": [Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
                  Row("vit-b", "bitfit", "bitfit"),
                  Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "trunc_normal"}),
