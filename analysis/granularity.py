@@ -31,25 +31,37 @@ def accuracy_vs_ne(records: pd.DataFrame, backbone: str | None = None, metric: s
     if lily.empty:
         raise UsageError(f"no finished Lily test records{f' of {backbone}' if backbone else ''}: run a sweep "
                          "over ne first (python -m vtab_lily.sweep ... --grid lily.ne=2,3,4)")
-    recipes = [json.loads(r) for r in lily["recipe"]]  # load_records' JSON of each record's recipe
-    differ = sorted(k for k in recipes[0] if len({r.get(k) for r in recipes}) > 1)
-    several_weights = lily.groupby("backbone")["weights_id"].transform("nunique") > 1
-    lily = lily.assign(curve=[b + (f" [{w}]" if sw else "") + "".join(f" {k}={r[k]}" for k in differ)
-                              for b, w, sw, r in zip(lily["backbone"], lily["weights_id"], several_weights, recipes)])
+    curve = pd.Series(lily["backbone"], index=lily.index)
+    for b, group in lily.groupby("backbone"):  # label only what differs within one backbone's records
+        recipes = {i: json.loads(r) for i, r in group["recipe"].items()}  # load_records' JSON of the recipe
+        differ = sorted(k for k in set().union(*recipes.values())
+                        if len({json.dumps(r.get(k)) for r in recipes.values()}) > 1)
+        several_weights = group["weights_id"].nunique() > 1
+        for i, w in group["weights_id"].items():
+            curve[i] = b + (f" [{w}]" if several_weights else "") + "".join(f" {k}={recipes[i].get(k)}" for k in differ)
+    lily = lily.assign(curve=curve)
     return lily.pivot_table(index=["curve", "task"], columns="opt.ne_2", values=metric, aggfunc="max")
 
 
 def plot_granularity(table: pd.DataFrame, title: str = ""):
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    one = table.index.get_level_values("curve").nunique() == 1
-    for (curve, task), row in table.iterrows():
-        ax.plot(row.index.astype(int), row.values, marker="o", label=task if one else f"{curve}: {task}")
-    ax.set_xlabel("ne (LPs = HP experts)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xticks(sorted(table.columns.astype(int)))
-    ax.legend(fontsize=7, ncol=2, title="task" if one else "curve: task", title_fontsize=7)
-    ax.set_title(title or "Accuracy against ne (best over the other settings)"
-                 + (f", {table.index[0][0]}" if one else ""), fontsize=10)
+    """One panel per curve (backbone, weights, recipe), one line per task over the ne values it has."""
+    curves = list(dict.fromkeys(table.index.get_level_values("curve")))
+    tasks = list(dict.fromkeys(table.index.get_level_values("task")))
+    colour = {task: f"C{i % 10}" for i, task in enumerate(tasks)}
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves) + 1.5, 3.8), layout="constrained",
+                             squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], curves):
+        part = table.loc[name].dropna(axis=1, how="all")
+        for task, row in part.iterrows():
+            row = row.dropna()  # a line through the ne values this task was run at
+            ax.plot(row.index.astype(int), row.values, marker="o", color=colour[task], label=task)
+        ax.set_xticks(sorted(part.columns.astype(int)))
+        ax.set_xlabel("ne (LPs = HP experts)")
+        ax.set_title(name, fontsize=8)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles = [plt.Line2D([], [], color=colour[t], marker="o", label=t) for t in tasks]
+    fig.legend(handles=handles, fontsize=7, title="task", title_fontsize=7, loc="outside right center")
+    fig.suptitle(title or "Accuracy against ne (best over the other settings)", fontsize=10)
     return fig
 
 
