@@ -392,18 +392,21 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
     mean, std, n, tasks = result["mean"], result["std"], result["n"], result["tasks"]
     summary = summary_columns(tasks)
     plain = ", ".join(f"{prefix}Mean{len(ts)} = mean over {len(ts)} tasks" for prefix, ts in benchmarks(tasks))
-    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, "paper Mean", "diff"]
+    paper = bool(mean["paper_Mean"].notna().any())  # columns of published Means only where there are some
+    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, *(["paper Mean", "diff"] if paper else [])]
     groups = _group_label(tasks)
     kind = "published" if protocol == "published" else f"{protocol} protocol"
     lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
              "record.", f"Cells: {PROTOCOLS[protocol]}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(summary) + 2)]) + " |"]
+             "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(header) - 3 - len(tasks))])
+             + " |"]
     for name, r in mean.iterrows():
         cells = [name, _fmt(r["params_m"], digits=3), _fmt(r["storage_kb"], digits=0)]
         cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in tasks]
-        cells += [_fmt(r[c]) for c in (*summary, "paper_Mean")]
-        cells.append("" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}")
+        cells += [_fmt(r[c]) for c in summary]
+        if paper:
+            cells += [_fmt(r["paper_Mean"]), "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
