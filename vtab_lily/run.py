@@ -50,6 +50,17 @@ def parse_value(text: str):
         return text
 
 
+def parse_settings(items: list[str]) -> dict:
+    """--set KEY=VALUE items -> {key: value} (values as Python literals where they parse)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OptionError(f"--set expects KEY=VALUE, got {item!r}")
+        settings[key] = parse_value(value)
+    return settings
+
+
 def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
     """key=value settings -> (method options, recipe overrides). Keys may be prefixed '<method>.'."""
     fields = [f.name for f in dataclasses.fields(get_method(method).config)]
@@ -228,12 +239,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.scan_backend:
         set_backend(args.scan_backend)
-    settings = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise OptionError(f"--set expects KEY=VALUE, got {item!r}")
-        settings[key] = parse_value(value)
+    settings = parse_settings(args.set)
     if args.epochs is not None:
         settings["epochs"] = args.epochs
     options, recipe = split_settings(args.method, settings)

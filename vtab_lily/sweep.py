@@ -50,6 +50,7 @@ from .run import (
     check_spec,
     default_device,
     execute,
+    parse_settings,
     parse_value,
     resolve,
     split_settings,
@@ -65,16 +66,6 @@ def parse_grid(items: list[str]) -> dict[str, list]:
             raise OptionError(f"--grid expects KEY=V1,V2,..., got {item!r}")
         grid[key] = [parse_value(v) for v in values.split(",")]
     return grid
-
-
-def parse_settings(items: list[str]) -> dict:
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise OptionError(f"--set expects KEY=VALUE, got {item!r}")
-        settings[key] = parse_value(value)
-    return settings
 
 
 def failure(e: BaseException, label: str, logs: str | Path | None) -> str:
@@ -251,12 +242,11 @@ def launch_workers(points: list[Point], args, stage: str) -> list[str]:
     codes = [p.wait() for p in procs]
     statuses = []
     for point, done_before in zip(points, before):
-        record = None if point.error is not None or done_before else record_of(point.spec, args)
         if point.error is not None:
             statuses.append(point.error)
         elif done_before:
             statuses.append("done")
-        elif record is not None:
+        elif (record := record_of(point.spec, args)) is not None:
             statuses.append(f"ran ({accuracy(record)})")
         else:
             statuses.append(f"failed: not finished by the workers (exit codes {codes}; see their output)")
