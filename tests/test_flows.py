@@ -482,6 +482,9 @@ def reevaluate(record_path, data, **load) -> float:
 
 
 def test_load_model_reproduces_a_pretrained_run(smoke, paper, data):
+    from vtab_lily import adapter_config
+    saved = adapter_config(adapter(smoke[0]))["weights"]  # the run's own provenance, not "a local file"
+    assert saved == read_record(smoke[0])["provenance"]["weights"] and saved["source"] != "file"
     assert reevaluate(smoke[0], data) == read_record(smoke[0])["final_acc"]
     lily, lora = lily_and_lora(paper[0])
     for path in (lily, lora):

@@ -21,7 +21,8 @@ from .provenance import weights_provenance
 
 def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
                 weights: str | None = None, drop_path_rate: float | None = None,
-                backbone_options: dict | None = None, seed: int | None = None, **options) -> nn.Module:
+                backbone_options: dict | None = None, seed: int | None = None, provenance: dict | None = None,
+                **options) -> nn.Module:
     """Backbone + method, with requires_grad set: the backbone is frozen before the method attaches, so
     what trains is the method's parameters (those it leaves with requires_grad), the head, and, for
     full fine-tuning (trains_backbone), everything.
@@ -29,7 +30,10 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
     raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
     `seed`: torch is seeded with it first, so random weights (backbone, adapter, head) follow from it; it
-    is saved with the adapter, so `load_model` rebuilds the same random backbone.
+    is saved with the adapter, so `load_model` rebuilds the same random backbone. `provenance`: the weights'
+    provenance as the run resolved it (`run` passes the hub file it fetched as `weights`, so the file alone
+    would read as a local one); by default it is computed from `weights` / `pretrained`. Saved with the
+    adapter, for `load_model`.
     """
     cfg = make_config(method, options, backbone)
     if seed is not None:
@@ -45,7 +49,7 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
                          "options": dataclasses.asdict(cfg), "seed": seed,
                          "backbone_options": dict(backbone_options or {}),
-                         "weights": weights_provenance(backbone, weights, pretrained, seed)[0]}
+                         "weights": provenance or weights_provenance(backbone, weights, pretrained, seed)[0]}
     return model
 
 
@@ -121,14 +125,6 @@ def adapter_config(path: str | os.PathLike) -> dict:
         return json.loads(f.metadata()["vtab_lily"])
 
 
-def pretrained_is(backbone: str, sha256: str) -> bool:
-    """Whether the backbone's own pretrained file (hub or shipped; `run` passes it as a file) has `sha256`."""
-    try:
-        return weights_provenance(backbone, None, True, None)[0].get("sha256") == sha256
-    except WeightsError:  # offline and not cached: it cannot be that file here
-        return False
-
-
 class ProvenanceError(WeightsError):
     """An adapter asked to load on other backbone weights or another image size than it was trained with."""
 
@@ -172,7 +168,7 @@ def _check_weights(path, cfg: dict, saved: dict, weights: str | None, pretrained
                                   "frozen weights cannot be redrawn (pass pretrained=False to load it on a fresh "
                                   "random draw)")
         return False
-    if source == "file" and weights is None and not pretrained_is(backbone, saved["sha256"]):
+    if source == "file" and weights is None:
         raise ProvenanceError(f"{path} was trained on a local weights file (sha256 {saved['sha256'][:12]}...); "
                               "pass that file as weights")
     if pretrained is False:

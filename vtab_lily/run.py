@@ -160,7 +160,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
     model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
                         drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
-                        seed=spec.seed, **spec.options).to(device)
+                        seed=spec.seed, provenance=spec.provenance["weights"], **spec.options).to(device)
     check_writable_folder(runs, "run records", "--runs")
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
