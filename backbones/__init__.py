@@ -139,12 +139,22 @@ def pretrained_file(name: str) -> tuple[str, dict] | None:
 
 
 def adapter_sites(model: nn.Module) -> list[LayerSites]:
-    return _backbone(model.backbone_name).sites(model)
+    """The per-layer sites of the backbone as it was when first asked (see `_cached`)."""
+    return _cached(model, "_adapter_sites", _backbone(model.backbone_name).sites)
 
 
 def model_sites(model: nn.Module) -> dict:
     """Sites that belong to the whole model, not to a layer (e.g. ViT's `patch_embed`, `norm`, `blocks`)."""
-    return _backbone(model.backbone_name).model_sites(model)
+    return _cached(model, "_model_sites", _backbone(model.backbone_name).model_sites)
+
+
+def _cached(model: nn.Module, key: str, find):
+    """Sites are found once per model and kept on it: a method wraps the modules they name (which hides
+    their Linear attributes), and a second method (a composition) must find the same sites; a site's
+    (parent, attribute) stays valid through wrapping."""
+    if key not in model.__dict__:
+        model.__dict__[key] = find(model)
+    return model.__dict__[key]
 
 
 def head_of(model: nn.Module) -> nn.Module:

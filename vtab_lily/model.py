@@ -13,6 +13,7 @@ from torch import nn
 from backbones import WeightsError, create_backbone, head_of
 
 from .adapters import adapted_modules, get_method, make_config
+from .adapters.base import attaching, config_dict
 from .adapters.peft_tuners import tuner_layers
 from .errors import UserError, write_errors
 from .fileio import atomic_path
@@ -28,7 +29,8 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     full fine-tuning (trains_backbone), everything.
 
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
-    raises an error listing the valid ones. pretrained=False builds random weights and never downloads.
+    raises an error listing the valid ones. A composition (`method="lora+bitfit"`) takes them prefixed by
+    their method: `**{"lora.r": 4}`; a clash between its methods is one SiteConflict (adapters/compose.py). pretrained=False builds random weights and never downloads.
     `seed`: torch is seeded with it first, so random weights (backbone, adapter, head) follow from it; it
     is saved with the adapter, so `load_model` rebuilds the same random backbone. `provenance`: the weights'
     provenance as the run resolved it (`run` passes the hub file it fetched as `weights`, so the file alone
@@ -42,12 +44,13 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
     model.requires_grad_(False)
     spec = get_method(method)
-    spec.attach(model, cfg)
+    with attaching(method, model):
+        spec.attach(model, cfg)
     head = {id(p) for p in head_of(model).parameters()}
     for p in model.parameters():
         p.requires_grad = spec.trains_backbone or p.requires_grad or id(p) in head
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
-                         "options": dataclasses.asdict(cfg), "seed": seed,
+                         "options": config_dict(cfg), "seed": seed,
                          "backbone_options": dict(backbone_options or {}),
                          "weights": provenance or weights_provenance(backbone, weights, pretrained, seed)[0]}
     return model

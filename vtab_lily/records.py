@@ -23,8 +23,9 @@ import pandas as pd
 
 from backbones import check_backbone
 
-from .adapters import get_method, make_config, origin
-from .adapters.plugins import origin_label
+from .adapters import make_config
+from .adapters.base import config_dict
+from .adapters.plugins import method_origin, origin_label
 from .errors import UserError
 from .fileio import write_json
 from .options import OptionError
@@ -105,11 +106,11 @@ class RunSpec:
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
         recipe = recipe_identity(self.backbone, self.recipe)
-        method_origin = origin(get_method(self.method).module)
+        origin = method_origin(self.method)
         return {"backbone": self.backbone, "task": self.task, "method": self.method, "seed": self.seed,
-                "method_config": dataclasses.asdict(make_config(self.method, self.options, self.backbone)),
+                "method_config": config_dict(make_config(self.method, self.options, self.backbone)),
                 "train_split": self.train_split, "eval_split": self.eval_split, "recipe": recipe,
-                "provenance": self.provenance, **({"origin": method_origin} if method_origin else {})}
+                "provenance": self.provenance, **({"origin": origin} if origin else {})}
 
     @property
     def run_id(self) -> str:

@@ -21,7 +21,7 @@ from backbones import family
 from backbones.ssm import BACKENDS, set_backend
 from backbones.ssm import chosen as scan_backend
 
-from .adapters import get_method
+from .adapters.base import option_names
 from .choices import choices_help
 from .data import Batches, load_split, read_list, task_dir
 from .errors import UnknownName, UserError, cli
@@ -62,8 +62,9 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
-    """key=value settings -> (method options, recipe overrides). Keys may be prefixed '<method>.'."""
-    fields = [f.name for f in dataclasses.fields(get_method(method).config)]
+    """key=value settings -> (method options, recipe overrides). Keys may be prefixed '<method>.'; a
+    composition's options must be ('lora.r' for lora+bitfit: its option names, adapters/compose.py)."""
+    fields = option_names(method)
     options, recipe = {}, {}
     for key, value in settings.items():
         bare = key.split(".", 1)[1] if key.startswith(f"{method}.") else key
@@ -72,8 +73,9 @@ def split_settings(method: str, settings: dict) -> tuple[dict, dict]:
         elif bare in RECIPE_FIELDS and "." not in key:
             recipe[bare] = value
         else:
-            raise UnknownName(f"unknown setting {key!r}: {method} options are {fields}; recipe fields are "
-                              f"{list(RECIPE_FIELDS)}")
+            hint = (f"{method} composes methods, so its options take their method's prefix: {fields}"
+                    if "+" in method else f"{method} options are {fields}")
+            raise UnknownName(f"unknown setting {key!r}: {hint}; recipe fields are {list(RECIPE_FIELDS)}")
     return options, recipe
 
 
@@ -218,10 +220,12 @@ def main(argv=None) -> int:
                         "(any timm ViT-family model)")
     parser.add_argument("--task", required=True, help=choices_help("task"))
     parser.add_argument("--method", default="lily", help=choices_help("method", "default lily; ") + ", or "
-                        "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name")
+                        "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name; compose methods with '+' "
+                        "(e.g. lora+bitfit: attached in that order, options prefixed: --set lora.r=4)")
     parser.add_argument("--seed", type=int, default=42, help="0 .. 2^64 / 100003 (the shuffle's seeds)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a method option (e.g. s=10, lily.ne=3) or a recipe field (e.g. lr=1e-3, epochs=20)")
+                        help="a method option (e.g. s=10, lily.ne=3; a composition's take their method's prefix: "
+                        "lora.targets=q+v) or a recipe field (e.g. lr=1e-3, epochs=20)")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
     parser.add_argument("--eval", default="test", choices=["test", "val200"])
     parser.add_argument("--weights", help="local pretrained weights (.npz, .safetensors, .pth)")

@@ -35,7 +35,7 @@ import torch
 
 from backbones.ssm import BACKENDS, set_backend
 
-from .adapters import get_method
+from .adapters.base import option_names
 from .choices import choices_help
 from .errors import UserError, cli, error_line, os_error_line
 from .locks import LockLost
@@ -97,17 +97,19 @@ class Point:
 def method_fields(method: str) -> set[str] | None:
     """The option names of `method`, or None when the method cannot be resolved (its points fail)."""
     try:
-        return set(get_method(method).config.__dataclass_fields__)
+        return set(option_names(method))
     except Exception:  # reported, with its traceback, by each of the method's points
         return None
 
 
 def scoped(values: dict, method: str) -> dict:
     """The entries of `values` (--set or --grid) that apply to `method`'s rows: `<method>.key` ones, and
-    bare keys that are a recipe field or one of the method's options (`<method>.key` wins over `key`)."""
+    bare keys that are a recipe field or one of the method's options (`<method>.key` wins over `key`); for a
+    composition (lora+bitfit) its prefixed options (`lora.r`, which also apply to lora's own rows)."""
     fields = method_fields(method) or set()
     bare = {k: v for k, v in values.items() if "." not in k and (k in RECIPE_FIELDS or k in fields)}
-    return {**bare, **{k: v for k, v in values.items() if k.startswith(f"{method}.")}}  # the prefixed one wins
+    prefixed = {k: v for k, v in values.items() if k.startswith(f"{method}.") or ("." in k and k in fields)}
+    return {**bare, **prefixed}  # the prefixed one wins
 
 
 def check_keys(rows, values: dict, flag: str) -> None:
@@ -339,7 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table (only those of "
                         "--methods / --backbones when given)")
     parser.add_argument("--backbones", nargs="+", default=[], help=choices_help("backbone", "each "))
-    parser.add_argument("--methods", nargs="+", default=[], help=choices_help("method", "each "))
+    parser.add_argument("--methods", nargs="+", default=[], help=choices_help("method", "each ") +
+                        "; or a composition a+b (e.g. lora+bitfit; its options prefixed: --grid lora.r=2,4)")
     parser.add_argument("--tasks", nargs="+", help=choices_help("task", "'all' (the 19 of VTAB-1K), 'mini' (the "
                         "mini VTAB), or each ") + "; default: the preset's tasks, else all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])

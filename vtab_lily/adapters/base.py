@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +20,41 @@ from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, famil
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
+
+
+class SiteConflict(UserError, ValueError):
+    """Two methods (or two targets of one method) adapt one module in ways that cannot combine."""
+
+
+_ATTACHING: list[tuple[str, nn.Module]] = []  # (method, model) being attached, innermost last
+
+
+@contextmanager
+def attaching(name: str, model: nn.Module):
+    """Within the block, branches added to `model` belong to method `name` (named in conflicts)."""
+    _ATTACHING.append((name, model))
+    try:
+        yield
+    finally:
+        _ATTACHING.pop()
+
+
+def current_method() -> str | None:
+    return _ATTACHING[-1][0] if _ATTACHING else None
+
+
+def module_path(module: nn.Module, attr: str | None = None) -> str:
+    """`module`'s dotted path in the model being attached (its `attr` child with `attr`)."""
+    model = _ATTACHING[-1][1] if _ATTACHING else None
+    path = next((n for n, m in model.named_modules() if m is module), None) if model is not None else None
+    return ".".join(p for p in (path, attr) if p) or type(module).__name__
+
+
+def conflict(owner: str | None, where: str, why: str) -> SiteConflict:
+    """One line naming the method that adapted `where` first, the one adapting it now, and why they clash."""
+    first, now = owner or "a method", current_method() or "a method"
+    who = f"{now}'s targets" if first == now else f"methods {first} and {now}"
+    return SiteConflict(f"{who} both adapt {where}: {why}; give one of them other targets")
 
 
 class Switch:
@@ -48,26 +84,37 @@ class Tap(nn.Module):
 
 class Adapted(Switch, nn.Module):
     """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input, or with
-    `serial=True` of the base's own output) to a slice of the base output. `enabled = False` makes it
-    compute as the plain base module."""
+    `serial=True` of the base's own output) to a slice of the base output. Branches on identical slices
+    are summed in the order they were added (two methods on one site); slices that partly overlap are
+    refused. `enabled = False` makes it compute as the plain base module."""
 
     def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False):
         super().__init__()
         self.base = base
         self.branches = nn.ModuleList()
         self.slices: list[slice] = []
+        self.owners: list[str | None] = []  # the method that added each branch
         self.enabled = True
         self.serial = serial
         object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
 
-    def add(self, branch: nn.Module, out: slice) -> None:
-        """Add a branch writing to output columns `out`; branches stay sorted by their slice."""
-        for s in self.slices:
-            if out.start < s.stop and s.start < out.stop:
-                raise ValueError(f"adapter output slices overlap: {s} and {out}")
-        at = sum(s.start < out.start for s in self.slices)
+    def overlap(self, out: slice) -> tuple[slice, str | None] | None:
+        """The (slice, owner) of a branch whose slice partly overlaps `out`, if any."""
+        for s, owner in zip(self.slices, self.owners):
+            if out != s and out.start < s.stop and s.start < out.stop:
+                return s, owner
+        return None
+
+    def add(self, branch: nn.Module, out: slice, owner: str | None = None) -> None:
+        """Add a branch writing to output columns `out`; branches stay sorted by their slice, a branch on
+        an identical slice after the ones already there."""
+        clash = self.overlap(out)
+        if clash is not None:
+            raise ValueError(f"adapter output slices overlap: {clash[0]} and {out}")
+        at = sum(s.start <= out.start for s in self.slices)
         self.branches.insert(at, branch)
         self.slices.insert(at, out)
+        self.owners.insert(at, owner)
 
     def forward(self, x, *args, **kwargs):
         y = self.base(x, *args, **kwargs)
@@ -76,6 +123,9 @@ class Adapted(Switch, nn.Module):
             return y
         pieces, pos = [], 0
         for out, branch in zip(self.slices, self.branches):
+            if out.start < pos:  # the same slice as the previous branch: sum
+                pieces[-1] = pieces[-1] + branch(src)
+                continue
             if out.start > pos:
                 pieces.append(y[..., pos:out.start])
             pieces.append(y[..., out] + branch(src))
@@ -93,30 +143,50 @@ def _wrapped(parent: nn.Module, attr: str, kind: type, **kw) -> nn.Module:
     return module
 
 
-def _adapted(parent: nn.Module, attr: str, serial: bool = False, **kw) -> Adapted:
-    wrapper = _wrapped(parent, attr, Adapted, serial=serial, **kw)
+def _tap(parent: nn.Module, attr: str) -> Tap:
+    """The Tap on parent.<attr> (inside a serial wrapper another method put there later), made on first use."""
+    module = getattr(parent, attr)
+    while isinstance(module, Adapted):
+        module = module.base
+    return module if isinstance(module, Tap) else _wrapped(parent, attr, Tap)
+
+
+def _add(parent: nn.Module, attr: str, branch: nn.Module, out: slice, serial: bool = False,
+         tap: Tap | None = None) -> None:
+    """Add `branch` to the Adapted wrapper of parent.<attr> (made on first use); a SiteConflict when the
+    branches already there read another source (serial vs parallel, another Tap) or write partly
+    overlapping columns."""
+    wrapper = _wrapped(parent, attr, Adapted, serial=serial, tap=tap)
     if wrapper.serial != serial:
-        raise ValueError(f"{attr} already carries branches that read its {'output' if wrapper.serial else 'input'}; "
-                         "serial and parallel branches cannot share a module")
-    return wrapper
+        kinds = {True: "a serial branch (reads its output)", False: "a parallel branch (reads its input)"}
+        raise conflict(wrapper.owners[0], module_path(parent, attr), f"{kinds[wrapper.serial]} and "
+                       f"{kinds[serial]}: serial and parallel branches cannot share a module")
+    if wrapper.tap is not tap:
+        raise conflict(wrapper.owners[0], module_path(parent, attr), "their branches read different modules' "
+                       "inputs, and one wrapper has one source")
+    clash = wrapper.overlap(out)
+    if clash is not None:
+        s, owner = clash
+        raise conflict(owner, module_path(parent, attr), f"adapter output slices overlap ({s.start}:{s.stop} and "
+                       f"{out.start}:{out.stop}; identical or disjoint slices combine)")
+    wrapper.add(branch, out, current_method())
 
 
 def add_branch(site: LinearSite | ParallelSite, branch: nn.Module) -> None:
     """Attach `branch` at `site`: its output is added to the site's output (slice)."""
     if isinstance(site, LinearSite):
-        _adapted(site.parent, site.attr).add(branch, site.out)
+        _add(site.parent, site.attr, branch, site.out)
     elif site.read_attr == site.write_attr:
-        _adapted(site.parent, site.write_attr).add(branch, slice(0, site.d_out))
+        _add(site.parent, site.write_attr, branch, slice(0, site.d_out))
     else:
-        tap = _wrapped(site.parent, site.read_attr, Tap)
-        _adapted(site.parent, site.write_attr, tap=tap).add(branch, slice(0, site.d_out))
+        _add(site.parent, site.write_attr, branch, slice(0, site.d_out), tap=_tap(site.parent, site.read_attr))
 
 
 def add_serial(site: LinearSite | OutputSite, branch: nn.Module) -> None:
     """Attach `branch` after the site's module: it reads the module's whole output and its result is added
     to the site's columns of that output (y -> y + branch(y) for an OutputSite)."""
     out = site.out if isinstance(site, LinearSite) else slice(0, site.d_out)
-    _adapted(site.parent, site.attr, serial=True).add(branch, out)
+    _add(site.parent, site.attr, branch, out, serial=True)
 
 
 def adapted_modules(model: nn.Module) -> list[Switch]:
@@ -127,12 +197,14 @@ def adapted_modules(model: nn.Module) -> list[Switch]:
 @dataclass(frozen=True)
 class Method:
     """A PEFT method: its config dataclass, the function that attaches it, whether the backbone's own
-    weights train (full fine-tuning), and the module that defines it (its origin in run records)."""
+    weights train (full fine-tuning), and the module that defines it (its origin in run records).
+    A composition (`a+b`, adapters/compose.py) names its methods in `parts`."""
 
     config: type
     attach: Callable[[nn.Module, Any], None]
     trains_backbone: bool = False
     module: str = __name__
+    parts: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {}
@@ -142,6 +214,9 @@ def register(name: str, config: type, trains_backbone: bool = False):
     """Decorator: register `attach(model, cfg)` as method `name` with its config dataclass. The public
     way to add a method, inside the suite or in your own module (see README, "Add your method")."""
     def wrap(attach):
+        if "+" in name:
+            raise UserError(f"method name {name!r} contains '+', which joins methods into a composition "
+                            "(--method a+b); register it under a name without '+'")
         known = METHODS.get(name)
         if known is not None and known.module != attach.__module__:
             raise UserError(f"method name {name!r} is already taken by {known.module}; register yours under "
@@ -166,7 +241,11 @@ def guarded(name: str, attach: Callable) -> Callable:
 
 def get_method(name: str) -> Method:
     """The method called `name`: a registered one, `peft:<tuner>`, `<module>:<name>` (imports the module,
-    which registers it) or the name of an entry point in the group `vtab_lily.methods`."""
+    which registers it) or the name of an entry point in the group `vtab_lily.methods`; `a+b` composes
+    them (adapters/compose.py)."""
+    if "+" in name:
+        from .compose import composition
+        return composition(name)
     if name not in METHODS:
         from .plugins import resolve
         METHODS[name] = resolve(name)
@@ -175,7 +254,11 @@ def get_method(name: str) -> Method:
 
 def make_config(method: str, options: dict[str, Any], backbone: str | None = None):
     """The method's config from keyword options; unknown methods or options raise one clear error.
-    With a backbone, options left None take the defaults of its family (config.FAMILY_DEFAULTS)."""
+    With a backbone, options left None take the defaults of its family (config.FAMILY_DEFAULTS).
+    A composition's options are prefixed by their method (`lora.r`; adapters/compose.py)."""
+    if "+" in method:
+        from .compose import composed_config
+        return composed_config(method, options, backbone)
     cls = get_method(method).config
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(valid))
@@ -190,6 +273,21 @@ def make_config(method: str, options: dict[str, Any], backbone: str | None = Non
     if hasattr(cfg, "__post_init__"):
         cfg.__post_init__()
     return cfg
+
+
+def option_names(method: str) -> list[str]:
+    """The options `method` takes: its config's fields; a composition's as `<method>.<field>`."""
+    spec = get_method(method)
+    if spec.parts:
+        return [f"{part}.{name}" for part in spec.parts for name in option_names(part)]
+    return [f.name for f in dataclasses.fields(spec.config)]
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    """A method's config as the options that rebuild it (build_model(**options)), for records and adapter
+    files: the config's fields; a composition's flat, as `<method>.<field>`."""
+    from .compose import ComposedConfig
+    return cfg.options() if isinstance(cfg, ComposedConfig) else dataclasses.asdict(cfg)
 
 
 def split_targets(targets):

@@ -28,9 +28,10 @@ class BitFitConfig:
 @register("bitfit", BitFitConfig)
 def attach_bitfit(model: nn.Module, cfg: BitFitConfig) -> None:
     """Each backbone bias is re-registered as a fresh Parameter holding the pretrained value: build_model
-    trains the parameters a method adds, so exactly these train."""
+    trains the parameters a method adds, so exactly these train. Biases already trainable belong to a
+    method attached before it in a composition (e.g. adaptformer+bitfit) and are left to it."""
     head = set(head_of(model).modules())
     for module in model.modules():
         bias = getattr(module, "bias", None)
-        if module not in head and isinstance(bias, nn.Parameter):
+        if module not in head and isinstance(bias, nn.Parameter) and not bias.requires_grad:
             module.bias = nn.Parameter(bias.detach().clone())

@@ -22,7 +22,7 @@ from backbones import LinearSite, adapter_sites
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError
-from .base import Method, split_targets
+from .base import Method, Switch, conflict, module_path, split_targets
 
 # peft config fields that the suite sets itself, or that name modules / configure other libraries
 EXCLUDED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -153,6 +153,10 @@ def module_names(model: nn.Module, targets) -> list[str]:
             if not isinstance(site, LinearSite):
                 raise OptionError(f"site {t!r} is a parallel site; peft adapts whole Linear modules only")
             module = getattr(site.parent, site.attr)
+            if isinstance(module, Switch):  # another method of a composition wraps it
+                raise conflict(next(iter(getattr(module, "owners", ())), None), module_path(site.parent, site.attr),
+                               "peft replaces the whole module and cannot wrap another method's branches (list the "
+                               "peft tuner first: the other method then wraps peft's layer)")
             if site.out != slice(0, module.out_features):
                 raise OptionError(f"site {t!r} is a slice of {site.attr}; peft adapts whole modules and cannot adapt "
                                  f"the slice alone: use {site.attr!r} as the target")

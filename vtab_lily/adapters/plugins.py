@@ -96,9 +96,22 @@ def _installed_version(module: str, path: str | None) -> str | None:
     return None
 
 
+def method_origin(name: str) -> dict | None:
+    """The origin of method `name` (None for the suite's own); a composition's is {part: origin} of its
+    parts from outside the suite."""
+    from .base import get_method
+    method = get_method(name)
+    if not method.parts:
+        return origin(method.module)
+    return {part: found for part in method.parts if (found := method_origin(part))} or None
+
+
 def origin_label(origin: dict | None) -> str:
-    """'' for built-in methods, 'module version' or 'module sha256:<12 hex>' otherwise."""
+    """'' for built-in methods, 'module version' or 'module sha256:<12 hex>' otherwise; a composition's
+    parts' labels joined by ' + '."""
     if not origin:
         return ""
+    if "module" not in origin:
+        return " + ".join(origin_label(o) for o in origin.values())
     tag = origin.get("version") or f"sha256:{(origin.get('sha256') or '')[:12]}"
     return f"{origin['module']} {tag}"
