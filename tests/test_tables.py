@@ -401,7 +401,7 @@ def test_run_id_changes_with_every_provenance_field(tmp_path, monkeypatch):
     _fake_task(tmp_path / "data")
     (folder / "val200.txt").write_text("images/val200/0.png 0\n")
     changed["precision"] = run_id(device="cuda")  # bf16 on CUDA, fp32 on the CPU
-    monkeypatch.setattr("vtab_lily.records.origin", lambda module: {"module": module, "sha256": "0" * 64})
+    monkeypatch.setattr("vtab_lily.adapters.plugins.origin", lambda module: {"module": module, "sha256": "0" * 64})
     changed["origin"] = run_id()
     monkeypatch.undo()
     assert run_id() == base

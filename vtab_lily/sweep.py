@@ -342,7 +342,7 @@ def main(argv=None) -> int:
                         "--methods / --backbones when given)")
     parser.add_argument("--backbones", nargs="+", default=[], help=choices_help("backbone", "each "))
     parser.add_argument("--methods", nargs="+", default=[], help=choices_help("method", "each ") +
-                        "; or a composition a+b (e.g. lora+bitfit; its options prefixed: --grid lora.r=2,4)")
+                        ", or a composition a+b (e.g. lora+bitfit; its options prefixed: --grid lora.r=2,4)")
     parser.add_argument("--tasks", nargs="+", help=choices_help("task", "'all' (the 19 of VTAB-1K), 'mini' (the "
                         "mini VTAB), or each ") + "; default: the preset's tasks, else all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
