@@ -166,6 +166,13 @@ def test_two_methods_owning_one_parameter_are_one_error(rebias):
         assert count_params(built("vit-tiny", method)) == count_params(built("vit-tiny", "bitfit"))
 
 
+def test_a_method_replacing_another_ones_wrapper_is_one_error(monkeypatch):
+    monkeypatch.setitem(METHODS, "vpt2", METHODS["vpt"])  # a second prompt method on the same stack of blocks
+    with pytest.raises(SiteConflict, match=r"^methods vpt and vpt2 both adapt blocks: the later one replaced the "
+                                           "earlier one's wrapper, which no longer runs"):
+        built("vit-tiny", "vpt+vpt2")
+
+
 def test_a_later_part_never_freezes_an_earlier_ones_tensors():
     model = built("vit-tiny", "lora+peft:lora", **{"lora.targets": "proj"})  # peft freezes all but its own
     assert count_params(model) == count_params(built("vit-tiny", "lora", targets="proj")) + \

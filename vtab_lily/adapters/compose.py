@@ -12,7 +12,8 @@ Hybrid rows are compositions: `lorap+partial`).
   branches on one module that read different sources (a serial and a parallel one, or parallel ones
   reading different modules' inputs) or write partly overlapping output columns (base._add), two methods
   owning the same parameter (both replace or unfreeze it), and a peft tuner asked to wrap a module another
-  method already wraps (peft_tuners.module_names). Parallel branches on one module with identical or
+  method already wraps (peft_tuners.module_names), and a wrapper of one method that a later one replaces
+  (two methods rebuilding one stack of blocks: the first one's prompts would no longer run). Parallel branches on one module with identical or
   disjoint slices are no conflict: Adapted sums them in order. A later part never freezes an earlier part's
   tensors (peft's injection freezes every tensor but its own: those are made trainable again).
 - trains_backbone when any part trains the backbone; counting, saving and disable_adapters need nothing
@@ -29,7 +30,7 @@ from torch import nn
 from backbones import UnmappableBackbone, adapter_sites, model_sites
 
 from ..errors import UnknownName
-from .base import Method, attaching, conflict, get_method, make_config, option_names
+from .base import Method, Switch, attaching, conflict, get_method, make_config, option_names
 
 
 @dataclass
@@ -65,10 +66,17 @@ def composition(name: str) -> Method:
             except UnmappableBackbone:  # a part that needs sites says so when it asks
                 pass
         owners: dict[tuple[int, str], str] = {}
+        wrappers: dict[int, tuple[str, str]] = {}  # id of a wrapper -> (its path, the part that made it)
         for part, method in zip(parts, methods):
             before = {key: (p, p.requires_grad) for key, (_, p) in _slots(model).items()}
             with attaching(part, model):
                 method.attach(model, cfg.parts[part])
+                now = {id(m): path for path, m in model.named_modules() if isinstance(m, Switch)}
+                for key, (path, owner) in wrappers.items():
+                    if key not in now:  # e.g. a second method rebuilding the stack of blocks another prompts
+                        raise conflict(owner, path, "the later one replaced the earlier one's wrapper, which no "
+                                       "longer runs")
+                wrappers.update({k: (path, part) for k, path in now.items() if k not in wrappers})
                 for key, (where, p) in _slots(model).items():
                     old, trainable = before.get(key, (None, False))
                     if old is p and trainable and not p.requires_grad:
