@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY, assert_close, randomize_trainable
 from torch import nn
 
 from backbones import create_backbone, head_of
@@ -25,8 +26,6 @@ from vtab_lily.errors import UnknownName, UserError
 from vtab_lily.model import storage_bytes
 from vtab_lily.prepare import prepare_task
 from vtab_lily.records import RunSpec, read_record
-
-from conftest import TINY, assert_close, randomize_trainable
 
 VIM = "vim-tiny-test"
 
@@ -246,9 +245,11 @@ def test_run_sweep_and_runs_table_of_a_composition(digits, tmp_path):
     record = read_record(Path(re.search(r"^record: (.*)$", out, re.M).group(1)))
     assert record["method"] == "lora+bitfit" and record["method_config"]["lora.r"] == 4
     assert record["method_config"]["lora.targets"] == ["q", "v"]
-    assert record["params"] == count_params(built("vit-mini", "lora", r=4)) + count_params(built("vit-mini", "bitfit"))
+    parts = built("vit-mini", "lora", r=4), built("vit-mini", "bitfit")
+    assert record["params"] == sum(count_params(m) for m in parts)
     code, out, err = call(sweep_cli.main, ["--backbones", "vit-mini", "--methods", "lora+bitfit", "lora", "--tasks",
-                                           "digits", "--seeds", 1, "--grid", "lora.r=2,4", "--set", "epochs=1", *common])
+                                           "digits", "--seeds", 1, "--grid", "lora.r=2,4", "--set", "epochs=1",
+                                           *common])
     assert code == 0, out + err
     assert "4 jobs: 3 ran, 1 already done" in out  # lora+bitfit at r=4 ran above: the same run id
     assert re.search(r"vit-mini lora\+bitfit digits seed 1 \{'lora.r': 2\} eval test: ran", out)

@@ -1,7 +1,6 @@
 """The Python API: build a backbone with a PEFT method, count, disable, save and load adapters."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -30,7 +29,8 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
 
     `options` are the method's config fields (Lily: r, s, ne_1, ne_2, targets, ...); an unknown one
     raises an error listing the valid ones. A composition (`method="lora+bitfit"`) takes them prefixed by
-    their method: `**{"lora.r": 4}`; a clash between its methods is one SiteConflict (adapters/compose.py). pretrained=False builds random weights and never downloads.
+    their method: `**{"lora.r": 4}`; a clash between its methods is one SiteConflict (adapters/compose.py).
+    pretrained=False builds random weights and never downloads.
     `seed`: torch is seeded with it first, so random weights (backbone, adapter, head) follow from it; it
     is saved with the adapter, so `load_model` rebuilds the same random backbone. `provenance`: the weights'
     provenance as the run resolved it (`run` passes the hub file it fetched as `weights`, so the file alone

@@ -220,8 +220,9 @@ def main(argv=None) -> int:
                         "(any timm ViT-family model)")
     parser.add_argument("--task", required=True, help=choices_help("task"))
     parser.add_argument("--method", default="lily", help=choices_help("method", "default lily; ") + ", or "
-                        "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name; compose methods with '+' "
-                        "(e.g. lora+bitfit: attached in that order, options prefixed: --set lora.r=4)")
+                        "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name; "
+                        "compose methods with '+' (e.g. lora+bitfit: attached in that order, options prefixed: "
+                        "--set lora.r=4)")
     parser.add_argument("--seed", type=int, default=42, help="0 .. 2^64 / 100003 (the shuffle's seeds)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (e.g. s=10, lily.ne=3; a composition's take their method's prefix: "

@@ -11,11 +11,12 @@ Hybrid rows are compositions: `lorap+partial`).
 - The parts attach one after the other, each under its own name (`base.attaching`), so a clash names both:
   branches on one module that read different sources (a serial and a parallel one, or parallel ones
   reading different modules' inputs) or write partly overlapping output columns (base._add), two methods
-  owning the same parameter (both replace or unfreeze it), and a peft tuner asked to wrap a module another
+  owning the same parameter (both replace or unfreeze it), a peft tuner asked to wrap a module another
   method already wraps (peft_tuners.module_names), and a wrapper of one method that a later one replaces
-  (two methods rebuilding one stack of blocks: the first one's prompts would no longer run). Parallel branches on one module with identical or
-  disjoint slices are no conflict: Adapted sums them in order. A later part never freezes an earlier part's
-  tensors (peft's injection freezes every tensor but its own: those are made trainable again).
+  (two methods rebuilding one stack of blocks: the first one's prompts would no longer run). Parallel
+  branches on one module with identical or disjoint slices are no conflict: Adapted sums them in order.
+  A later part never freezes an earlier part's tensors (peft's injection freezes every tensor but its own:
+  those are made trainable again).
 - trains_backbone when any part trains the backbone; counting, saving and disable_adapters need nothing
   special (they see the parameters and wrappers of all parts).
 """
