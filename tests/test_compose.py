@@ -22,12 +22,14 @@ from vtab_lily import tables as tables_cli
 from vtab_lily.adapters import METHODS, get_method, make_config, register
 from vtab_lily.adapters.base import Method, SiteConflict
 from vtab_lily.adapters.bitfit import BitFitConfig
+from vtab_lily.adapters.plugins import origin_label
 from vtab_lily.errors import UnknownName, UserError
 from vtab_lily.model import storage_bytes
 from vtab_lily.prepare import prepare_task
 from vtab_lily.records import RunSpec, read_record
 
 VIM = "vim-tiny-test"
+TIED = "examples.tied_lora:tied_lora"  # a plugin whose low-rank matrices are shared by all layers
 
 
 def built(backbone: str, method: str, seed: int = 0, **options) -> nn.Module:
@@ -57,6 +59,7 @@ def images(n: int = 3) -> torch.Tensor:
     (VIM, "lily+bitfit", {}, [("lily", {}), ("bitfit", {})]),
     (VIM, "lora+lily", {"lora.r": 2}, [("lora", {"r": 2}), ("lily", {})]),  # both on in_proj's whole output
     (VIM, "peft:lora+bitfit", {"peft:lora.r": 2}, [("peft:lora", {"r": 2}), ("bitfit", {})]),
+    ("vit-tiny", f"{TIED}+lora", {"lora.targets": "proj"}, [(TIED, {}), ("lora", {"targets": "proj"})]),
 ])
 def test_composition_counts_and_computes_as_its_parts_attached_by_hand(backbone, method, options, parts):
     model = built(backbone, method, **options).eval()
@@ -176,6 +179,9 @@ def test_a_later_part_never_freezes_an_earlier_ones_tensors():
     model = built("vit-tiny", "lora+peft:lora", **{"lora.targets": "proj"})  # peft freezes all but its own
     assert count_params(model) == count_params(built("vit-tiny", "lora", targets="proj")) + \
         count_params(built("vit-tiny", "peft:lora"))
+    model = built("vit-tiny", "peft:lora+peft:loha", **{"peft:loha.targets": "proj"})  # two peft tuners
+    assert count_params(model) == count_params(built("vit-tiny", "peft:lora")) + \
+        count_params(built("vit-tiny", "peft:loha", targets="proj"))
 
 
 def test_composition_names_and_options_are_checked():
@@ -203,6 +209,10 @@ def test_run_id_is_stable_and_names_the_composition():
     assert a.identity()["method_config"] == {"lora.targets": ("q", "v"), "lora.r": 4, "lora.s": 1.0,
                                              "lora.dropout": 0.1}
     assert a.path("runs").parts[:3] == ("runs", "vit-mini", "lora+bitfit")
+    assert "origin" not in a.identity()
+    plugin = spec(f"lora+{TIED}", **{"lora.targets": "proj"}).identity()["origin"]
+    assert list(plugin) == [TIED] and plugin[TIED]["module"] == "examples.tied_lora"
+    assert origin_label(plugin) == origin_label(plugin[TIED]) != ""
 
 
 def call(main, argv) -> tuple[int, str, str]:
