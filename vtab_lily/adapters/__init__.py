@@ -2,23 +2,26 @@
 
 The public API to add a method: a config dataclass and an attach function on sites, registered with
 `register` (see README, "Add your method"); `get_method` also finds `peft:<tuner>`, `<module>:<name>`
-and entry points of the group `vtab_lily.methods` (adapters/plugins.py).
+and entry points of the group `vtab_lily.methods` (adapters/plugins.py), and compositions `a+b`
+(adapters/compose.py).
 """
 from . import adapter, adaptformer, bilora, bitfit, fact, fourierft, full, lily, lora, mora, ssf, vpt  # noqa: F401
 from .base import (
     METHODS,
     Adapted,
     Method,
+    SiteConflict,
     TargetedConfig,
     adapted_modules,
     add_branch,
     attach_each,
     get_method,
     make_config,
+    option_names,
     register,
     split_targets,
 )
 from .plugins import origin
 
-__all__ = ["METHODS", "Adapted", "Method", "TargetedConfig", "add_branch", "adapted_modules", "attach_each",
-           "get_method", "make_config", "origin", "register", "split_targets"]
+__all__ = ["METHODS", "Adapted", "Method", "SiteConflict", "TargetedConfig", "add_branch", "adapted_modules",
+           "attach_each", "get_method", "make_config", "option_names", "origin", "register", "split_targets"]
