@@ -85,9 +85,10 @@ class LayerSites:
     serial: dict[str, OutputSite] = field(default_factory=dict)
     state: dict[str, StateSite] = field(default_factory=dict)
 
-    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite | StateSite:
-        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name) or self.state.get(name)
+    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
+        """A branch site by name (state sites are read from `state` by the methods that widen a state)."""
+        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
         if site is None:
-            known = sorted([*self.linear, *self.parallel, *self.serial, *self.state])
+            known = sorted([*self.linear, *self.parallel, *self.serial])
             raise UnknownName(f"unknown adapter site {name!r}; this backbone has {known}")
         return site
