@@ -15,8 +15,9 @@ d_state + n), the continuation of Mamba's A init (L935-940). The x_proj rows kee
 config leaves `zero_init_x_proj` False): the new states carry input from the first step, so the method is NOT
 an identity at init (with zero x_proj rows it is: B = 0 keeps the new states at 0).
 Defaults: `4_small_addiscan_prefix_6_copyfirst.py` (n 6, prefix, copy). On Vim-S: 24 layers x 2 directions x
-768 x (6 + 12) = 663,552 parameters (their table's 672K adds a ~8.4K mean head). Weight decay: their optimiser
-exempts names containing `.A_log` (the new A_log included) and decays the x_proj rows.
+768 x (6 + 12) = 663,552 parameters (their table's 672K adds a head: 8,500 to 8,636 parameters fit all their
+rows whose count is derived). Weight decay: their optimiser (the config's `custom_keys` '.A_log', '.A_b_log',
+matched as substrings) exempts the new A_log and decays the new x_proj rows.
 """
 from __future__ import annotations
 
