@@ -2,15 +2,17 @@
 
 A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of the output, such as
 the K third of ViT's fused qkv), its parallel sites (read the input of one module, add to the
-output of another) and its serial sites (the whole output of a module, which serial methods such as SSF
-or a sequential adapter read and change). Model-level sites (the patch embedding, the final norm, the
-token sequence through the blocks) come from `model_sites`. Methods attach by asking for sites by name,
-never by module paths.
+output of another), its serial sites (the whole output of a module, which serial methods such as SSF
+or a sequential adapter read and change) and, on state-space models, its state sites (A, B, C of each scan
+direction, which a method may widen with extra state dimensions). Model-level sites (the patch embedding,
+the final norm, the token sequence through the blocks) come from `model_sites`. Methods attach by asking for
+sites by name, never by module paths.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import UnknownName
@@ -63,14 +65,28 @@ class TokenSite:
     patch_size: int
 
 
+@dataclass(frozen=True)
+class StateSite:
+    """The state of one scan direction of a state-space mixer. `parent.<attr>` is None until a method sets it
+    to a module called as (u, A, B, C) -> (A, B, C) just before the selective scan: u (b, d_inner, l) the
+    scan's input, A (d_inner, n), B and C (b, n, l); it may return more state dimensions (columns of A, rows
+    of B and C). `A_log`: the direction's own A_log parameter, (d_inner, n)."""
+
+    parent: nn.Module
+    attr: str
+    A_log: torch.Tensor = field(compare=False)
+
+
 @dataclass
 class LayerSites:
     index: int
     linear: dict[str, LinearSite] = field(default_factory=dict)
     parallel: dict[str, ParallelSite] = field(default_factory=dict)
     serial: dict[str, OutputSite] = field(default_factory=dict)
+    state: dict[str, StateSite] = field(default_factory=dict)
 
     def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
+        """A branch site by name (state sites are read from `state` by the methods that widen a state)."""
         site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
         if site is None:
             known = sorted([*self.linear, *self.parallel, *self.serial])

@@ -14,6 +14,11 @@ Backends (`selective_scan` picks one per device type, says which once on stderr,
 `auto` (the default) = mamba when its kernels import, else triton, on CUDA tensors; torch elsewhere. Force one
 with `set_backend(name)` or VTAB_LILY_SCAN=name (`run` / `sweep --scan-backend`); a forced backend that cannot
 run raises ScanBackendError with one line saying why.
+Any state size n (A's columns) runs on every backend (a method such as `addscan` widens Vim's 16 to 22), up to
+each one's limit: mamba-ssm's kernels take n <= 256 (`TORCH_CHECK(dstate <= 256)` in its
+csrc/selective_scan/selective_scan.cpp, forward and backward), the Triton kernels a state block within Triton's
+largest tensor (`ssm_triton.check_state`); past it the chosen backend raises ScanBackendError, never another
+backend silently.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from .errors import UserError
 
 BACKENDS = ("auto", "mamba", "triton", "torch")
+MAMBA_MAX_STATE = 256  # mamba-ssm's selective_scan_fwd / _bwd: TORCH_CHECK(dstate <= 256)
 CHUNK = 16  # time steps per chunk of the torch scan (8 to 64 timed alike on a 2-core CPU, Vim-S mixer)
 
 
@@ -192,6 +198,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias=None):
     """out (b, d, l) = selective scan with softplus on delta (+ delta_bias), gated by silu(z); B, C (b, n, l)."""
     name, _ = backend(u.device.type)
     if name == "mamba":
+        if A.shape[1] > MAMBA_MAX_STATE:
+            raise ScanBackendError(f"scan backend mamba cannot run a state of {A.shape[1]}: mamba-ssm's selective "
+                                   f"scan takes at most {MAMBA_MAX_STATE}; choose triton or torch")
         return cuda_kernels()[0][0](u, delta, A, B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous(), D.float(),
                                     z, delta_bias=delta_bias, delta_softplus=True)
     if name == "triton":

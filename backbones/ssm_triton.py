@@ -7,11 +7,16 @@ registers. The backward first reruns the forward writing every state to a scratc
 (freed after the call; at Vim-S batch 64, 620 MB for one direction of one layer), then walks the sequence
 backwards. Sums across channels (dB, dC) and batch rows (dA) are written as per-program partials and
 summed by torch: no atomics, so the gradients are the same bits run to run.
+Any state size n runs: the state block is (BLOCK_D, next power of two >= n), the extra columns masked; a block
+past Triton's largest tensor raises ScanBackendError (`check_state`) before any launch.
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1): the tests use it.
 """
 import torch
 import triton
 import triton.language as tl
+from triton.language.core import TRITON_MAX_TENSOR_NUMEL
+
+from .ssm import ScanBackendError
 
 BLOCK_D = 32
 
@@ -109,6 +114,14 @@ def _backward(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_p
     tl.store(dA_ptr + (b * d + ch)[:, None] * n + st[None, :], dA_sum, mask=m2)
 
 
+def check_state(n: int, block_d: int = BLOCK_D) -> None:
+    """ScanBackendError when a state of n does not fit one Triton block (block_d x next_power_of_2(n))."""
+    if block_d * triton.next_power_of_2(n) > TRITON_MAX_TENSOR_NUMEL:
+        raise ScanBackendError(f"scan backend triton cannot run a state of {n}: its ({block_d}, "
+                               f"{triton.next_power_of_2(n)}) state block exceeds Triton's {TRITON_MAX_TENSOR_NUMEL} "
+                               "elements; choose torch")
+
+
 def _channel_last(*tensors):
     """(b, c, l) -> fp32 contiguous (b, l, c)."""
     return [t.float().transpose(1, 2).contiguous() for t in tensors]
@@ -120,6 +133,7 @@ class TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, block_d=BLOCK_D):
         (b, d, l), n = u.shape, A.shape[1]
+        check_state(n, block_d)
         u, delta, B, C, z = _channel_last(u, delta, B, C, z)
         A, D = A.float().contiguous(), D.float().contiguous()
         bias = delta_bias.float().contiguous() if delta_bias is not None else D  # D: a placeholder pointer

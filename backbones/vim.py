@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .hub import hub_access
-from .sites import LayerSites, LinearSite, OutputSite
+from .sites import LayerSites, LinearSite, OutputSite, StateSite
 from .ssm import causal_conv1d, selective_scan
 from .weights import WeightsError, load_torch_file, shipped_weights
 
@@ -60,7 +60,8 @@ class RMSNorm(nn.Module):
 
 
 class Mixer(nn.Module):
-    """Bidirectional Mamba mixer: shared in_proj / out_proj, one conv, x_proj, dt_proj, A, D per direction."""
+    """Bidirectional Mamba mixer: shared in_proj / out_proj, one conv, x_proj, dt_proj, A, D per direction.
+    `state` / `state_b`: None, or a method's module that widens the direction's state (StateSite)."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
         super().__init__()
@@ -77,6 +78,7 @@ class Mixer(nn.Module):
             self.add_module(f"dt_proj{suffix}", dt_proj)
             self.register_parameter(f"A{suffix}_log", nn.Parameter(torch.log(A)))
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
+            setattr(self, f"state{suffix}", None)
         self.out_proj = nn.Linear(di, dim, bias=False)
 
     def scan(self, xz, suffix: str):
@@ -89,8 +91,11 @@ class Mixer(nn.Module):
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         with torch.autocast(x.device.type, enabled=False):  # fp32, bias included (upstream: an fp32 delta_bias)
             dt = getattr(self, f"dt_proj{suffix}")(dt.float()).transpose(1, 2)  # W dt + b: softplus(.) in the scan
-        A = -torch.exp(getattr(self, f"A{suffix}_log").float())
-        return selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{suffix}"), z)
+        A, B, C = -torch.exp(getattr(self, f"A{suffix}_log").float()), B.transpose(1, 2), C.transpose(1, 2)
+        state = getattr(self, f"state{suffix}")
+        if state is not None:  # extra state dimensions: A (di, n'), B, C (b, n', l)
+            A, B, C = state(x, A, B, C)
+        return selective_scan(x, dt, A, B, C, getattr(self, f"D{suffix}"), z)
 
     def forward(self, h):
         xz = self.in_proj(h).transpose(1, 2)  # (b, 2 di, l)
@@ -158,14 +163,15 @@ class VisionMamba(nn.Module):
 
 def vim_sites(model: VisionMamba) -> list[LayerSites]:
     """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); serial site
-    `norm` (the block's RMSNorm output)."""
+    `norm` (the block's RMSNorm output); state sites `state`, `state_b` (each scan direction's A, B, C)."""
     layers = []
     for i, layer in enumerate(model.layers):
         m = layer.mixer
         linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
                   for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
         serial = {"norm": OutputSite(layer, "norm", m.out_proj.out_features)}
-        layers.append(LayerSites(index=i, linear=linear, serial=serial))
+        state = {f"state{s}": StateSite(m, f"state{s}", getattr(m, f"A{s}_log")) for s in ("", "_b")}
+        layers.append(LayerSites(index=i, linear=linear, serial=serial, state=state))
     return layers
 
 

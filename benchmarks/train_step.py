@@ -10,10 +10,11 @@ from common import interleaved_medians, median_seconds
 from vtab_lily import build_model
 
 
-def train_step(method: str, batch: int, device: str = "cpu", **options):
-    """One AdamW step of ViT-B/16 with `method` on a fixed random batch (synchronised on CUDA)."""
+def train_step(method: str, batch: int, device: str = "cpu", backbone: str = "vit-b", **options):
+    """One AdamW step of `backbone` (random weights, 224 px) with `method` on a fixed random batch
+    (synchronised on CUDA)."""
     torch.manual_seed(0)
-    model = build_model("vit-b", method, 100, pretrained=False, **options).to(device).train()
+    model = build_model(backbone, method, 100, pretrained=False, **options).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 100, (batch,), device=device)
 

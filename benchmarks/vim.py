@@ -56,10 +56,10 @@ def mixer_step(scan):
     return step
 
 
-def scan_step(scan):
-    """fwd+bwd of one Vim-S scan direction alone (d_inner 768, d_state 16, batch 2, L = 197)."""
+def scan_step(scan, n: int = 16, b: int = 2):
+    """fwd+bwd of one Vim-S scan direction alone (d_inner 768, n states (Vim: 16), batch b, L = 197)."""
     torch.manual_seed(0)
-    b, d, l, n = 2, 768, 197, 16
+    d, l = 768, 197
     args = [torch.randn(b, d, l), torch.randn(b, d, l) - 2, -torch.rand(d, n) - 0.1, torch.randn(b, n, l),
             torch.randn(b, n, l), torch.randn(d), torch.randn(b, d, l), torch.randn(d)]
     args = [a.requires_grad_() for a in args]

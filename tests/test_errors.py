@@ -358,6 +358,7 @@ def test_tables_refuses_a_missing_paper_file_and_an_unwritable_out_before_work(t
 BOUNDS = {
     ("adapter", "width"): (1, None), ("adapter", "dropout"): (0.0, 1.0),
     ("adaptformer", "width"): (1, None), ("adaptformer", "s"): "finite", ("adaptformer", "dropout"): (0.0, 1.0),
+    ("addscan", "n"): (1, None),
     ("bilora", "r"): (1, None), ("bilora", "s"): "finite", ("bilora", "dropout"): (0.0, 1.0),
     ("fact", "r"): (1, None), ("fact", "s"): "finite", ("fact", "dropout"): (0.0, 1.0),
     ("fourierft", "n"): (1, None), ("fourierft", "scale"): "finite", ("fourierft", "loc_seed"): (0, None),
@@ -376,6 +377,7 @@ BOUNDS = {
 # options that take one of a few values: (owner, field): (an accepted value, a refused one)
 CHOICES = {
     ("adapter", "placement"): ("houlsby", "nosuch"), ("adapter", "init"): ("zero", "nosuch"),
+    ("addscan", "pos"): ("suffix", "nosuch"),
     ("fact", "type"): ("tk", "nosuch"), ("fourierft", "init"): ("zeros", "nosuch"),
     ("lily", "router"): ("lp", "nosuch"), ("lily", "routing"): ("sample", "nosuch"),
     ("lily", "preset"): ("lily-s", "nosuch"), ("ssf", "init"): ("identity", "nosuch"), ("mora", "type"): (6, 2),

@@ -76,21 +76,12 @@ def assert_grads_close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
-@pytest.mark.parametrize("d,block_d", [(70, None), (11, 4)])
-def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, block_d, scan_backend):
-    """The kernels split channels into blocks of BLOCK_D (one program per batch row and block); dB and dC are
-    per-program partials summed over blocks, dA over batch rows, so a partial sum that is right for one
-    block only passes at d <= BLOCK_D. Here: 3 blocks, the last one ragged (70 = 32 + 32 + 6 at the
-    shipped BLOCK_D; 11 = 4 + 4 + 3), 2 batch rows, n = 5 states in a block of 8 (masked), vs the
-    per-step loop in float64; tolerances relative to each tensor's magnitude."""
-    scan_backend("triton")
-    from backbones import ssm_triton
-    block_d = block_d or ssm_triton.BLOCK_D
-    assert -(-d // block_d) == 3 and d % block_d
-    leaves = scan_inputs(b=2, d=d, l=6, n=5, seed=3)
+def assert_equals_float64_loop(scan, leaves):
+    """scan(*leaves) in fp32 against the per-step loop in float64, outputs and every input's gradient;
+    tolerances relative to each tensor's magnitude."""
     ours = [t.clone().requires_grad_() for t in leaves]
     ref = [t.double().requires_grad_() for t in leaves]
-    out = ssm_triton.TritonScan.apply(*ours, block_d)
+    out = scan(*ours)
     want = naive_scan(*ref)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     g = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -100,6 +91,67 @@ def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, bl
         assert r.grad.abs().max() > 0, name
         torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-5 * r.grad.abs().max().item(),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("d,block_d", [(70, None), (11, 4)])
+def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, block_d, scan_backend):
+    """The kernels split channels into blocks of BLOCK_D (one program per batch row and block); dB and dC are
+    per-program partials summed over blocks, dA over batch rows, so a partial sum that is right for one
+    block only passes at d <= BLOCK_D. Here: 3 blocks, the last one ragged (70 = 32 + 32 + 6 at the
+    shipped BLOCK_D; 11 = 4 + 4 + 3), 2 batch rows, n = 5 states in a block of 8 (masked), vs the
+    per-step loop in float64."""
+    scan_backend("triton")
+    from backbones import ssm_triton
+    block_d = block_d or ssm_triton.BLOCK_D
+    assert -(-d // block_d) == 3 and d % block_d
+    assert_equals_float64_loop(lambda *a: ssm_triton.TritonScan.apply(*a, block_d),
+                               scan_inputs(b=2, d=d, l=6, n=5, seed=3))
+
+
+@pytest.mark.parametrize("name", SCANS)
+def test_every_backend_runs_a_state_of_22_equal_to_a_float64_loop(name, scan_backend):
+    """addscan's default on Vim: 16 + 6 = 22 states, not a power of two (Triton's state block of 32 masks 10
+    columns; the torch scan sizes its chunks by A's columns)."""
+    scan = SCANS[name]
+    if scan == "triton":
+        scan_backend("triton")
+        scan = selective_scan
+    assert_equals_float64_loop(scan, scan_inputs(b=2, d=4, l=6, n=22, seed=5))
+
+
+def test_mamba_kernels_get_the_wider_state_in_their_layout_and_more_than_256_is_refused(monkeypatch):
+    """The mamba backend's calling convention, with the kernel's own checks mocked on the CPU (mamba-ssm
+    csrc/selective_scan/selective_scan.cpp: B and C input-dependent as (b, groups, n, l) with unit stride
+    along l, D fp32, dstate <= 256): a state of 22 reaches the kernel as it is; 257 is refused by the backend
+    in one line, before the kernel, instead of the kernel's RuntimeError or another backend."""
+    calls = []
+
+    def selective_scan_fn(u, delta, A, B, C, D, z, delta_bias=None, delta_softplus=False):
+        (b, _, l), n = u.shape, A.shape[1]
+        assert B.shape == C.shape == (b, 1, n, l) and B.stride(-1) == C.stride(-1) == 1
+        assert D.dtype == torch.float32 and delta_softplus
+        if n > 256:
+            raise RuntimeError("selective_scan only supports state dimension <= 256")
+        calls.append(n)
+        return ChunkedScan.apply(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias)
+    monkeypatch.setattr(ssm, "cuda_kernels", lambda: ((selective_scan_fn, None), ""))
+    monkeypatch.setattr(ssm, "backend", lambda device_type: ("mamba", "forced"))
+    leaves = scan_inputs(n=22)
+    assert torch.equal(selective_scan(*leaves), ChunkedScan.apply(*leaves)) and calls == [22]
+    with pytest.raises(ScanBackendError, match="^scan backend mamba cannot run a state of 257: mamba-ssm's "
+                                               "selective scan takes at most 256; choose triton or torch$"):
+        selective_scan(*scan_inputs(b=1, d=2, l=3, n=257))
+    assert calls == [22]
+
+
+def test_triton_refuses_a_state_block_past_tritons_largest_tensor(scan_backend):
+    scan_backend("triton")
+    from backbones import ssm_triton
+    n = ssm_triton.TRITON_MAX_TENSOR_NUMEL // ssm_triton.BLOCK_D + 1  # 32,769 states: a (32, 65,536) block
+    with pytest.raises(ScanBackendError, match="^scan backend triton cannot run a state of 32769: its "
+                                               r"\(32, 65536\) state block exceeds Triton's 1048576 elements"):
+        selective_scan(*scan_inputs(b=1, d=1, l=1, n=n))
+    ssm_triton.check_state(n - 1)  # the largest that fits
 
 
 @pytest.mark.parametrize("name", SCANS)
@@ -189,17 +241,19 @@ def test_the_backend_is_said_once_per_device_type(scan_backend, capsys):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [16, 22])
 @pytest.mark.parametrize("name", ["triton", "mamba", "torch"])
-def test_cuda_backends_match_the_cpu_scan_and_conv(name, monkeypatch):
+def test_cuda_backends_match_the_cpu_scan_and_conv(name, n, monkeypatch):
     """fp32 and bf16 inputs, outputs and gradients, B and C as the mixer passes them (channel-last views of
-    x_proj's output), and the conv; tolerances of upstream's kernel tests (fp32) and of bf16 inputs."""
+    x_proj's output), and the conv; Vim's 16 states and addscan's 22; tolerances of upstream's kernel tests
+    (fp32) and of bf16 inputs."""
     try:
         ssm.choose("cuda", name)
     except ScanBackendError as e:
         pytest.skip(str(e))
     monkeypatch.setitem(ssm._requested, "name", name)  # compiled kernels: not the `scan_backend` fixture's interpreter
     monkeypatch.setattr(ssm, "backend", functools.cache(ssm.backend.__wrapped__))  # a choice for this test only
-    b, d, l, n = 2, 64, 197, 16
+    b, d, l = 2, 64, 197
     for dtype, rtol, atol in ((torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)):
         leaves = scan_inputs(b, d, l, n)
         leaves[1] = leaves[1] / 3 - 2

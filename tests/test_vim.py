@@ -59,8 +59,9 @@ def test_pos_embed_resize_keeps_the_middle_class_token():
     assert torch.allclose(resize_pos_embed(pos, 16), pos)
 
 
-def naive_mixer(m: Mixer, h):
-    """The bimamba-v2 mixer with explicit per-token conv and the naive scan, both directions."""
+def naive_mixer(m: Mixer, h, weights=None):
+    """The bimamba-v2 mixer with explicit per-token conv and the naive scan, both directions. `weights(s)`:
+    direction s's (x_proj weight, A_log), the state size n = A_log's columns (default: the mixer's own)."""
     xz = (h @ m.in_proj.weight.T).transpose(1, 2)
 
     def direction(xz, s):
@@ -70,11 +71,11 @@ def naive_mixer(m: Mixer, h):
         conv = torch.stack([sum(w[:, j] * (x[:, :, t - (k - 1) + j] if t - (k - 1) + j >= 0 else 0) for j in range(k))
                             + bias for t in range(x.shape[-1])], dim=-1)
         x = conv * torch.sigmoid(conv)
-        dbl = x.transpose(1, 2) @ getattr(m, f"x_proj{s}").weight.T
-        dt, B, C = dbl.split([m.dt_rank, m.d_state, m.d_state], -1)
+        w_x, A_log = weights(s) if weights else (getattr(m, f"x_proj{s}").weight, getattr(m, f"A{s}_log"))
+        dt, B, C = (x.transpose(1, 2) @ w_x.T).split([m.dt_rank, A_log.shape[1], A_log.shape[1]], -1)
         dt_proj = getattr(m, f"dt_proj{s}")
         delta = (dt @ dt_proj.weight.T).transpose(1, 2)
-        A = -torch.exp(getattr(m, f"A{s}_log"))
+        A = -torch.exp(A_log)
         return naive_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(m, f"D{s}"), z, dt_proj.bias)
 
     y = direction(xz, "") + direction(xz.flip(-1), "_b").flip(-1)

@@ -5,7 +5,7 @@ The public API to add a method: a config dataclass and an attach function on sit
 and entry points of the group `vtab_lily.methods` (adapters/plugins.py), and compositions `a+b`
 (adapters/compose.py).
 """
-from . import adapter, adaptformer, bilora, bitfit, fact, fourierft, full, lily, lora, mora, ssf, vpt  # noqa: F401
+from . import adapter, adaptformer, addscan, bilora, bitfit, fact, fourierft, full, lily, lora, mora, ssf, vpt  # noqa: F401
 from .base import (
     METHODS,
     Adapted,
