@@ -146,3 +146,12 @@ def test_saved_adapter_loads_into_the_same_logits(tmp_path, images):
     assert loaded.layers[1].mixer.state_b.A_log.shape == (64, 2)
     with torch.no_grad():
         assert torch.equal(loaded(images), model.eval()(images))
+
+
+def test_widening_a_widened_state_again_is_a_site_conflict():
+    from vtab_lily.adapters import SiteConflict, get_method
+    from vtab_lily.adapters.base import attaching
+    model = tiny()
+    with attaching("addscan", model), pytest.raises(SiteConflict, match=r"layers\.0\.mixer\.state: its state is "
+                                                                     "widened already"):
+        get_method("addscan").attach(model, make_config("addscan", {}, "vim-tiny-test"))

@@ -30,7 +30,7 @@ from backbones import adapter_sites
 
 from ..errors import UnknownName
 from ..options import OptionError
-from .base import Switch, register
+from .base import Switch, conflict, module_path, register
 
 POSITIONS = ("prefix", "suffix")
 
@@ -79,6 +79,6 @@ def attach_addscan(model: nn.Module, cfg: AddScanConfig) -> None:
                               f"{model.backbone_name!r} has none")
         for site in layer.state.values():
             if getattr(site.parent, site.attr) is not None:
-                raise ValueError(f"layer {layer.index}'s {site.attr} already holds "
-                                 f"{type(getattr(site.parent, site.attr)).__name__}; addscan cannot widen it again")
+                raise conflict("addscan", module_path(site.parent, site.attr), "its state is widened already; it "
+                               "cannot be widened twice")
             setattr(site.parent, site.attr, AdditionalScan(site.A_log, cfg.n, cfg.pos, cfg.copy_A))
