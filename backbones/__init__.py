@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UnknownName
 from .hub import hub_access
-from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
+from .sites import ConvSite, LayerSites, LinearSite, OutputSite, ParallelSite, TensorSite, TokenSite
 from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
 from .vit import (
     TIMM_PREFIX,
@@ -31,7 +31,8 @@ from .vit import (
 )
 from .weights import SHIPPED, shipped_weights
 
-__all__ = ["BACKBONES", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite", "UnmappableBackbone",
+__all__ = ["BACKBONES", "ConvSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TensorSite", "TokenSite",
+           "UnmappableBackbone",
            "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites",
            "patch_size"]
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, family
+from backbones import ConvSite, LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
@@ -48,16 +48,17 @@ class Tap(nn.Module):
 
 class Adapted(Switch, nn.Module):
     """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input, or with
-    `serial=True` of the base's own output) to a slice of the base output. `enabled = False` makes it
-    compute as the plain base module."""
+    `serial=True` of the base's own output) to a slice of the base output's features (dim -1; dim 1 for a
+    channel-first conv). `enabled = False` makes it compute as the plain base module."""
 
-    def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False):
+    def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False, dim: int = -1):
         super().__init__()
         self.base = base
         self.branches = nn.ModuleList()
         self.slices: list[slice] = []
         self.enabled = True
         self.serial = serial
+        self.dim = dim
         object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
 
     def add(self, branch: nn.Module, out: slice) -> None:
@@ -74,15 +75,15 @@ class Adapted(Switch, nn.Module):
         src = self.tap.pop() if self.tap is not None else y if self.serial else x
         if not self.enabled:
             return y
-        pieces, pos = [], 0
+        pieces, pos, d = [], 0, self.dim
         for out, branch in zip(self.slices, self.branches):
             if out.start > pos:
-                pieces.append(y[..., pos:out.start])
-            pieces.append(y[..., out] + branch(src))
+                pieces.append(y.narrow(d, pos, out.start - pos))
+            pieces.append(y.narrow(d, out.start, out.stop - out.start) + branch(src))
             pos = out.stop
-        if pos < y.shape[-1]:
-            pieces.append(y[..., pos:])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        if pos < y.shape[d]:
+            pieces.append(y.narrow(d, pos, y.shape[d] - pos))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
 
 
 def _wrapped(parent: nn.Module, attr: str, kind: type, **kw) -> nn.Module:
@@ -101,10 +102,20 @@ def _adapted(parent: nn.Module, attr: str, serial: bool = False, **kw) -> Adapte
     return wrapper
 
 
-def add_branch(site: LinearSite | ParallelSite, branch: nn.Module) -> None:
-    """Attach `branch` at `site`: its output is added to the site's output (slice)."""
+def site_module(site: LinearSite | ConvSite) -> nn.Module:
+    """The backbone module a site names, under the wrappers methods may have added to it (its frozen weight)."""
+    module = getattr(site.parent, site.attr)
+    while isinstance(module, (Adapted, Tap)):
+        module = module.base
+    return module
+
+
+def add_branch(site: LinearSite | ParallelSite | ConvSite, branch: nn.Module) -> None:
+    """Attach `branch` at `site`: its output is added to the site's output (slice; a conv's channels)."""
     if isinstance(site, LinearSite):
         _adapted(site.parent, site.attr).add(branch, site.out)
+    elif isinstance(site, ConvSite):
+        _adapted(site.parent, site.attr, dim=1).add(branch, slice(0, site.d_out))
     elif site.read_attr == site.write_attr:
         _adapted(site.parent, site.write_attr).add(branch, slice(0, site.d_out))
     else:
