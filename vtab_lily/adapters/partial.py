@@ -39,8 +39,8 @@ PARTS = ("A", "D", "conv1d", "dt_bias", "cls_token", "pos_embed")
 @dataclass
 class PartialConfig:
     parts: tuple[str, ...] = ("conv1d",)  # conv1d tuning, their best partial-tuning row
-    delta: bool = True
-    wd_mult: float = 1.0
+    delta: bool = True  # learnable_*_v2=True in every 3_small_learnable_*_v2_*.py (L20)
+    wd_mult: float = 1.0  # no custom key (their x10 / x100: see the module docstring)
     RANGES: ClassVar[dict] = {"wd_mult": (0.0, None)}
 
     def __post_init__(self):
