@@ -134,6 +134,9 @@ def test_identity_at_init_and_gradients_only_on_the_method(case):
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == sorted(TRAINS[case] + ["head.weight", "head.bias"])
     randomize_trainable(model, std=0.1)
+    if options.get("delta", True):
+        with torch.no_grad(), disable_adapters(model):  # trained: disabled, the plain backbone (with its head)
+            assert_close(model(x), plain(model)(x), 1e-6)
     model(x).square().sum().backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None and p.grad.abs().max() > 0) == p.requires_grad, name
