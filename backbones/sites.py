@@ -3,10 +3,11 @@
 A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of the output, such as
 the K third of ViT's fused qkv), its parallel sites (read the input of one module, add to the
 output of another), its serial sites (the whole output of a module, which serial methods such as SSF
-or a sequential adapter read and change) and, on state-space models, its state sites (A, B, C of each scan
+or a sequential adapter read and change), its tensors (parameters that partial tuning trains, such as
+Vim's A_log of both scan directions) and, on state-space models, its state sites (A, B, C of each scan
 direction, which a method may widen with extra state dimensions). Model-level sites (the patch embedding,
-the final norm, the token sequence through the blocks) come from `model_sites`. Methods attach by asking for
-sites by name, never by module paths.
+the final norm, the token sequence through the blocks, single tensors such as the class token) come from
+`model_sites`. Methods attach by asking for sites by name, never by module paths.
 """
 from __future__ import annotations
 
@@ -77,6 +78,28 @@ class StateSite:
     A_log: torch.Tensor = field(compare=False)
 
 
+@dataclass(frozen=True)
+class ConvSite:
+    """The output channels of the Conv2d `parent.<attr>` (channel-first: (b, d_out, h, w)); a branch reads
+    the conv's input and needs its kernel, stride and padding to give the same grid."""
+
+    parent: nn.Module
+    attr: str
+    d_in: int
+    d_out: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TensorSite:
+    """The tensor `parent.<attr>` (an nn.Parameter of the backbone)."""
+
+    parent: nn.Module
+    attr: str
+
+
 @dataclass
 class LayerSites:
     index: int
@@ -84,6 +107,7 @@ class LayerSites:
     parallel: dict[str, ParallelSite] = field(default_factory=dict)
     serial: dict[str, OutputSite] = field(default_factory=dict)
     state: dict[str, StateSite] = field(default_factory=dict)
+    tensors: dict[str, tuple[TensorSite, ...]] = field(default_factory=dict)  # a name -> its tensors (all directions)
 
     def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
         """A branch site by name (state sites are read from `state` by the methods that widen a state)."""

@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .hub import hub_access
-from .sites import LayerSites, LinearSite, OutputSite, StateSite
+from .sites import ConvSite, LayerSites, LinearSite, OutputSite, StateSite, TensorSite
 from .ssm import causal_conv1d, selective_scan
 from .weights import WeightsError, load_torch_file, shipped_weights
 
@@ -162,22 +162,42 @@ class VisionMamba(nn.Module):
 
 
 def vim_sites(model: VisionMamba) -> list[LayerSites]:
-    """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); serial site
-    `norm` (the block's RMSNorm output); state sites `state`, `state_b` (each scan direction's A, B, C)."""
+    """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); slices of the fused
+    outputs, as MambaPEFT's partial LoRA: in_proj_x / in_proj_z (the x and z halves of in_proj), x_proj_dt /
+    x_proj_B / x_proj_C and the same of x_proj_b (the dt, B, C rows); serial site `norm` (the block's RMSNorm
+    output); state sites `state`, `state_b` (each scan direction's A, B, C); tensors (both scan directions
+    each): A (A_log, A_b_log), D (D, D_b), conv1d (the two causal conv kernels), dt_bias (the two dt_proj
+    biases, the scan's delta bias)."""
     layers = []
     for i, layer in enumerate(model.layers):
         m = layer.mixer
         linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
                   for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
+        di, r, n = m.out_proj.in_features, m.dt_rank, m.d_state
+        linear.update(in_proj_x=LinearSite(m, "in_proj", m.in_proj.in_features, slice(0, di)),
+                      in_proj_z=LinearSite(m, "in_proj", m.in_proj.in_features, slice(di, 2 * di)))
+        for s in ("", "_b"):
+            for name, rows in (("dt", slice(0, r)), ("B", slice(r, r + n)), ("C", slice(r + n, r + 2 * n))):
+                linear[f"x_proj{s}_{name}"] = LinearSite(m, f"x_proj{s}", di, rows)
         serial = {"norm": OutputSite(layer, "norm", m.out_proj.out_features)}
         state = {f"state{s}": StateSite(m, f"state{s}", getattr(m, f"A{s}_log")) for s in ("", "_b")}
-        layers.append(LayerSites(index=i, linear=linear, serial=serial, state=state))
+        tensors = {"A": (TensorSite(m, "A_log"), TensorSite(m, "A_b_log")),
+                   "D": (TensorSite(m, "D"), TensorSite(m, "D_b")),
+                   "conv1d": (TensorSite(m.conv1d, "weight"), TensorSite(m.conv1d_b, "weight")),
+                   "dt_bias": (TensorSite(m.dt_proj, "bias"), TensorSite(m.dt_proj_b, "bias"))}
+        layers.append(LayerSites(index=i, linear=linear, serial=serial, tensors=tensors,
+                                  state=state))
     return layers
 
 
 def vim_model_sites(model: VisionMamba) -> dict:
-    """`norm_f`: the final RMSNorm's output (the patch conv and the causal convs are channel-first: no site)."""
-    return {"norm_f": OutputSite(model, "norm_f", model.head.in_features)}
+    """`norm_f`: the final RMSNorm's output; `patch_embed`: the patch conv (channel-first; the causal convs have
+    no site); the tensors `cls_token` and `pos_embed`."""
+    proj = model.patch_embed.proj
+    return {"norm_f": OutputSite(model, "norm_f", model.head.in_features),
+            "patch_embed": ConvSite(model.patch_embed, "proj", proj.in_channels, proj.out_channels, proj.kernel_size,
+                                    proj.stride, proj.padding),
+            "cls_token": TensorSite(model, "cls_token"), "pos_embed": TensorSite(model, "pos_embed")}
 
 
 def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

@@ -366,6 +366,8 @@ BOUNDS = {
     ("lily", "ne"): (1, None), ("lily", "mlp_r"): (1, None), ("lily", "lp_dropout"): (0.0, 1.0),
     ("lily", "dt_r"): (0, None),
     ("lora", "r"): (1, None), ("lora", "s"): "finite", ("lora", "dropout"): (0.0, 1.0),
+    ("lorap", "r"): (1, None), ("lorap", "s"): "finite",
+    ("partial", "wd_mult"): (0.0, None),
     ("mora", "r"): (1, None), ("mora", "type"): (1, None), ("mora", "s"): "finite", ("mora", "dropout"): (0.0, 1.0),
     ("vpt", "length"): (1, None), ("vpt", "dropout"): (0.0, 1.0),
     ("recipe", "lr"): (1e-12, None), ("recipe", "weight_decay"): (0.0, None), ("recipe", "batch_size"): (1, None),

@@ -61,14 +61,20 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> li
     (the Lily / FacT code: plain `AdamW(params, weight_decay=wd)`, PETL-ViT `FacT/fact_tt.py` L195). With it,
     as timm's `create_optimizer` (filter_bias_and_bn, the NOAH / SSF / Vim trainers): no decay on 1-d tensors,
     biases and the backbone's `no_weight_decay()` names (Vim: pos_embed and cls_token,
-    hustvl/Vim `vim/models_mamba.py` L378-379, `vim/main.py` L391)."""
+    hustvl/Vim `vim/models_mamba.py` L378-379, `vim/main.py` L391).
+    A tensor that carries a `wd_mult` attribute (set by a method: partial's wd_mult) decays at
+    weight_decay * wd_mult in a group of its own, whatever the rules above say (as mmengine's custom_keys)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mults = sorted({p.wd_mult for _, p in params if hasattr(p, "wd_mult")})
+    scaled = [{"params": [p for _, p in params if getattr(p, "wd_mult", None) == m], "weight_decay": weight_decay * m}
+              for m in mults]
+    params = [(n, p) for n, p in params if not hasattr(p, "wd_mult")]
     if not no_decay_1d:
-        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}, *scaled]
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     exempt = [p.ndim <= 1 or n.endswith(".bias") or n in skip for n, p in params]
     return [{"params": [p for (_, p), e in zip(params, exempt) if e], "weight_decay": 0.0},
-            {"params": [p for (_, p), e in zip(params, exempt) if not e], "weight_decay": weight_decay}]
+            {"params": [p for (_, p), e in zip(params, exempt) if not e], "weight_decay": weight_decay}, *scaled]
 
 
 def count_params(model: nn.Module) -> int:

@@ -5,7 +5,23 @@ The public API to add a method: a config dataclass and an attach function on sit
 and entry points of the group `vtab_lily.methods` (adapters/plugins.py), and compositions `a+b`
 (adapters/compose.py).
 """
-from . import adapter, adaptformer, addscan, bilora, bitfit, fact, fourierft, full, lily, lora, mora, ssf, vpt  # noqa: F401
+from . import (  # noqa: F401
+    adapter,
+    adaptformer,
+    addscan,
+    bilora,
+    bitfit,
+    fact,
+    fourierft,
+    full,
+    lily,
+    lora,
+    lorap,
+    mora,
+    partial,
+    ssf,
+    vpt,
+)
 from .base import (
     METHODS,
     Adapted,

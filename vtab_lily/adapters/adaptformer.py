@@ -4,10 +4,16 @@ down (d -> width), ReLU, dropout, up (width -> d, zero-init), times s. It reads 
 before norm2 and adds after the MLP's drop_path (site `mlp_residual`), as the official AdaptFormer and
 the Lily copy do. Default: the bias-free copy of the Lily / Binary Adapter code (18,432 * width
 parameters on ViT-B); `bias=True` is the original AdaptFormer (biases zero-initialised on the up side).
+
+On Vim it is MambaPEFT's ParallelAdapter (`vim_peft_all.py` Adapter L592-618 with use_act=True, set_peft
+L801-806, forward_mamba_peft L325-334): it reads the mixer's scan output (out_proj's input, d_inner wide, the
+two directions' mean) and adds to the mixer's output (out_proj's output): site `out_proj`. Their Vim-S config
+(`4_small_adaptf_32.py` L20): width 32, s 0.1; the Adapter has no biases and dropout 0.1, as the defaults here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -20,7 +26,8 @@ class AdaptFormerConfig:
     s: float = 0.1
     dropout: float = 0.1
     bias: bool = False
-    site: str = "mlp_residual"
+    site: str | None = None
+    FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"site": "mlp_residual"}, "vim": {"site": "out_proj"}}
 
 
 class AdaptFormerBranch(nn.Module):

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from backbones import LinearSite, OutputSite, ParallelSite, adapter_sites, family
+from backbones import ConvSite, LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
@@ -84,11 +84,12 @@ class Tap(nn.Module):
 
 class Adapted(Switch, nn.Module):
     """Wraps `base`; adds each branch's output (a function of the input, or of a Tap's input, or with
-    `serial=True` of the base's own output) to a slice of the base output. Branches on identical slices
-    are summed in the order they were added (two methods on one site); slices that partly overlap are
-    refused. `enabled = False` makes it compute as the plain base module."""
+    `serial=True` of the base's own output) to a slice of the base output's features (dim -1; dim 1 for a
+    channel-first conv). Branches on identical slices are summed in the order they were added (two methods
+    on one site); slices that partly overlap are refused. `enabled = False` makes it compute as the plain
+    base module."""
 
-    def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False):
+    def __init__(self, base: nn.Module, tap: Tap | None = None, serial: bool = False, dim: int = -1):
         super().__init__()
         self.base = base
         self.branches = nn.ModuleList()
@@ -96,6 +97,7 @@ class Adapted(Switch, nn.Module):
         self.owners: list[str | None] = []  # the method that added each branch
         self.enabled = True
         self.serial = serial
+        self.dim = dim
         object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site, not here
 
     def overlap(self, out: slice) -> tuple[slice, str | None] | None:
@@ -121,18 +123,18 @@ class Adapted(Switch, nn.Module):
         src = self.tap.pop() if self.tap is not None else y if self.serial else x
         if not self.enabled:
             return y
-        pieces, pos = [], 0
+        pieces, pos, d = [], 0, self.dim
         for out, branch in zip(self.slices, self.branches):
             if out.start < pos:  # the same slice as the previous branch: sum
                 pieces[-1] = pieces[-1] + branch(src)
                 continue
             if out.start > pos:
-                pieces.append(y[..., pos:out.start])
-            pieces.append(y[..., out] + branch(src))
+                pieces.append(y.narrow(d, pos, out.start - pos))
+            pieces.append(y.narrow(d, out.start, out.stop - out.start) + branch(src))
             pos = out.stop
-        if pos < y.shape[-1]:
-            pieces.append(y[..., pos:])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        if pos < y.shape[d]:
+            pieces.append(y.narrow(d, pos, y.shape[d] - pos))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
 
 
 def _wrapped(parent: nn.Module, attr: str, kind: type, **kw) -> nn.Module:
@@ -152,11 +154,11 @@ def _tap(parent: nn.Module, attr: str) -> Tap:
 
 
 def _add(parent: nn.Module, attr: str, branch: nn.Module, out: slice, serial: bool = False,
-         tap: Tap | None = None) -> None:
+         tap: Tap | None = None, dim: int = -1) -> None:
     """Add `branch` to the Adapted wrapper of parent.<attr> (made on first use); a SiteConflict when the
     branches already there read another source (serial vs parallel, another Tap) or write partly
     overlapping columns."""
-    wrapper = _wrapped(parent, attr, Adapted, serial=serial, tap=tap)
+    wrapper = _wrapped(parent, attr, Adapted, serial=serial, tap=tap, dim=dim)
     if wrapper.serial != serial:
         kinds = {True: "a serial branch (reads its output)", False: "a parallel branch (reads its input)"}
         raise conflict(wrapper.owners[0], module_path(parent, attr), f"{kinds[wrapper.serial]} and "
@@ -172,10 +174,20 @@ def _add(parent: nn.Module, attr: str, branch: nn.Module, out: slice, serial: bo
     wrapper.add(branch, out, current_method())
 
 
-def add_branch(site: LinearSite | ParallelSite, branch: nn.Module) -> None:
-    """Attach `branch` at `site`: its output is added to the site's output (slice)."""
+def site_module(site: LinearSite | ConvSite) -> nn.Module:
+    """The backbone module a site names, under the wrappers methods may have added to it (its frozen weight)."""
+    module = getattr(site.parent, site.attr)
+    while isinstance(module, (Adapted, Tap)):
+        module = module.base
+    return module
+
+
+def add_branch(site: LinearSite | ParallelSite | ConvSite, branch: nn.Module) -> None:
+    """Attach `branch` at `site`: its output is added to the site's output (slice; a conv's channels)."""
     if isinstance(site, LinearSite):
         _add(site.parent, site.attr, branch, site.out)
+    elif isinstance(site, ConvSite):
+        _add(site.parent, site.attr, branch, slice(0, site.d_out), dim=1)
     elif site.read_attr == site.write_attr:
         _add(site.parent, site.write_attr, branch, slice(0, site.d_out))
     else:

@@ -1,12 +1,23 @@
 """LoRA (Hu et al. 2021) as in the Lily / Binary Adapter ViT code: per target a down Linear
-(d_in -> r, no bias), dropout, an up Linear (r -> d_out, no bias, zero-init), times scale s."""
+(d_in -> r, no bias), dropout, an up Linear (r -> d_out, no bias, zero-init), times scale s.
+
+Targets are layer sites (one branch per layer) or model-level sites. On Vim, `patch_embed` is MambaPEFT's
+LoRA(embed) (`vim_peft_all.py` Conv2dAdapter L648-670, forward_patch_embed L581-589, set_peft L1030-1035): the
+down projection is a Conv2d with the patch conv's kernel, stride and padding (3 -> r, no bias), then dropout,
+an up 1x1 Conv2d (r -> d, no bias, zero-init), times s, added to the patch conv's output. MambaPEFT's
+LoRA(x_proj) and LoRA(dt_proj) merge W + s up @ down into the weight (L115-123, L161-171), so they have no
+dropout: give `dropout=0` for those targets.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from .base import TargetedConfig, attach_each, register
+from backbones import ConvSite, model_sites
+
+from ..errors import UnknownName
+from .base import TargetedConfig, add_branch, attach_each, register
 
 
 @dataclass
@@ -31,6 +42,31 @@ class LoRABranch(nn.Module):
         return self.up(self.dropout(self.down(x))) * self.s
 
 
+class ConvLoRABranch(nn.Module):
+    """LoRA on a Conv2d: down = the conv's own kernel, stride and padding to r channels; up = 1x1 (zero-init)."""
+
+    def __init__(self, site: ConvSite, r: int, s: float, dropout: float):
+        super().__init__()
+        self.down = nn.Conv2d(site.d_in, r, site.kernel_size, site.stride, site.padding, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Conv2d(r, site.d_out, 1, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.s = s
+
+    def forward(self, x):
+        return self.up(self.dropout(self.down(x))) * self.s
+
+
 @register("lora", LoRAConfig)
 def attach_lora(model: nn.Module, cfg: LoRAConfig) -> None:
-    attach_each(model, cfg.targets, lambda site: LoRABranch(site.d_in, site.d_out, cfg.r, cfg.s, cfg.dropout))
+    whole = model_sites(model)
+    on_model = [t for t in cfg.targets if t in whole]
+    for t in on_model:
+        if not isinstance(whole[t], ConvSite):
+            raise UnknownName(f"lora cannot adapt {t!r} ({type(whole[t]).__name__}): its model-level targets are "
+                              f"{sorted(n for n, s in whole.items() if isinstance(s, ConvSite))}; the others are "
+                              "per-layer sites")
+    attach_each(model, [t for t in cfg.targets if t not in whole],
+                lambda site: LoRABranch(site.d_in, site.d_out, cfg.r, cfg.s, cfg.dropout))
+    for t in on_model:
+        add_branch(whole[t], ConvLoRABranch(whole[t], cfg.r, cfg.s, cfg.dropout))
