@@ -47,9 +47,12 @@ VAL_SELECTION = "final_acc"
 
 def recipe_identity(backbone: str, overrides: dict) -> dict:
     """The recipe as a run's identity holds it: the backbone's recipe with `overrides`, without the fields
-    that do not change results (Recipe.NOT_IN_ID)."""
+    that do not change results (Recipe.NOT_IN_ID) and those added later while at their default
+    (Recipe.ID_IF_SET: a run id made before they existed stays as it was)."""
     recipe = dataclasses.asdict(recipe_for(backbone, **overrides))
-    return {k: v for k, v in recipe.items() if k not in Recipe.NOT_IN_ID}
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()
+            if k not in Recipe.NOT_IN_ID and not (k in Recipe.ID_IF_SET and v == defaults[k])}
 
 
 def digest(obj) -> str:
