@@ -243,4 +243,43 @@ PRESETS = {
         ("vim-mini", "lily", {"preset": "lily-l"}, {}),
     ],
 }
+# MambaPEFT's Vim-S rows (sony/MambaPEFT vision/configs/mmpretrain/vim/vtab1k/1_small/<config>.py, named per
+# row) with their recipe. LoRA(embed) has no config: its sizes are vim_peft_all.py's defaults (L735
+# dim_patch_embed=32, s_patch_embed=1). Their Hybrid rows come from an Optuna search whose chosen settings are
+# not published (5_small_peft_search_step{1,2}.py give search spaces and a starting point), so they are no rows.
+MAMBAPEFT = {"recipe": "mambapeft"}
+
+
+def mambapeft_rows(backbone: str, recipe: dict) -> list:
+    """MambaPEFT's methods at their configs' sizes on `backbone`, each with `recipe`'s settings."""
+    lorap = [(t, {}) for t in ("x", "z", "dt", "B", "C")] + [("x", {"dora": True})]  # 2_small_lorap_*_64[_dora]
+    return [
+        (backbone, "fft", {**recipe}, {}),  # 1_small_ft
+        (backbone, "linear", {**recipe}, {}),  # 1_small_lp
+        *[(backbone, "partial", {"parts": part, **({"wd_mult": wd} if wd != 1 else {}), **recipe}, {})
+          for part, wd in (("cls_token", 1), ("pos_embed", 1), ("dt_bias", 100), ("D", 10), ("A", 10), ("conv1d", 10))],
+        *[(backbone, "prompt", {"n": 8, "type": "prefix_suffix", "project": proj, **recipe}, {})  # 4_small_prompt_*
+          for proj in (False, True)],
+        *[(backbone, "affix", {"n": 3, "project": proj, **recipe}, {}) for proj in (False, True)],  # 4_small_affixtune
+        (backbone, "addscan", {"n": 6, "pos": "prefix", "copy_A": True, **recipe}, {}),  # 4_small_addiscan_prefix_6
+        (backbone, "adaptformer", {"width": 32, "s": 0.1, **recipe}, {}),  # 4_small_adaptf_32
+        (backbone, "lora", {"targets": ("patch_embed",), "r": 32, "s": 1.0, **recipe}, {}),
+        (backbone, "lora", {"targets": ("x_proj", "x_proj_b"), "r": 64, "s": 0.1, **recipe}, {}),  # x_proj_dim64
+        (backbone, "lora", {"targets": ("dt_proj", "dt_proj_b"), "r": 64, "s": 0.1, **recipe}, {}),  # dt_dim64
+        (backbone, "lora", {"targets": ("out_proj",), "r": 96, "s": 0.1, **recipe}, {}),  # out_proj_96
+        (backbone, "lora", {"targets": ("in_proj",), "r": 32, "s": 0.1, **recipe}, {}),  # in_proj_32
+        *[(backbone, "lorap", {"targets": t, "r": 64, "s": 0.1, **extra, **recipe}, {}) for t, extra in lorap],
+    ]
+
+
+PRESETS["mambapeft"] = mambapeft_rows("vim-s", MAMBAPEFT)
+# Every Vim method of the suite on vim-s (Table 5's, BitFit, MambaPEFT's) under the recipe the sweep names
+# with `--set recipe=...` (default: the hustvl recipe), so both papers' methods meet under one protocol.
+PRESETS["vim"] = [row for row in PRESETS["table5"] if row[0] == "vim-s"] + [
+    ("vim-s", "bitfit", {}, {})] + [row for row in mambapeft_rows("vim-s", {}) if row[1] not in ("fft", "linear")]
+# the mini benchmark's vim section: MambaPEFT's methods on vim-mini (width 48: ranks and widths scaled down)
+MINI_VIM = [("vim-mini", method, {**{k: v for k, v in fixed.items() if k not in ("r", "width")},
+                                  **({"r": 4} if "r" in fixed else {}), **({"width": 8} if "width" in fixed else {})}, {})
+            for _, method, fixed, _ in mambapeft_rows("vim-mini", {}) if method not in ("fft", "linear")]
+PRESETS["mini"] += [("vim-mini", "bitfit", {}, {}), *MINI_VIM]
 PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)

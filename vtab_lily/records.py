@@ -210,7 +210,8 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
     """All records under `runs`, one row each: identity columns, the method's origin ('' for built-in
     methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>),
     provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), the recipe
-    (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy.
+    (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy,
+    the accuracy of every evaluation (`acc_by_epoch`, JSON {epoch: acc}).
     Failed runs are left out unless `include_failed`; damaged records (and dangling links, folders named
     *.json) are skipped with a warning naming them; JSON files that are not run records are ignored."""
     rows = []
@@ -233,6 +234,7 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         prov = r["provenance"] or {}
         row.update(weights_id=short(prov, "weights") or "unknown", data_id=short(prov, "data") or "unknown",
                    precision=prov.get("precision", "unknown"))
+        row["acc_by_epoch"] = json.dumps({str(e["epoch"]): e["acc"] for e in r.get("evaluations") or []})
         row["recipe"] = json.dumps(r["recipe"], sort_keys=True)
         row["point"] = selection_point(r)
         row["path"] = str(path)
