@@ -145,3 +145,93 @@ def test_param_groups_leave_the_no_decay_names_and_flat_tensors_undecayed():
     only, rest = param_groups(model, 1e-4, False, ("A_log",))
     assert {names[id(p)] for p in only["params"]} == {n for n in names.values() if n.endswith(".A_log")}
     assert len(rest["params"]) == len(names) - len(only["params"])
+
+
+# --- the epoch rule and the mambapeft table -----------------------------------------------------------------------
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+from vtab_lily import tables  # noqa: E402
+from vtab_lily.fileio import write_json  # noqa: E402
+from vtab_lily.recipes import PRESETS  # noqa: E402
+from vtab_lily.records import digest  # noqa: E402
+
+
+def _record(runs, backbone, method, task, config, accs, eval_split="test", recipe=None, seed=42):
+    """A done record with evaluations {epoch: acc} (best / final derived from them, as fit's summary)."""
+    train_split = "train800val200" if eval_split == "test" else "train800"
+    identity = {"backbone": backbone, "task": task, "method": method, "seed": seed, "method_config": config,
+                "train_split": train_split, "eval_split": eval_split, "recipe": recipe_identity(backbone, recipe or {}),
+                "provenance": {"weights": {"source": "hub", "sha256": "a" * 64}, "precision": "fp32",
+                               "data": {"lists_sha256": hashlib.sha256(f"{task}{eval_split}".encode()).hexdigest()}}}
+    run_id = f"s{seed}-{digest(identity)[:10]}"
+    best = max(accs, key=lambda e: accs[e])
+    write_json(runs / backbone / method / task / f"{run_id}.json", {
+        "run_id": run_id, **identity, "status": "done", "params": 1000, "storage_bytes": 4000,
+        "evaluations": [{"epoch": e, "acc": a, "loss": 1.0} for e, a in accs.items()], "best_acc": accs[best],
+        "best_epoch": best, "final_acc": accs[max(accs)], "wall_time_s": 1.0, "images_per_s": 1.0})
+
+
+def test_epoch_rule_best_or_final_from_one_set_of_records(tmp_path):
+    # two configurations: r=1 peaks early (80 at epoch 10, final 60), r=2 ends higher (70 final, best 72)
+    _record(tmp_path, "vit-b", "lora", "dtd", {"r": 1}, {10: 80.0, 20: 60.0})
+    _record(tmp_path, "vit-b", "lora", "dtd", {"r": 2}, {10: 72.0, 20: 70.0})
+    records = tables.load_records(tmp_path)
+    row = tables.Row("vit-b", "lora", "lora")
+    best, _ = tables.cell_results(records, "runs", dataclasses.replace(row, recipe=records["recipe"][0]), "paper")
+    final, _ = tables.cell_results(records, "runs", dataclasses.replace(row, recipe=records["recipe"][0]), "paper",
+                                   "final")
+    assert best["acc"].tolist() == [80.0] and final["acc"].tolist() == [70.0]  # each chooses its own config
+    # vtab: the sweep's choice (best final val200: r=2), its retrain at the epoch where its val200 run peaked
+    vtab = tmp_path / "vtab"
+    _record(vtab, "vit-b", "lora", "dtd", {"r": 1}, {10: 50.0, 20: 55.0}, "val200")
+    _record(vtab, "vit-b", "lora", "dtd", {"r": 2}, {10: 66.0, 20: 60.0}, "val200")
+    _record(vtab, "vit-b", "lora", "dtd", {"r": 2}, {10: 75.0, 20: 71.0})
+    records = tables.load_records(vtab)
+    row = dataclasses.replace(row, recipe=records["recipe"][0])
+    assert tables.cell_results(records, "runs", row, "vtab")[0]["acc"].tolist() == [71.0]  # final
+    assert tables.cell_results(records, "runs", row, "vtab", "best")[0]["acc"].tolist() == [75.0]  # epoch 10
+
+
+def test_mambapeft_table_sets_our_rows_beside_their_published_means(tmp_path, capsys):
+    paper = tables.read_paper()
+    assert paper.loc[("mambapeft", "vim-s", "lora-in_proj"), "params_k"] == 1483
+    fixed = next(f for _, m, f, _ in PRESETS["mambapeft"] if m == "lora" and f["targets"] == ("in_proj",))
+    options = {k: v for k, v in fixed.items() if k != "recipe"}
+    accs = {t: 50.0 + i for i, t in enumerate(tables.VTAB_TASKS)}
+    for task, acc in accs.items():  # final 10 points below the best
+        _record(tmp_path, "vim-s", "lora", task, {**options, "targets": list(options["targets"])},
+                {50: acc, 100: acc - 10}, recipe=MAMBAPEFT)
+    assert tables.main(["--table", "mambapeft", "--epoch", "final", "--runs", str(tmp_path), "--out",
+                        str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    md = (tmp_path / "out" / "tablemambapeft_paper_final.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| vim-s lora-in_proj |")).strip("| ").split(" | ")
+    header = next(x for x in md.splitlines() if x.startswith("| row |")).strip("| ").split(" | ")
+    cell = dict(zip(header, line))
+    groups = [sum(accs[t] - 10 for t in tables.VTAB_TASKS if tables.TASKS[t].group == g) /
+              sum(tables.TASKS[t].group == g for t in tables.VTAB_TASKS) for g in tables.GROUPS]
+    assert cell["cifar100"] == "40.0" and cell["Natural"] == f"{groups[0]:.1f}"
+    assert cell["Mean"] == f"{sum(groups) / 3:.1f}" and cell["Mean19"] == f"{sum(accs.values()) / 19 - 10:.1f}"
+    assert cell["paper Mean"] == f"{(76.58 + 84.08 + 60.16) / 3:.1f}" and cell["paper Mean19"] == "71.2"
+    assert cell["diff19"] == f"{sum(accs.values()) / 19 - 10 - 71.25:+.1f}"
+    assert "Cells: per seed, the test accuracy after the last epoch" in md
+    result = tables.paper_result("mambapeft", paper)["mean"]
+    assert result.loc["vim-s lora-in_proj", "Mean"] == pytest.approx(73.6067, abs=1e-3)
+    assert tables.check_paper(paper).loc[("mambapeft", "vim-s", "fft"), "flag"]  # their Full row: 50.82, not 47.08
+
+
+MAMBAPEFT = {"recipe": "mambapeft"}
+
+
+def test_presets_name_their_methods_sizes_and_recipe():
+    rows = {tables.preset_label(m, f): (m, f) for _, m, f, _ in PRESETS["mambapeft"]}
+    assert all(f["recipe"] == "mambapeft" for _, f in rows.values()) and len(rows) == len(PRESETS["mambapeft"])
+    assert rows["lora-out_proj"][1]["r"] == 96 and rows["lora-x_proj"][1]["targets"] == ("x_proj", "x_proj_b")
+    assert rows["partial-dt_bias"][1]["wd_mult"] == 100 and rows["partial-A"][1]["wd_mult"] == 10
+    assert rows["lorap-x-dora"][1] == {"targets": "x", "r": 64, "s": 0.1, "dora": True, "recipe": "mambapeft"}
+    published = {k[2] for k in tables.read_paper().index if k[0] == "mambapeft"}
+    assert set(rows) - published == {"lorap-x-dora"}  # their table has no DoRA row
+    vim = PRESETS["vim"]
+    assert all("recipe" not in f for _, _, f, _ in vim) and {m for _, m, _, _ in vim} >= {"lily", "bitfit", "addscan"}
+    assert len({r.label for r in tables.TABLES["vim"]}) == len(vim)

@@ -306,7 +306,7 @@ def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
         col = f"opt.{key}"
         if col not in records:
             return records.iloc[0:0]
-        want = json.dumps(value) if isinstance(value, (list, dict)) else value
+        want = json.dumps(list(value) if isinstance(value, tuple) else value) if isinstance(value, (list, tuple, dict)) else value
         mask &= records[col] == want
     rec = records[mask]
     recipes = {t: row_recipe(table, row, t) for t in rec["task"].unique()}
