@@ -1,7 +1,8 @@
 """Tables 4, 5 and 15 from run records, side by side with the paper; the `runs` table; the offline
 mini-benchmark's table.
 
-    python -m vtab_lily.tables [--table 4|5|15|extended|mini|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+    python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
+        [--epoch best|final] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
@@ -22,7 +23,11 @@ cells stay empty. Records pooled into one row share their weights and precision 
 data per (backbone, task, eval split). Writes Markdown (also printed), LaTeX, CSV and a heat map of ours
 minus paper per table, and checks the paper's own printed Means. Table `mini`: Table 4's methods on
 vit-mini and Table 5's on vim-mini over the mini VTAB (groups of 2-3 tasks, Mean7 the plain mean); it has
-no paper numbers, so its heat map shows our accuracies. The published numbers are package data
+no paper numbers, so its heat map shows our accuracies; its vim section adds BitFit and MambaPEFT's methods on
+vim-mini. `--epoch final` reports the accuracy after the last epoch instead of the best evaluation (the
+`vtab` protocol's default; `cell_results` says what each rule means under each protocol). Table `mambapeft`:
+MambaPEFT's Vim-S rows beside their published group means and 19-task Avg (no per-task numbers); `vim`: every
+Vim method of the suite under the recipe its sweep named. The published numbers are package data
 (vtab_lily/paper/).
 """
 from __future__ import annotations
