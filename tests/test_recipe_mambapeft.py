@@ -2,16 +2,18 @@
 gradient clipping against a naive norm, the no-decay names in the param groups, run ids of the recipes that
 existed before it."""
 import dataclasses
+import hashlib
 import math
 
 import pytest
 import torch
 
-from vtab_lily import build_model
+from vtab_lily import build_model, tables
 from vtab_lily import run as run_cli
+from vtab_lily.fileio import write_json
 from vtab_lily.model import param_groups
-from vtab_lily.records import RunSpec, read_record, recipe_identity
-from vtab_lily.recipes import RECIPES, recipe_for
+from vtab_lily.recipes import PRESETS, RECIPES, recipe_for
+from vtab_lily.records import RunSpec, digest, read_record, recipe_identity
 from vtab_lily.run import execute
 from vtab_lily.train import WarmupCosine
 
@@ -148,14 +150,6 @@ def test_param_groups_leave_the_no_decay_names_and_flat_tensors_undecayed():
 
 
 # --- the epoch rule and the mambapeft table -----------------------------------------------------------------------
-import hashlib  # noqa: E402
-import json  # noqa: E402
-
-from vtab_lily import tables  # noqa: E402
-from vtab_lily.fileio import write_json  # noqa: E402
-from vtab_lily.recipes import PRESETS  # noqa: E402
-from vtab_lily.records import digest  # noqa: E402
-
 
 def _record(runs, backbone, method, task, config, accs, eval_split="test", recipe=None, seed=42):
     """A done record with evaluations {epoch: acc} (best / final derived from them, as fit's summary)."""

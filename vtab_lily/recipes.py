@@ -278,8 +278,8 @@ PRESETS["mambapeft"] = mambapeft_rows("vim-s", MAMBAPEFT)
 PRESETS["vim"] = [row for row in PRESETS["table5"] if row[0] == "vim-s"] + [
     ("vim-s", "bitfit", {}, {})] + [row for row in mambapeft_rows("vim-s", {}) if row[1] not in ("fft", "linear")]
 # the mini benchmark's vim section: MambaPEFT's methods on vim-mini (width 48: ranks and widths scaled down)
-MINI_VIM = [("vim-mini", method, {**{k: v for k, v in fixed.items() if k not in ("r", "width")},
-                                  **({"r": 4} if "r" in fixed else {}), **({"width": 8} if "width" in fixed else {})}, {})
+MINI_SIZES = {"r": 4, "width": 8}
+MINI_VIM = [("vim-mini", method, {**fixed, **{k: v for k, v in MINI_SIZES.items() if k in fixed}}, {})
             for _, method, fixed, _ in mambapeft_rows("vim-mini", {}) if method not in ("fft", "linear")]
 PRESETS["mini"] += [("vim-mini", "bitfit", {}, {}), *MINI_VIM]
 PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)

@@ -311,7 +311,9 @@ def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
         col = f"opt.{key}"
         if col not in records:
             return records.iloc[0:0]
-        want = json.dumps(list(value) if isinstance(value, tuple) else value) if isinstance(value, (list, tuple, dict)) else value
+        if isinstance(value, tuple):  # a preset's '+'-joined names: records hold them as a list
+            value = list(value)
+        want = json.dumps(value) if isinstance(value, (list, dict)) else value
         mask &= records[col] == want
     rec = records[mask]
     recipes = {t: row_recipe(table, row, t) for t in rec["task"].unique()}
@@ -381,7 +383,8 @@ def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str,
     if epoch == "final":
         return final.rename(columns={"final_acc": "acc"})[CELL], rec
     peak = dict(zip(chosen["point"], chosen["best_epoch"]))  # the val200 run's best evaluation
-    acc = [json.loads(evals).get(str(peak[point]), np.nan) for point, evals in zip(final["point"], final["acc_by_epoch"])]
+    acc = [json.loads(evals).get(str(peak[point]), np.nan)
+           for point, evals in zip(final["point"], final["acc_by_epoch"])]
     return final.assign(acc=acc).dropna(subset=["acc"])[CELL], rec
 
 

@@ -72,7 +72,8 @@ class WarmupCosine:
             f = self.start_factor
             return self.lr * (f + (1 - f) * update / max(warmup - 1, 1))
         t_max = max(self.epochs - self.warmup_epochs, 1)
-        return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / t_max)) / 2
+        cosine = (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / t_max)) / 2
+        return self.lr_min + (self.lr - self.lr_min) * cosine
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
