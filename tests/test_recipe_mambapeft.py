@@ -229,3 +229,22 @@ def test_presets_name_their_methods_sizes_and_recipe():
     vim = PRESETS["vim"]
     assert all("recipe" not in f for _, _, f, _ in vim) and {m for _, m, _, _ in vim} >= {"lily", "bitfit", "addscan"}
     assert len({r.label for r in tables.TABLES["vim"]}) == len(vim)
+
+
+def test_sweep_presets_list_their_rows_with_the_named_recipe(tmp_path, capsys):
+    from vtab_lily import sweep
+    base = ["--tasks", "digits", "--runs", str(tmp_path / "runs"), "--data-root", str(tmp_path / "nodata"),
+            "--dry-run"]
+    sweep.main(["--preset", "mambapeft", "--methods", "lora", *base])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [["vim-s", "lora"]] * 5 and lines[-1].startswith("5 runs:")
+    specs = [p.spec for p in sweep.expand(PRESETS["mambapeft"], ["digits"], [42], {}, {}) if p.spec is not None]
+    lora = [s for s in specs if s.method == "lora"]
+    assert [s.options["r"] for s in lora] == [32, 64, 64, 96, 32]
+    assert lora[1].options["targets"] == ("x_proj", "x_proj_b")
+    assert all(s.recipe == {"recipe": "mambapeft"} and s.full_recipe().clip_grad == 5.0 for s in specs)
+    assert sweep.main(["--preset", "vim", "--methods", "lily", "--set", "recipe=mambapeft", *base]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("2 runs: 0 done, 2 to run, 0 failed")
+    with pytest.raises(SystemExit):
+        run_cli.main(["--help"])
+    assert "recipe=mambapeft" in capsys.readouterr().out
