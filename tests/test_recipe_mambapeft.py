@@ -248,3 +248,16 @@ def test_sweep_presets_list_their_rows_with_the_named_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli.main(["--help"])
     assert "recipe=mambapeft" in capsys.readouterr().out
+
+
+def test_interrupted_mambapeft_run_resumes_mid_warmup_to_the_same_record(data_root, tmp_path):
+    from vtab_lily.train import Interrupted
+    recipe = {"recipe": "mambapeft", "image_size": 32, "batch_size": 300, "epochs": 3, "warmup_epochs": 2,
+              "eval_every": 1, "lr": 3e-3, "warmup_lr_init": 3e-6, "checkpoint_every": 100}
+    spec = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 1, "test", recipe)
+    whole = read_record(execute(spec, tmp_path / "a", data_root, progress=False))
+    with pytest.raises(Interrupted):
+        execute(spec, tmp_path / "b", data_root, interrupt_after=1, progress=False)  # inside the warm-up
+    resumed = read_record(execute(spec, tmp_path / "b", data_root, progress=False))
+    for key in ("evaluations", "lrs", "train_losses"):
+        assert resumed[key] == whole[key], key
