@@ -222,6 +222,7 @@ def test_presets_name_their_methods_sizes_and_recipe():
     rows = {tables.preset_label(m, f): (m, f) for _, m, f, _ in PRESETS["mambapeft"]}
     assert all(f["recipe"] == "mambapeft" for _, f in rows.values()) and len(rows) == len(PRESETS["mambapeft"])
     assert rows["lora-out_proj"][1]["r"] == 96 and rows["lora-x_proj"][1]["targets"] == ("x_proj", "x_proj_b")
+    assert rows["lora-x_proj"][1]["dropout"] == rows["lora-dt_proj"][1]["dropout"] == 0.0  # merged weights
     assert rows["partial-dt_bias"][1]["wd_mult"] == 100 and rows["partial-A"][1]["wd_mult"] == 10
     assert rows["lorap-x-dora"][1] == {"targets": "x", "r": 64, "s": 0.1, "dora": True, "recipe": "mambapeft"}
     published = {k[2] for k in tables.read_paper().index if k[0] == "mambapeft"}

@@ -264,8 +264,10 @@ def mambapeft_rows(backbone: str, recipe: dict) -> list:
         (backbone, "addscan", {"n": 6, "pos": "prefix", "copy_A": True, **recipe}, {}),  # 4_small_addiscan_prefix_6
         (backbone, "adaptformer", {"width": 32, "s": 0.1, **recipe}, {}),  # 4_small_adaptf_32
         (backbone, "lora", {"targets": ("patch_embed",), "r": 32, "s": 1.0, **recipe}, {}),
-        (backbone, "lora", {"targets": ("x_proj", "x_proj_b"), "r": 64, "s": 0.1, **recipe}, {}),  # x_proj_dim64
-        (backbone, "lora", {"targets": ("dt_proj", "dt_proj_b"), "r": 64, "s": 0.1, **recipe}, {}),  # dt_dim64
+        # x_proj_dim64, dt_dim64: merged into the weights (W + s up @ down, vim_peft_all.py L115-123, L161-171), so
+        # no dropout
+        (backbone, "lora", {"targets": ("x_proj", "x_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
+        (backbone, "lora", {"targets": ("dt_proj", "dt_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
         (backbone, "lora", {"targets": ("out_proj",), "r": 96, "s": 0.1, **recipe}, {}),  # out_proj_96
         (backbone, "lora", {"targets": ("in_proj",), "r": 32, "s": 0.1, **recipe}, {}),  # in_proj_32
         *[(backbone, "lorap", {"targets": t, "r": 64, "s": 0.1, **extra, **recipe}, {}) for t, extra in lorap],
