@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
     parser.add_argument("--paper", nargs="+", help="the published numbers (CSV files; default: the package's "
-                        "vtab_lily/paper/paper_tables.csv and extended.csv)")
+                        "vtab_lily/paper/paper_tables.csv, extended.csv and mambapeft.csv)")
     parser.add_argument("--paper-only", action="store_true",
                         help="print the published tables and the check of their printed Means; read no records, "
                              "write nothing")
