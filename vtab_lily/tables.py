@@ -581,7 +581,7 @@ def report_paper_check(paper: pd.DataFrame, tables: list[str], out: Path | None)
     if check.empty:
         return
     flagged = check[check["flag"]]
-    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
+    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers (or group means); "
           f"{len(flagged)} differ by more than {PAPER_TOLERANCE}:")
     for (table, backbone, label), r in flagged.iterrows():
         print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
