@@ -224,7 +224,7 @@ def test_presets_name_their_methods_sizes_and_recipe():
     assert rows["lora-out_proj"][1]["r"] == 96 and rows["lora-x_proj"][1]["targets"] == ("x_proj", "x_proj_b")
     assert rows["lora-x_proj"][1]["dropout"] == rows["lora-dt_proj"][1]["dropout"] == 0.0  # merged weights
     assert rows["partial-dt_bias"][1]["wd_mult"] == 100 and rows["partial-A"][1]["wd_mult"] == 10
-    assert rows["lorap-x-dora"][1] == {"targets": "x", "r": 64, "s": 0.1, "dora": True, "recipe": "mambapeft"}
+    assert rows["lorap-x-dora"][1] == {"targets": ("x",), "r": 64, "s": 0.1, "dora": True, "recipe": "mambapeft"}
     published = {k[2] for k in tables.read_paper().index if k[0] == "mambapeft"}
     assert set(rows) - published == {"lorap-x-dora"}  # their table has no DoRA row
     vim = PRESETS["vim"]

@@ -252,11 +252,12 @@ MAMBAPEFT = {"recipe": "mambapeft"}
 
 def mambapeft_rows(backbone: str, recipe: dict) -> list:
     """MambaPEFT's methods at their configs' sizes on `backbone`, each with `recipe`'s settings."""
-    lorap = [(t, {}) for t in ("x", "z", "dt", "B", "C")] + [("x", {"dora": True})]  # 2_small_lorap_*_64[_dora]
+    # '+'-joined names as tuples, as the configs hold them (and records, so that table rows match)
+    lorap = [((t,), {}) for t in ("x", "z", "dt", "B", "C")] + [(("x",), {"dora": True})]  # 2_small_lorap_*_64[_dora]
     return [
         (backbone, "fft", {**recipe}, {}),  # 1_small_ft
         (backbone, "linear", {**recipe}, {}),  # 1_small_lp
-        *[(backbone, "partial", {"parts": part, **({"wd_mult": wd} if wd != 1 else {}), **recipe}, {})
+        *[(backbone, "partial", {"parts": (part,), **({"wd_mult": wd} if wd != 1 else {}), **recipe}, {})
           for part, wd in (("cls_token", 1), ("pos_embed", 1), ("dt_bias", 100), ("D", 10), ("A", 10), ("conv1d", 10))],
         *[(backbone, "prompt", {"n": 8, "type": "prefix_suffix", "project": proj, **recipe}, {})  # 4_small_prompt_*
           for proj in (False, True)],

@@ -108,13 +108,13 @@ TABLES = {
 def preset_label(method: str, fixed: dict) -> str:
     """A MambaPEFT-style row's label (the `method` column of vtab_lily/paper/mambapeft.csv)."""
     if method == "partial":
-        return f"partial-{fixed['parts']}"
+        return f"partial-{'+'.join(fixed['parts'])}"
     if method in ("prompt", "affix"):
         return method + ("" if fixed.get("project", True) else "-noproj")
     if method == "lora" and "targets" in fixed:
         return f"lora-{fixed['targets'][0]}"
     if method == "lorap":
-        return f"lorap-{fixed['targets']}" + ("-dora" if fixed.get("dora") else "")
+        return f"lorap-{'+'.join(fixed['targets'])}" + ("-dora" if fixed.get("dora") else "")
     return fixed.get("preset") or method
 
 
