@@ -262,3 +262,17 @@ def test_interrupted_mambapeft_run_resumes_mid_warmup_to_the_same_record(data_ro
     resumed = read_record(execute(spec, tmp_path / "b", data_root, progress=False))
     for key in ("evaluations", "lrs", "train_losses"):
         assert resumed[key] == whole[key], key
+
+
+def test_vim_table_takes_the_recipe_its_sweep_named(tmp_path, capsys):
+    for task in ("dtd", "svhn"):
+        _record(tmp_path, "vim-s", "lily", task, {"preset": "lily-s"}, {100: 60.0}, recipe=MAMBAPEFT)
+    assert tables.main(["--table", "vim", "--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "vim-s lily [recipe: " in capsys.readouterr().out  # not in any row of the hustvl recipe's table
+    assert tables.main(["--table", "vim", "--recipe", "mambapeft", "--runs", str(tmp_path), "--out",
+                        str(tmp_path / "out")]) == 0
+    assert "not in any row" not in capsys.readouterr().out
+    md = (tmp_path / "out" / "tablevim_paper_mambapeft.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| vim-s lily-s |")).strip("| ").split(" | ")
+    header = next(x for x in md.splitlines() if x.startswith("| row |")).strip("| ").split(" | ")
+    assert dict(zip(header, row))["dtd"] == "60.0" and dict(zip(header, row))["svhn"] == "60.0"

@@ -45,7 +45,7 @@ import pandas as pd
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .recipes import MINI_VIM, PRESETS, RECIPE_FIELDS, NoTaskSetting, for_task
+from .recipes import MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
 from .run import split_settings
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
@@ -158,13 +158,14 @@ def preset_recipe(table: str, row: Row) -> dict:
     return found[0] if found else {}
 
 
-def row_recipe(table: str, row: Row, task: str) -> str | None:
+def row_recipe(table: str, row: Row, task: str, recipe: str | None = None) -> str | None:
     """The recipe (JSON, as load_records gives it) of the row's records of `task`; None when its preset
-    has no setting for the task."""
+    has no setting for the task. `recipe` (tables --recipe): the named base recipe of rows whose preset row
+    names none (the `vim` preset's, swept with --set recipe=...)."""
     if row.recipe is not None:
         return row.recipe
     try:
-        overrides = for_task(preset_recipe(table, row), task)
+        overrides = {**({"recipe": recipe} if recipe else {}), **for_task(preset_recipe(table, row), task)}
     except NoTaskSetting:
         return None
     return json.dumps(recipe_identity(row.backbone, overrides), sort_keys=True)
@@ -300,7 +301,7 @@ def published_mean19(paper: pd.DataFrame, keys: list[tuple]) -> list:
     return [paper.loc[k, "mean"] if k in paper.index and by_tasks.get(k, False) else np.nan for k in keys]
 
 
-def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
+def _matching(records: pd.DataFrame, table: str, row: Row, recipe: str | None = None) -> pd.DataFrame:
     """The records of `row`: its backbone, method (origin), filtered config values and recipe."""
     if records.empty:
         return records
@@ -316,7 +317,7 @@ def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
         want = json.dumps(value) if isinstance(value, (list, dict)) else value
         mask &= records[col] == want
     rec = records[mask]
-    recipes = {t: row_recipe(table, row, t) for t in rec["task"].unique()}
+    recipes = {t: row_recipe(table, row, t, recipe) for t in rec["task"].unique()}
     return rec[rec["recipe"] == rec["task"].map(recipes)]
 
 
@@ -360,15 +361,15 @@ EPOCH_RULES = ("best", "final")  # tables --epoch: which evaluation of a run a c
 DEFAULT_EPOCH = {"paper": "best", "vtab": "final"}  # the Lily paper's rule; VTAB's (and MambaPEFT's)
 
 
-def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str,
-                 epoch: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epoch: str | None = None,
+                 recipe: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per (task, seed): the reported accuracy, params and record of the chosen configuration; the row's
     records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the configuration with the highest
     test accuracy by that rule (best: over its evaluations; final: after the last epoch), its accuracy by the
     rule; `vtab` protocol, the configuration the sweep retrained (best final val200 accuracy), and of its
     retrain the final test accuracy, or (best) the test accuracy at the epoch where its val200 run peaked."""
     epoch = epoch or DEFAULT_EPOCH[protocol]
-    rec = _matching(records, table, row)
+    rec = _matching(records, table, row, recipe)
     if rec.empty:
         return pd.DataFrame(columns=CELL), rec
     check_provenance(rec)
@@ -389,7 +390,7 @@ def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str,
 
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame,
-                epoch: str | None = None) -> dict:
+                epoch: str | None = None, recipe: str | None = None) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M), the paper's printed Mean, the
     reported records per row (`cells`), the paths of the records in some row (`used`) and the epoch rule."""
     epoch = epoch or DEFAULT_EPOCH[protocol]
@@ -397,7 +398,7 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     means, stds, counts, params, storage, prov, cells, used = {}, {}, {}, {}, {}, {}, {}, set()
     rows = table_rows(table, records)
     for row in rows:
-        res, rec = cell_results(records, table, row, protocol, epoch)
+        res, rec = cell_results(records, table, row, protocol, epoch, recipe)
         used |= set(rec["path"]) if len(rec) else set()
         name = f"{row.backbone} {row.label}"
         cells[name] = res
@@ -423,7 +424,7 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"] if "Mean19" in mean else np.nan
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"), "tasks": tasks,
             "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used,
-            "epoch": epoch}
+            "epoch": epoch, "recipe": recipe}
 
 
 def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
@@ -548,8 +549,9 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
 
 
 def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
-    """<out>/table<table>_<protocol>[_<epoch rule> where not the protocol's default].{md,tex,csv,png}"""
+    """<out>/table<table>_<protocol>[_<epoch rule> where not the protocol's default][_<--recipe>].{md,tex,csv,png}"""
     rule = "" if result["epoch"] == DEFAULT_EPOCH[protocol] else f"_{result['epoch']}"
+    rule += f"_{result['recipe']}" if result.get("recipe") else ""
     stem = out / (f"{table}_{protocol}{rule}" if table == RUNS_TABLE else f"table{table}_{protocol}{rule}")
     written = []
     for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
@@ -603,6 +605,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch", choices=EPOCH_RULES, help="the epoch rule: best = the best of a run's "
                         "evaluations (the Lily paper; under --protocol vtab the epoch where the val200 run peaked), "
                         "final = after the last epoch (MambaPEFT, VTAB); default best for paper, final for vtab")
+    parser.add_argument("--recipe", choices=RECIPE_NAMES, help="the named recipe the rows take where their preset "
+                        "names none (e.g. --table vim --recipe mambapeft after sweep --preset vim --set "
+                        "recipe=mambapeft); default: the backbone's own")
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
     parser.add_argument("--paper", nargs="+", help="the published numbers (CSV files; default: the package's "
@@ -642,7 +647,7 @@ def main(argv=None) -> int:
     records = select(records, args.select)
     if records.empty:
         raise TableError(f"no records under {args.runs} match {' '.join(args.select)}")
-    results = {table: build_table(table, records, args.protocol, paper, args.epoch) for table in names}
+    results = {table: build_table(table, records, args.protocol, paper, args.epoch, args.recipe) for table in names}
     out = Path(args.out)
     for table, result in results.items():
         print(to_markdown(result, table, args.protocol))
