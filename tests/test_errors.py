@@ -374,7 +374,7 @@ BOUNDS = {
     ("recipe", "epochs"): (1, None), ("recipe", "warmup_epochs"): (0, None), ("recipe", "warmup_lr_init"): (0.0, None),
     ("recipe", "lr_min"): (0.0, None), ("recipe", "drop_path"): (0.0, 1.0), ("recipe", "eval_every"): (1, None),
     ("recipe", "eval_batch_size"): (1, None), ("recipe", "image_size"): (8, None),
-    ("recipe", "checkpoint_every"): (1, None),
+    ("recipe", "checkpoint_every"): (1, None), ("recipe", "clip_grad"): (1e-12, None),
 }
 # options that take one of a few values: (owner, field): (an accepted value, a refused one)
 CHOICES = {
@@ -384,6 +384,7 @@ CHOICES = {
     ("lily", "router"): ("lp", "nosuch"), ("lily", "routing"): ("sample", "nosuch"),
     ("lily", "preset"): ("lily-s", "nosuch"), ("ssf", "init"): ("identity", "nosuch"), ("mora", "type"): (6, 2),
     ("recipe", "interpolation"): ("nearest", "nosuch"), ("recipe", "precision"): ("bf16", "fp16"),
+    ("recipe", "lr_schedule"): ("mmengine", "nosuch"), ("recipe", "recipe"): ("mambapeft", "nosuch"),
 }
 
 

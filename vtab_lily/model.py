@@ -56,12 +56,13 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> list[dict]:
-    """AdamW parameter groups of the trainable parameters. Without `no_decay_1d` one group decays everything
-    (the Lily / FacT code: plain `AdamW(params, weight_decay=wd)`, PETL-ViT `FacT/fact_tt.py` L195). With it,
-    as timm's `create_optimizer` (filter_bias_and_bn, the NOAH / SSF / Vim trainers): no decay on 1-d tensors,
-    biases and the backbone's `no_weight_decay()` names (Vim: pos_embed and cls_token,
-    hustvl/Vim `vim/models_mamba.py` L378-379, `vim/main.py` L391).
+def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool, no_decay=()) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters. Without `no_decay_1d` and `no_decay` one group decays
+    everything (the Lily / FacT code: plain `AdamW(params, weight_decay=wd)`, PETL-ViT `FacT/fact_tt.py` L195).
+    With `no_decay_1d`, as timm's `create_optimizer` (filter_bias_and_bn, the NOAH / SSF / Vim trainers): no
+    decay on 1-d tensors, biases and the backbone's `no_weight_decay()` names (Vim: pos_embed and cls_token,
+    hustvl/Vim `vim/models_mamba.py` L378-379, `vim/main.py` L391). `no_decay`: parameter names (the last part
+    of a dotted name) without decay, as mmengine's custom_keys with decay_mult 0 (MambaPEFT: A_log, D, ...).
     A tensor that carries a `wd_mult` attribute (set by a method: partial's wd_mult) decays at
     weight_decay * wd_mult in a group of its own, whatever the rules above say (as mmengine's custom_keys)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -69,10 +70,11 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool) -> li
     scaled = [{"params": [p for _, p in params if getattr(p, "wd_mult", None) == m], "weight_decay": weight_decay * m}
               for m in mults]
     params = [(n, p) for n, p in params if not hasattr(p, "wd_mult")]
-    if not no_decay_1d:
+    if not no_decay_1d and not no_decay:
         return [{"params": [p for _, p in params], "weight_decay": weight_decay}, *scaled]
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    exempt = [p.ndim <= 1 or n.endswith(".bias") or n in skip for n, p in params]
+    skip = set(model.no_weight_decay()) if no_decay_1d and hasattr(model, "no_weight_decay") else set()
+    exempt = [n.rsplit(".", 1)[-1] in no_decay or (no_decay_1d and (p.ndim <= 1 or n.endswith(".bias") or n in skip))
+              for n, p in params]
     return [{"params": [p for (_, p), e in zip(params, exempt) if e], "weight_decay": 0.0},
             {"params": [p for (_, p), e in zip(params, exempt) if not e], "weight_decay": weight_decay}, *scaled]
 

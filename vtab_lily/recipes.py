@@ -12,6 +12,17 @@ Both official codes train in fp32, so every recipe defaults to `precision="fp32"
 and convolutions on Ampere or newer GPUs: 10-bit mantissa products, fp32 accumulation) and `"bf16"` (bf16
 autocast of the forward and backward, fp32 weights and optimizer) are faster options, recorded in the run's
 identity. On the CPU every precision computes in fp32, so the identity records "fp32" there.
+MambaPEFT (sony/MambaPEFT `vision/configs/mmpretrain/_my_base_/schedules/vtab1k_bs32_adamw.py`,
+`_my_base_/datasets/vtab1k_bs32_224.py` and the `optim_wrapper` of every `vim/vtab1k/1_small/*.py`): batch 32
+(no drop_last: PyTorch's default, the configs set none), AdamW lr 1e-3, wd 1e-4, no decay on biases, norms and
+flat (1-d) tensors and on the custom keys A_log, A_b_log, D, D_b, pos_embed, cls_token (the configs also list
+dist_token, absolute_pos_embed, relative_position_bias_table, which Vim does not have); gradient clipping at
+norm 5.0; mmengine's LinearLR (start_factor 1e-3, per iteration over 10 epochs) then CosineAnnealingLR
+(eta_min 1e-5, per epoch from epoch 10 to 100); ImageNet mean / std; drop_path 0.1 (the model configs). Chosen
+with `--set recipe=mambapeft`; the `recipe` field names the base recipe (None: the backbone's own).
+Their configs test once, after the last epoch (`val_interval=1000`); this recipe tests every 10 epochs, which
+changes no result (evaluation draws no random numbers), so one record gives both epoch rules
+(`tables --epoch`).
 Mini backbones (the offline mini-benchmark, 32 px): the same recipes with fewer epochs and no warm-up.
 """
 from __future__ import annotations
@@ -26,6 +37,8 @@ from .options import OptionError, check_fields
 from .tasks import VTAB_TASKS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+LR_SCHEDULES = ("timm", "mmengine")
+RECIPE_NAMES = ("vit", "vim", "mambapeft")  # --set recipe=NAME; vit / vim: the Lily and hustvl recipes
 
 @dataclass(frozen=True)
 class Recipe:
@@ -45,12 +58,21 @@ class Recipe:
     interpolation: str = "bicubic"
     precision: str = "fp32"  # on CUDA: "fp32" (official), "tf32" or "bf16" autocast; the CPU always runs fp32
     checkpoint_every: int = 10  # epochs between resumable states (does not change results)
+    # Added after records existed: in the run id only where they differ from these defaults (the behaviour
+    # before them), so every earlier run id stays as it was (Recipe.ID_IF_SET).
+    recipe: str | None = None  # the named base recipe (RECIPE_NAMES); None: the backbone's own
+    lr_schedule: str = "timm"  # "timm" | "mmengine" (train.make_scheduler says what each does)
+    clip_grad: float | None = None  # max L2 norm of all trainable gradients together (mmengine clip_grad); None: off
+    no_decay: tuple[str, ...] = ()  # parameter names (a dotted name's last part, e.g. A_log) without weight decay
+    drop_last: bool = True  # drop the last incomplete training batch (the Lily / timm loaders; mmengine keeps it)
 
     RANGES: ClassVar[dict] = {"lr": (1e-12, None), "weight_decay": (0.0, None), "warmup_epochs": (0, None),
-                              "warmup_lr_init": (0.0, None), "lr_min": (0.0, None), "image_size": (8, None)}
+                              "warmup_lr_init": (0.0, None), "lr_min": (0.0, None), "image_size": (8, None),
+                              "clip_grad": (1e-12, None)}
     # Left out of the run id: checkpoint_every does not change results; the precision the run computes in
     # (fp32 on the CPU whatever is asked) is in the id's provenance instead.
     NOT_IN_ID: ClassVar[tuple] = ("checkpoint_every", "precision")
+    ID_IF_SET: ClassVar[tuple] = ("recipe", "lr_schedule", "clip_grad", "no_decay", "drop_last")
 
     def __post_init__(self):
         check_fields(self)
@@ -58,6 +80,12 @@ class Recipe:
             raise OptionError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise OptionError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise OptionError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
+            raise OptionError(f"recipe must be one of {RECIPE_NAMES}, got {self.recipe!r}")
+        object.__setattr__(self, "no_decay", tuple(self.no_decay.split("+")) if isinstance(self.no_decay, str)
+                           else tuple(self.no_decay))
 
 
 RECIPES = {
@@ -65,9 +93,17 @@ RECIPES = {
     "vim": Recipe(lr=1e-2 * 64 / 512, weight_decay=1e-3, no_decay_1d=True, warmup_epochs=5, drop_path=0.05),
 }
 
+# MambaPEFT's recipe (module docstring). warmup_lr_init: LinearLR's start_factor 1e-3 x lr 1e-3 (with another
+# lr, set warmup_lr_init = 1e-3 x lr to keep their factor).
+RECIPES["mambapeft"] = Recipe(
+    lr=1e-3, weight_decay=1e-4, no_decay_1d=True, no_decay=("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token"),
+    batch_size=32, drop_last=False, epochs=100, warmup_epochs=10, warmup_lr_init=1e-3 * 1e-3, lr_min=1e-5,
+    lr_schedule="mmengine", clip_grad=5.0, drop_path=0.1, normalize=True, eval_every=10, recipe="mambapeft")
+
 MINI = dict(epochs=10, warmup_epochs=0, eval_every=10, image_size=32, drop_path=0.0)
-RECIPES["vit-mini"] = dataclasses.replace(RECIPES["vit"], **MINI)
-RECIPES["vim-mini"] = dataclasses.replace(RECIPES["vim"], **MINI)
+MINI_BACKBONES = ("vit-mini", "vim-mini")  # their recipes: RECIPES["<name>-mini"]
+for _name in RECIPE_NAMES:
+    RECIPES[f"{_name}-mini"] = dataclasses.replace(RECIPES[_name], **MINI)
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 
@@ -130,10 +166,16 @@ NOAH_ADAPTER = {"width": 8, "no_decay_1d": True, **IMAGENET_NORM}
 BITFIT = {"drop_path": 0.0, **IMAGENET_NORM}
 
 
-def recipe_for(backbone: str, **overrides) -> Recipe:
-    """The backbone's own recipe (mini backbones), else its family's."""
+def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
+    """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;
+    on a mini backbone its mini variant. The result's `recipe` field is None for the backbone's own recipe,
+    so naming it changes no run id."""
     family = "vim" if backbone.startswith("vim") else "vit"
-    return dataclasses.replace(RECIPES.get(backbone, RECIPES[family]), **overrides)
+    if recipe is not None and recipe not in RECIPE_NAMES:
+        raise OptionError(f"recipe must be one of {RECIPE_NAMES}, got {recipe!r}")
+    name = recipe or family
+    base = RECIPES[f"{name}-mini" if backbone in MINI_BACKBONES else name]
+    return dataclasses.replace(base, recipe=None if name == family else name, **overrides)
 
 
 # Rows of the paper's tables: (backbone, method, fixed options, searched grid).
@@ -201,4 +243,46 @@ PRESETS = {
         ("vim-mini", "lily", {"preset": "lily-l"}, {}),
     ],
 }
+# MambaPEFT's Vim-S rows (sony/MambaPEFT vision/configs/mmpretrain/vim/vtab1k/1_small/<config>.py, named per
+# row) with their recipe. LoRA(embed) has no config: its sizes are vim_peft_all.py's defaults (L735
+# dim_patch_embed=32, s_patch_embed=1). Their Hybrid rows come from an Optuna search whose chosen settings are
+# not published (5_small_peft_search_step{1,2}.py give search spaces and a starting point), so they are no rows.
+MAMBAPEFT = {"recipe": "mambapeft"}
+
+
+def mambapeft_rows(backbone: str, recipe: dict) -> list:
+    """MambaPEFT's methods at their configs' sizes on `backbone`, each with `recipe`'s settings."""
+    # '+'-joined names as tuples, as the configs hold them (and records, so that table rows match)
+    lorap = [((t,), {}) for t in ("x", "z", "dt", "B", "C")] + [(("x",), {"dora": True})]  # 2_small_lorap_*_64[_dora]
+    return [
+        (backbone, "fft", {**recipe}, {}),  # 1_small_ft
+        (backbone, "linear", {**recipe}, {}),  # 1_small_lp
+        *[(backbone, "partial", {"parts": (part,), **({"wd_mult": wd} if wd != 1 else {}), **recipe}, {})
+          for part, wd in (("cls_token", 1), ("pos_embed", 1), ("dt_bias", 100), ("D", 10), ("A", 10), ("conv1d", 10))],
+        *[(backbone, "prompt", {"n": 8, "type": "prefix_suffix", "project": proj, **recipe}, {})  # 4_small_prompt_*
+          for proj in (False, True)],
+        *[(backbone, "affix", {"n": 3, "project": proj, **recipe}, {}) for proj in (False, True)],  # 4_small_affixtune
+        (backbone, "addscan", {"n": 6, "pos": "prefix", "copy_A": True, **recipe}, {}),  # 4_small_addiscan_prefix_6
+        (backbone, "adaptformer", {"width": 32, "s": 0.1, **recipe}, {}),  # 4_small_adaptf_32
+        (backbone, "lora", {"targets": ("patch_embed",), "r": 32, "s": 1.0, **recipe}, {}),
+        # x_proj_dim64, dt_dim64: merged into the weights (W + s up @ down, vim_peft_all.py L115-123, L161-171), so
+        # no dropout
+        (backbone, "lora", {"targets": ("x_proj", "x_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
+        (backbone, "lora", {"targets": ("dt_proj", "dt_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
+        (backbone, "lora", {"targets": ("out_proj",), "r": 96, "s": 0.1, **recipe}, {}),  # out_proj_96
+        (backbone, "lora", {"targets": ("in_proj",), "r": 32, "s": 0.1, **recipe}, {}),  # in_proj_32
+        *[(backbone, "lorap", {"targets": t, "r": 64, "s": 0.1, **extra, **recipe}, {}) for t, extra in lorap],
+    ]
+
+
+PRESETS["mambapeft"] = mambapeft_rows("vim-s", MAMBAPEFT)
+# Every Vim method of the suite on vim-s (Table 5's, BitFit, MambaPEFT's) under the recipe the sweep names
+# with `--set recipe=...` (default: the hustvl recipe), so both papers' methods meet under one protocol.
+PRESETS["vim"] = [row for row in PRESETS["table5"] if row[0] == "vim-s"] + [
+    ("vim-s", "bitfit", {}, {})] + [row for row in mambapeft_rows("vim-s", {}) if row[1] not in ("fft", "linear")]
+# the mini benchmark's vim section: MambaPEFT's methods on vim-mini (width 48: ranks and widths scaled down)
+MINI_SIZES = {"r": 4, "width": 8}
+MINI_VIM = [("vim-mini", method, {**fixed, **{k: v for k, v in MINI_SIZES.items() if k in fixed}}, {})
+            for _, method, fixed, _ in mambapeft_rows("vim-mini", {}) if method not in ("fft", "linear")]
+PRESETS["mini"] += [("vim-mini", "bitfit", {}, {}), *MINI_VIM]
 PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)

@@ -48,9 +48,12 @@ VAL_SELECTION = "final_acc"
 
 def recipe_identity(backbone: str, overrides: dict) -> dict:
     """The recipe as a run's identity holds it: the backbone's recipe with `overrides`, without the fields
-    that do not change results (Recipe.NOT_IN_ID)."""
+    that do not change results (Recipe.NOT_IN_ID) and those added later while at their default
+    (Recipe.ID_IF_SET: a run id made before they existed stays as it was)."""
     recipe = dataclasses.asdict(recipe_for(backbone, **overrides))
-    return {k: v for k, v in recipe.items() if k not in Recipe.NOT_IN_ID}
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()
+            if k not in Recipe.NOT_IN_ID and not (k in Recipe.ID_IF_SET and v == defaults[k])}
 
 
 def digest(obj) -> str:
@@ -208,7 +211,8 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
     """All records under `runs`, one row each: identity columns, the method's origin ('' for built-in
     methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>),
     provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), the recipe
-    (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy.
+    (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy,
+    the accuracy of every evaluation (`acc_by_epoch`, JSON {epoch: acc}).
     Failed runs are left out unless `include_failed`; damaged records (and dangling links, folders named
     *.json) are skipped with a warning naming them; JSON files that are not run records are ignored."""
     rows = []
@@ -231,6 +235,7 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         prov = r["provenance"] or {}
         row.update(weights_id=short(prov, "weights") or "unknown", data_id=short(prov, "data") or "unknown",
                    precision=prov.get("precision", "unknown"))
+        row["acc_by_epoch"] = json.dumps({str(e["epoch"]): e["acc"] for e in r.get("evaluations") or []})
         row["recipe"] = json.dumps(r["recipe"], sort_keys=True)
         row["point"] = selection_point(r)
         row["path"] = str(path)

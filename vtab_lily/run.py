@@ -104,7 +104,7 @@ def check_batch_size(spec: RunSpec, data_root: str | Path) -> None:
     recipe = spec.full_recipe()
     task = get_task(spec.task)
     n = len(read_list(task_dir(data_root, task), spec.train_split, task.num_classes)[0])
-    if recipe.batch_size > n:
+    if recipe.drop_last and recipe.batch_size > n:
         raise OptionError(f"batch_size {recipe.batch_size} is larger than the training split {spec.train_split} "
                           f"({n} images; the last incomplete batch is dropped, so nothing would train); "
                           f"use batch_size <= {n}")
@@ -179,7 +179,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         train_split, eval_split = (load_split(data_root, spec.task, s, recipe.image_size, recipe.interpolation,
                                               progress=progress) for s in (spec.train_split, spec.eval_split))
         resident = device.startswith("cuda")
-        train = Batches(train_split, recipe.batch_size, shuffle=True, drop_last=True, device=device,
+        train = Batches(train_split, recipe.batch_size, shuffle=True, drop_last=recipe.drop_last, device=device,
                         resident=resident, seed=spec.seed)
         test = Batches(eval_split, recipe.eval_batch_size, device=device)
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
@@ -226,7 +226,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="0 .. 2^64 / 100003 (the shuffle's seeds)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option (e.g. s=10, lily.ne=3; a composition's take their method's prefix: "
-                        "lora.targets=q+v) or a recipe field (e.g. lr=1e-3, epochs=20)")
+                        "lora.targets=q+v) or a recipe field (e.g. lr=1e-3, epochs=20); recipe=mambapeft trains with "
+                        "MambaPEFT's recipe instead of the backbone's own (Lily's on ViT, hustvl's on Vim; "
+                        "recipe=vit|vim names those)")
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
     parser.add_argument("--eval", default="test", choices=["test", "val200"])
     parser.add_argument("--weights", help="local pretrained weights (.npz, .safetensors, .pth)")

@@ -1,7 +1,8 @@
 """Tables 4, 5 and 15 from run records, side by side with the paper; the `runs` table; the offline
 mini-benchmark's table.
 
-    python -m vtab_lily.tables [--table 4|5|15|extended|mini|all|runs] [--protocol paper|vtab] [--runs DIR] [--out DIR]
+    python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
+        [--epoch best|final] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
@@ -22,7 +23,11 @@ cells stay empty. Records pooled into one row share their weights and precision 
 data per (backbone, task, eval split). Writes Markdown (also printed), LaTeX, CSV and a heat map of ours
 minus paper per table, and checks the paper's own printed Means. Table `mini`: Table 4's methods on
 vit-mini and Table 5's on vim-mini over the mini VTAB (groups of 2-3 tasks, Mean7 the plain mean); it has
-no paper numbers, so its heat map shows our accuracies. The published numbers are package data
+no paper numbers, so its heat map shows our accuracies; its vim section adds BitFit and MambaPEFT's methods on
+vim-mini. `--epoch final` reports the accuracy after the last epoch instead of the best evaluation (the
+`vtab` protocol's default; `cell_results` says what each rule means under each protocol). Table `mambapeft`:
+MambaPEFT's Vim-S rows beside their published group means and 19-task Avg (no per-task numbers); `vim`: every
+Vim method of the suite under the recipe its sweep named. The published numbers are package data
 (vtab_lily/paper/).
 """
 from __future__ import annotations
@@ -40,14 +45,14 @@ import pandas as pd
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .recipes import PRESETS, NoTaskSetting, for_task
+from .recipes import MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
 from .run import split_settings
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 # vtab_lily/paper/ (package data): the Lily paper's Tables 4, 5 and 15, and the classic baselines' own
 # published numbers (the `extended` table)
-PAPER_FILES = ("paper_tables.csv", "extended.csv")
+PAPER_FILES = ("paper_tables.csv", "extended.csv", "mambapeft.csv")
 PAPER_TOLERANCE = 0.1  # points between a printed Mean and the Mean recomputed from its row (inclusive)
 
 
@@ -98,10 +103,40 @@ TABLES = {
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
              Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
 }
+
+
+def preset_label(method: str, fixed: dict) -> str:
+    """A MambaPEFT-style row's label (the `method` column of vtab_lily/paper/mambapeft.csv)."""
+    if method == "partial":
+        return f"partial-{'+'.join(fixed['parts'])}"
+    if method in ("prompt", "affix"):
+        return method + ("" if fixed.get("project", True) else "-noproj")
+    if method == "lora" and "targets" in fixed:
+        return f"lora-{fixed['targets'][0]}"
+    if method == "lorap":
+        return f"lorap-{'+'.join(fixed['targets'])}" + ("-dora" if fixed.get("dora") else "")
+    return fixed.get("preset") or method
+
+
+def preset_rows(rows) -> list[Row]:
+    """Table rows of preset rows: labelled by preset_label (with -r<rank> where two would share one),
+    filtered on the method options they fix."""
+    labels = [preset_label(method, fixed) for _, method, fixed, _ in rows]
+    return [Row(backbone, f"{label}-r{fixed['r']}" if labels.count(label) > 1 else label, method,
+                {k: v for k, v in fixed.items() if k not in RECIPE_FIELDS})
+            for (backbone, method, fixed, _), label in zip(rows, labels)]
+
+
+# MambaPEFT's Vim-S rows beside their published numbers (vtab_lily/paper/mambapeft.csv), and every Vim method
+# of the suite under one recipe (`sweep --preset vim --set recipe=...`)
+TABLES["mambapeft"] = preset_rows(PRESETS["mambapeft"])
+TABLES["vim"] = preset_rows(PRESETS["vim"])
+TABLES["mini"] += preset_rows([("vim-mini", "bitfit", {}, {}), *MINI_VIM])
 RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin and recipe in the records
 
 
-TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini"}
+TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini",
+                "mambapeft": "mambapeft", "vim": "vim"}
 BENCHMARKS = {"VTAB-1K": VTAB_TASKS, "mini": MINI_TASKS}  # a table's columns are grouped by these
 
 
@@ -123,13 +158,14 @@ def preset_recipe(table: str, row: Row) -> dict:
     return found[0] if found else {}
 
 
-def row_recipe(table: str, row: Row, task: str) -> str | None:
+def row_recipe(table: str, row: Row, task: str, recipe: str | None = None) -> str | None:
     """The recipe (JSON, as load_records gives it) of the row's records of `task`; None when its preset
-    has no setting for the task."""
+    has no setting for the task. `recipe` (tables --recipe): the named base recipe of rows whose preset row
+    names none (the `vim` preset's, swept with --set recipe=...)."""
     if row.recipe is not None:
         return row.recipe
     try:
-        overrides = for_task(preset_recipe(table, row), task)
+        overrides = {**({"recipe": recipe} if recipe else {}), **for_task(preset_recipe(table, row), task)}
     except NoTaskSetting:
         return None
     return json.dumps(recipe_identity(row.backbone, overrides), sort_keys=True)
@@ -228,6 +264,11 @@ def check_paper(paper: pd.DataFrame, tolerance: float = PAPER_TOLERANCE) -> pd.D
     where they differ by more than `tolerance` (a difference of exactly `tolerance` is within it)."""
     means = add_means(paper[list(VTAB_TASKS)])
     recomputed = means["Mean"].where(~_mean_of_tasks(paper), means["Mean19"])
+    # a source printing group means only: its plain 19-task mean is the task-weighted mean of the groups (7/4/8)
+    groups = published_groups(paper, list(paper.index)).set_axis(paper.index)
+    weights = pd.Series({g: sum(TASKS[t].group == g for t in VTAB_TASKS) for g in GROUPS})
+    weighted = (groups * weights).sum(axis=1, min_count=len(GROUPS)) / weights.sum()
+    recomputed = recomputed.fillna(weighted.where(_mean_of_tasks(paper), groups.mean(axis=1, skipna=False)))
     out = pd.DataFrame({"printed": paper["mean"], "recomputed": recomputed.round(2)})
     out["flag"] = (out["printed"] - out["recomputed"]).abs().round(6) > tolerance  # 50.1 - 50.0 is 0.1000...01
     return out
@@ -241,12 +282,26 @@ def published(paper: pd.DataFrame, keys: list[tuple], tasks: list[str]) -> tuple
                           for k in keys]).astype(float)
     groups_mean = add_means(cells, tasks)["Mean"].round(2) if "Mean" in summary_columns(tasks) else None
     by_tasks = _mean_of_tasks(paper)
-    printed = [np.nan if k not in paper.index else groups_mean.iloc[i] if by_tasks.get(k, False)
-               else paper.loc[k, "mean"] for i, k in enumerate(keys)]
+    groups = published_groups(paper, keys)
+    printed = [np.nan if k not in paper.index else groups.iloc[i].mean().round(2) if groups.iloc[i].notna().all()
+               else groups_mean.iloc[i] if by_tasks.get(k, False) else paper.loc[k, "mean"] for i, k in enumerate(keys)]
     return cells, printed
 
 
-def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
+def published_groups(paper: pd.DataFrame, keys: list[tuple]) -> pd.DataFrame:
+    """The group means a source prints without its per-task numbers (MambaPEFT's), NaN elsewhere."""
+    cols = [g for g in GROUPS if g in paper]
+    return pd.DataFrame([paper.loc[k, cols] if k in paper.index else pd.Series(np.nan, index=cols) for k in keys],
+                        columns=list(GROUPS)).astype(float).reset_index(drop=True)
+
+
+def published_mean19(paper: pd.DataFrame, keys: list[tuple]) -> list:
+    """The printed plain 19-task mean of the sources that print it (mean_of `tasks`), NaN elsewhere."""
+    by_tasks = _mean_of_tasks(paper)
+    return [paper.loc[k, "mean"] if k in paper.index and by_tasks.get(k, False) else np.nan for k in keys]
+
+
+def _matching(records: pd.DataFrame, table: str, row: Row, recipe: str | None = None) -> pd.DataFrame:
     """The records of `row`: its backbone, method (origin), filtered config values and recipe."""
     if records.empty:
         return records
@@ -257,10 +312,12 @@ def _matching(records: pd.DataFrame, table: str, row: Row) -> pd.DataFrame:
         col = f"opt.{key}"
         if col not in records:
             return records.iloc[0:0]
+        if isinstance(value, tuple):  # a preset's '+'-joined names: records hold them as a list
+            value = list(value)
         want = json.dumps(value) if isinstance(value, (list, dict)) else value
         mask &= records[col] == want
     rec = records[mask]
-    recipes = {t: row_recipe(table, row, t) for t in rec["task"].unique()}
+    recipes = {t: row_recipe(table, row, t, recipe) for t in rec["task"].unique()}
     return rec[rec["recipe"] == rec["task"].map(recipes)]
 
 
@@ -300,31 +357,48 @@ def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
 CELL = ["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE, "path"]
 
 
-def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+EPOCH_RULES = ("best", "final")  # tables --epoch: which evaluation of a run a cell reports
+DEFAULT_EPOCH = {"paper": "best", "vtab": "final"}  # the Lily paper's rule; VTAB's (and MambaPEFT's)
+
+
+def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epoch: str | None = None,
+                 recipe: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per (task, seed): the reported accuracy, params and record of the chosen configuration; the row's
-    records)."""
-    rec = _matching(records, table, row)
+    records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the configuration with the highest
+    test accuracy by that rule (best: over its evaluations; final: after the last epoch), its accuracy by the
+    rule; `vtab` protocol, the configuration the sweep retrained (best final val200 accuracy), and of its
+    retrain the final test accuracy, or (best) the test accuracy at the epoch where its val200 run peaked."""
+    epoch = epoch or DEFAULT_EPOCH[protocol]
+    rec = _matching(records, table, row, recipe)
     if rec.empty:
         return pd.DataFrame(columns=CELL), rec
     check_provenance(rec)
     test = rec[rec["eval_split"] == "test"]
     if protocol == "paper":
-        best = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
-        return best.rename(columns={"best_acc": "acc"})[CELL], rec
+        column = f"{epoch}_acc"
+        best = test.loc[test.groupby(["task", "seed"])[column].idxmax()]
+        return best.rename(columns={column: "acc"})[CELL], rec
     val = rec[rec["eval_split"] == "val200"]
     chosen = val.loc[sorted(val.index, key=lambda i: selection_order(val.loc[i]))].drop_duplicates(["task", "seed"])
     final = test[test["point"].isin(set(chosen["point"]))]
-    return final.rename(columns={"final_acc": "acc"})[CELL], rec
+    if epoch == "final":
+        return final.rename(columns={"final_acc": "acc"})[CELL], rec
+    peak = dict(zip(chosen["point"], chosen["best_epoch"]))  # the val200 run's best evaluation
+    acc = [json.loads(evals).get(str(peak[point]), np.nan)
+           for point, evals in zip(final["point"], final["acc_by_epoch"])]
+    return final.assign(acc=acc).dropna(subset=["acc"])[CELL], rec
 
 
-def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame) -> dict:
+def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame,
+                epoch: str | None = None, recipe: str | None = None) -> dict:
     """Returns mean, std and n frames (rows x tasks + means), params (M), the paper's printed Mean, the
-    reported records per row (`cells`) and the paths of the records in some row (`used`)."""
+    reported records per row (`cells`), the paths of the records in some row (`used`) and the epoch rule."""
+    epoch = epoch or DEFAULT_EPOCH[protocol]
     tasks = table_tasks(table, records)
     means, stds, counts, params, storage, prov, cells, used = {}, {}, {}, {}, {}, {}, {}, set()
     rows = table_rows(table, records)
     for row in rows:
-        res, rec = cell_results(records, table, row, protocol)
+        res, rec = cell_results(records, table, row, protocol, epoch, recipe)
         used |= set(rec["path"]) if len(rec) else set()
         name = f"{row.backbone} {row.label}"
         cells[name] = res
@@ -346,8 +420,11 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     for key in ("weights_id", "precision", "data_ids"):
         mean[key] = pd.Series({name: p[key] for name, p in prov.items()})
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"] if "Mean" in mean else np.nan
+    mean["paper_Mean19"] = published_mean19(paper, [(table, r.backbone, r.label) for r in rows])
+    mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"] if "Mean19" in mean else np.nan
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"), "tasks": tasks,
-            "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used}
+            "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used,
+            "epoch": epoch, "recipe": recipe}
 
 
 def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
@@ -361,18 +438,30 @@ def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
     mean = add_means(cells, tasks)
     mean["params_m"] = pd.to_numeric(paper.loc[keys, "params_m"], errors="coerce").values
     mean["storage_kb"] = np.nan
+    groups = published_groups(paper, keys).set_axis(mean.index)
+    for g in GROUPS:  # a source printing group means only (MambaPEFT)
+        mean[g] = mean[g].fillna(groups[g])
+    mean["Mean"] = mean["Mean"].fillna(groups.mean(axis=1, skipna=False))
     mean["paper_Mean"] = printed
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"]
+    mean["paper_Mean19"] = published_mean19(paper, keys)
+    mean["Mean19"] = mean["Mean19"].fillna(mean["paper_Mean19"])
+    mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"]
     return {"mean": mean, "std": cells * np.nan, "n": cells.notna().astype(int), "paper": cells, "tasks": tasks}
 
 
-PROTOCOLS = {  # what a cell holds, per protocol
-    "paper": "per seed, the best test accuracy (over the run's evaluations) of the best configuration, chosen on "
-             "the test set as the paper did; mean over seeds",
-    "vtab": f"per seed, the configuration with the best {VAL_SELECTION.removesuffix('_acc')} val200 accuracy "
-            "(trained on train800; ties: the smaller run id), retrained on train800val200: its final test accuracy; "
-            "mean over seeds",
-    "published": "the published numbers (vtab_lily/paper/); the means recomputed from them",
+PROTOCOLS = {  # what a cell holds, per protocol and epoch rule
+    ("paper", "best"): "per seed, the best test accuracy (over the run's evaluations) of the best configuration, "
+                       "chosen on the test set as the paper did; mean over seeds",
+    ("paper", "final"): "per seed, the test accuracy after the last epoch of the configuration where it is "
+                        "highest (chosen on the test set); mean over seeds",
+    ("vtab", "final"): f"per seed, the configuration with the best {VAL_SELECTION.removesuffix('_acc')} val200 "
+                       "accuracy (trained on train800; ties: the smaller run id), retrained on train800val200: its "
+                       "final test accuracy; mean over seeds",
+    ("vtab", "best"): f"per seed, the configuration with the best {VAL_SELECTION.removesuffix('_acc')} val200 "
+                      "accuracy (trained on train800; ties: the smaller run id), retrained on train800val200: its "
+                      "test accuracy at the epoch where the val200 run's accuracy was best; mean over seeds",
+    ("published", None): "the published numbers (vtab_lily/paper/); the means recomputed from them",
 }
 
 
@@ -393,11 +482,13 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
     summary = summary_columns(tasks)
     plain = ", ".join(f"{prefix}Mean{len(ts)} = mean over {len(ts)} tasks" for prefix, ts in benchmarks(tasks))
     paper = bool(mean["paper_Mean"].notna().any())  # columns of published Means only where there are some
-    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, *(["paper Mean", "diff"] if paper else [])]
+    paper19 = bool(mean.get("paper_Mean19", pd.Series(dtype=float)).notna().any())
+    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, *(["paper Mean", "diff"] if paper else []),
+              *(["paper Mean19", "diff19"] if paper19 else [])]
     groups = _group_label(tasks)
     kind = "published" if protocol == "published" else f"{protocol} protocol"
     lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
-             "record.", f"Cells: {PROTOCOLS[protocol]}.", "",
+             "record.", f"Cells: {PROTOCOLS[protocol, result.get('epoch')]}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(header) - 3 - len(tasks))])
              + " |"]
@@ -407,6 +498,8 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
         cells += [_fmt(r[c]) for c in summary]
         if paper:
             cells += [_fmt(r["paper_Mean"]), "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"]
+        if paper19:
+            cells += [_fmt(r["paper_Mean19"]), "" if pd.isna(r["diff_Mean19"]) else f"{r['diff_Mean19']:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -456,7 +549,10 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
 
 
 def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
-    stem = out / (f"{table}_{protocol}" if table == RUNS_TABLE else f"table{table}_{protocol}")
+    """<out>/table<table>_<protocol>[_<epoch rule> where not the protocol's default][_<--recipe>].{md,tex,csv,png}"""
+    rule = "" if result["epoch"] == DEFAULT_EPOCH[protocol] else f"_{result['epoch']}"
+    rule += f"_{result['recipe']}" if result.get("recipe") else ""
+    stem = out / (f"{table}_{protocol}{rule}" if table == RUNS_TABLE else f"table{table}_{protocol}{rule}")
     written = []
     for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
                          (".csv", result["mean"].to_csv(index_label="row"))):
@@ -487,7 +583,7 @@ def report_paper_check(paper: pd.DataFrame, tables: list[str], out: Path | None)
     if check.empty:
         return
     flagged = check[check["flag"]]
-    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers; "
+    print(f"Paper check: {len(check)} printed Means recomputed from their per-task numbers (or group means); "
           f"{len(flagged)} differ by more than {PAPER_TOLERANCE}:")
     for (table, backbone, label), r in flagged.iterrows():
         print(f"  Table {table} {backbone} {label}: printed {r['printed']}, recomputed {r['recomputed']:.2f}")
@@ -506,10 +602,16 @@ def main(argv=None) -> int:
                         help="a paper table, all of them, or `runs`: one row per backbone, method, origin and "
                              "recipe in the records (your own methods included), one column per recorded task")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
+    parser.add_argument("--epoch", choices=EPOCH_RULES, help="the epoch rule: best = the best of a run's "
+                        "evaluations (the Lily paper; under --protocol vtab the epoch where the val200 run peaked), "
+                        "final = after the last epoch (MambaPEFT, VTAB); default best for paper, final for vtab")
+    parser.add_argument("--recipe", choices=RECIPE_NAMES, help="the named recipe the rows take where their preset "
+                        "names none (e.g. --table vim --recipe mambapeft after sweep --preset vim --set "
+                        "recipe=mambapeft); default: the backbone's own")
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
     parser.add_argument("--paper", nargs="+", help="the published numbers (CSV files; default: the package's "
-                        "vtab_lily/paper/paper_tables.csv and extended.csv)")
+                        "vtab_lily/paper/paper_tables.csv, extended.csv and mambapeft.csv)")
     parser.add_argument("--paper-only", action="store_true",
                         help="print the published tables and the check of their printed Means; read no records, "
                              "write nothing")
@@ -545,7 +647,7 @@ def main(argv=None) -> int:
     records = select(records, args.select)
     if records.empty:
         raise TableError(f"no records under {args.runs} match {' '.join(args.select)}")
-    results = {table: build_table(table, records, args.protocol, paper) for table in names}
+    results = {table: build_table(table, records, args.protocol, paper, args.epoch, args.recipe) for table in names}
     out = Path(args.out)
     for table, result in results.items():
         print(to_markdown(result, table, args.protocol))

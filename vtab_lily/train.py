@@ -2,7 +2,9 @@
 
 As the official code: AdamW on the trainable parameters, timm's CosineLRScheduler stepped with the
 epoch index after each epoch (so epoch e trains at the scheduler's value for e - 1, and the first two
-epochs at warmup_lr_init), evaluation every `eval_every` epochs and after the last one.
+epochs at warmup_lr_init), evaluation every `eval_every` epochs and after the last one. A recipe with
+`lr_schedule="mmengine"` (MambaPEFT) warms up per iteration instead (`WarmupCosine`), and `clip_grad` clips
+the gradients' total norm before each step.
 """
 from __future__ import annotations
 
@@ -40,10 +42,64 @@ class Interrupted(RuntimeError):
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.no_decay_1d), lr=recipe.lr)
+    return torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.no_decay_1d, recipe.no_decay),
+                             lr=recipe.lr)
 
 
-def make_scheduler(optimizer, recipe: Recipe) -> CosineLRScheduler:
+class WarmupCosine:
+    """MambaPEFT's schedule (`_my_base_/schedules/vtab1k_bs32_adamw.py` L21-32), in closed form: mmengine's
+    LinearLR (start_factor = warmup_lr_init / lr, by iteration over the first warmup_epochs x steps_per_epoch
+    iterations: iteration i trains at lr x (f + (1 - f) i / (T - 1)), T those iterations; mmengine
+    `optim/scheduler/param_scheduler.py` L758 total_iters = end - begin - 1, L789-802), then
+    CosineAnnealingLR stepped per epoch (begin = warmup_epochs, end = epochs: the runner's default end,
+    `runner/runner.py` L1171-1173; T_max = end - begin, L638): epoch e >= warmup_epochs trains at
+    lr_min + (lr - lr_min) (1 + cos(pi (e - warmup_epochs) / T_max)) / 2 (L680-705, its chained form).
+    The same interface as timm's scheduler in `fit`: step_update(n) after the n-th optimizer step,
+    step(epoch) after epoch `epoch` (0-based)."""
+
+    def __init__(self, optimizer, recipe: Recipe, steps_per_epoch: int):
+        self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
+        self.lr, self.lr_min = recipe.lr, recipe.lr_min
+        self.warmup_epochs, self.epochs = recipe.warmup_epochs, recipe.epochs
+        self.start_factor = recipe.warmup_lr_init / recipe.lr
+        self.updates, self.epoch = 0, 0
+        self._apply()
+
+    def value(self, epoch: int, update: int) -> float:
+        """The learning rate of the optimizer step after `update` steps, in epoch `epoch`."""
+        warmup = self.warmup_epochs * self.steps_per_epoch
+        if update < warmup:
+            f = self.start_factor
+            return self.lr * (f + (1 - f) * update / max(warmup - 1, 1))
+        t_max = max(self.epochs - self.warmup_epochs, 1)
+        cosine = (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / t_max)) / 2
+        return self.lr_min + (self.lr - self.lr_min) * cosine
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.value(self.epoch, self.updates)
+
+    def step_update(self, num_updates: int) -> None:
+        self.updates = num_updates
+        self._apply()
+
+    def step(self, epoch: int) -> None:
+        self.epoch = epoch + 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.epoch = state["updates"], state["epoch"]
+        self._apply()
+
+
+def make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
+    """`timm`: the Lily / Vim codes' CosineLRScheduler stepped per epoch (module docstring); `mmengine`:
+    MambaPEFT's per-iteration warm-up and per-epoch cosine (WarmupCosine)."""
+    if recipe.lr_schedule == "mmengine":
+        return WarmupCosine(optimizer, recipe, steps_per_epoch)
     return CosineLRScheduler(optimizer, t_initial=recipe.epochs, warmup_t=recipe.warmup_epochs,
                              warmup_lr_init=recipe.warmup_lr_init, lr_min=recipe.lr_min)
 
@@ -175,7 +231,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
     """Train `model` with `recipe`, evaluating on `test`; resume from `state_path` when it exists.
     Each callable in `on_epoch` gets {"epoch", "lr", "train_loss"[, "acc", "loss"]} after every epoch."""
     optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe)
+    scheduler = make_scheduler(optimizer, recipe, len(train))
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     history, start = History(), 0
     session = time.perf_counter()
     if state_path is not None and state_path.exists():
@@ -186,7 +243,7 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
     for epoch in range(start, recipe.epochs):
         model.train()
         train.set_epoch(epoch)
-        lr = optimizer.param_groups[-1]["lr"]
+        lr = optimizer.param_groups[-1]["lr"]  # the lr of the epoch's first step
         bar = tqdm(train, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not progress)
         t, losses = time.perf_counter(), []
         for step, (x, y) in enumerate(bar):
@@ -198,7 +255,10 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
                                     f"(lr {lr:.3g}); lower the learning rate or the adapter scale and run again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.clip_grad is not None:  # mmengine OptimWrapper._clip_grad: clip_grad_norm_ over all params
+                torch.nn.utils.clip_grad_norm_(trainable, recipe.clip_grad)
             optimizer.step()
+            scheduler.step_update(epoch * len(train) + step + 1)  # timm's: a no-op for its per-epoch schedule
             losses.append(value)
             history.train_images += len(y)
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
