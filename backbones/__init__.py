@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UnknownName
 from .hub import hub_access
-from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
+from .sites import HookSite, LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
 from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
 from .vit import (
     TIMM_PREFIX,
@@ -31,9 +31,9 @@ from .vit import (
 )
 from .weights import SHIPPED, shipped_weights
 
-__all__ = ["BACKBONES", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite", "UnmappableBackbone",
-           "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family", "head_of", "model_sites",
-           "patch_size"]
+__all__ = ["BACKBONES", "HookSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "TokenSite",
+           "UnmappableBackbone", "WeightsError", "adapter_sites", "check_backbone", "create_backbone", "family",
+           "head_of", "model_sites", "patch_size"]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of the output, such as
 the K third of ViT's fused qkv), its parallel sites (read the input of one module, add to the
 output of another) and its serial sites (the whole output of a module, which serial methods such as SSF
-or a sequential adapter read and change). Model-level sites (the patch embedding, the final norm, the
+or a sequential adapter read and change) and its hooks (an optional module called at one point of the forward,
+such as Vim's scan input). Model-level sites (the patch embedding, the final norm, the
 token sequence through the blocks) come from `model_sites`. Methods attach by asking for sites by name,
 never by module paths.
 """
@@ -63,16 +64,27 @@ class TokenSite:
     patch_size: int
 
 
+@dataclass(frozen=True)
+class HookSite:
+    """A point of the backbone's forward that calls the optional module `parent.<attr>` (None until a method
+    sets one: one method per hook); the backbone's docstring says what it receives and returns; d: its width."""
+
+    parent: nn.Module
+    attr: str
+    d: int
+
+
 @dataclass
 class LayerSites:
     index: int
     linear: dict[str, LinearSite] = field(default_factory=dict)
     parallel: dict[str, ParallelSite] = field(default_factory=dict)
     serial: dict[str, OutputSite] = field(default_factory=dict)
+    hooks: dict[str, HookSite] = field(default_factory=dict)
 
-    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
-        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
+    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite | HookSite:
+        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name) or self.hooks.get(name)
         if site is None:
-            known = sorted([*self.linear, *self.parallel, *self.serial])
+            known = sorted([*self.linear, *self.parallel, *self.serial, *self.hooks])
             raise UnknownName(f"unknown adapter site {name!r}; this backbone has {known}")
         return site

@@ -7,7 +7,7 @@ blocks, a middle class token, and module names that load the official checkpoint
 - vim-tiny-test: 2 layers of width 32, random init, for tests.
 - vim-mini: 4 layers of width 48, patch 8 at 32 px, pretrained on the procedural glyphs task by
   `python -m backbones.pretrain`; its weights ship in backbones/weights/ (the offline mini-benchmark).
-Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> blocks with a fused
+Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> [hook `tokens`] -> blocks with a fused
 "add + RMSNorm" residual kept in fp32 -> norm_f -> the token at M//2 -> head.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .hub import hub_access
-from .sites import LayerSites, LinearSite, OutputSite
+from .sites import HookSite, LayerSites, LinearSite, OutputSite
 from .ssm import causal_conv1d, selective_scan
 from .weights import WeightsError, load_torch_file, shipped_weights
 
@@ -78,10 +78,15 @@ class Mixer(nn.Module):
             self.register_parameter(f"A{suffix}_log", nn.Parameter(torch.log(A)))
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
         self.out_proj = nn.Linear(di, dim, bias=False)
+        self.scan_input = None  # hook `scan`: a module (xz, suffix) -> k virtual tokens + xz, (b, 2 di, k + l)
 
     def scan(self, xz, suffix: str):
         """One direction: causal conv + SiLU, x_proj -> (dt, B, C), dt_proj (its bias is the delta bias),
-        selective scan gated by SiLU(z). xz: (b, 2 di, l)."""
+        selective scan gated by SiLU(z). xz: (b, 2 di, l). With a `scan_input` hook, the k tokens it prepends
+        run through the conv and the scan and their k outputs are dropped (MambaPEFT's inner prefix)."""
+        l = xz.shape[-1]
+        if self.scan_input is not None:
+            xz = self.scan_input(xz, suffix)
         x, z = xz.chunk(2, dim=1)
         conv = getattr(self, f"conv1d{suffix}")
         x = causal_conv1d(x, conv.weight, conv.bias)
@@ -90,7 +95,8 @@ class Mixer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # fp32, bias included (upstream: an fp32 delta_bias)
             dt = getattr(self, f"dt_proj{suffix}")(dt.float()).transpose(1, 2)  # W dt + b: softplus(.) in the scan
         A = -torch.exp(getattr(self, f"A{suffix}_log").float())
-        return selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{suffix}"), z)
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{suffix}"), z)
+        return y if y.shape[-1] == l else y[..., -l:]
 
     def forward(self, h):
         xz = self.in_proj(h).transpose(1, 2)  # (b, 2 di, l)
@@ -135,6 +141,7 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.insert_tokens = None  # hook `tokens`: a module (x, class index) -> (x with tokens inserted, new index)
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -147,6 +154,8 @@ class VisionMamba(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         m = self.token_position
         x = torch.cat([x[:, :m], self.cls_token.expand(x.shape[0], -1, -1), x[:, m:]], dim=1) + self.pos_embed
+        if self.insert_tokens is not None:
+            x, m = self.insert_tokens(x, m)
         h, residual = x, None
         for layer in self.layers:
             h, residual = layer(h, residual)
@@ -158,20 +167,25 @@ class VisionMamba(nn.Module):
 
 def vim_sites(model: VisionMamba) -> list[LayerSites]:
     """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); serial site
-    `norm` (the block's RMSNorm output)."""
+    `norm` (the block's RMSNorm output); hook `scan` (Mixer.scan_input: tokens prepended to each scan
+    direction's input xz, width 2 d_inner)."""
     layers = []
     for i, layer in enumerate(model.layers):
         m = layer.mixer
         linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
                   for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
         serial = {"norm": OutputSite(layer, "norm", m.out_proj.out_features)}
-        layers.append(LayerSites(index=i, linear=linear, serial=serial))
+        hooks = {"scan": HookSite(m, "scan_input", m.in_proj.out_features)}
+        layers.append(LayerSites(index=i, linear=linear, serial=serial, hooks=hooks))
     return layers
 
 
 def vim_model_sites(model: VisionMamba) -> dict:
-    """`norm_f`: the final RMSNorm's output (the patch conv and the causal convs are channel-first: no site)."""
-    return {"norm_f": OutputSite(model, "norm_f", model.head.in_features)}
+    """`norm_f`: the final RMSNorm's output (the patch conv and the causal convs are channel-first: no site);
+    hook `tokens` (VisionMamba.insert_tokens: the embedded sequence, class token and positions included, before
+    the first block; the class token is read where the hook says it is)."""
+    d = model.head.in_features
+    return {"norm_f": OutputSite(model, "norm_f", d), "tokens": HookSite(model, "insert_tokens", d)}
 
 
 def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

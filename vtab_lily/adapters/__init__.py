@@ -4,7 +4,22 @@ The public API to add a method: a config dataclass and an attach function on sit
 `register` (see README, "Add your method"); `get_method` also finds `peft:<tuner>`, `<module>:<name>`
 and entry points of the group `vtab_lily.methods` (adapters/plugins.py).
 """
-from . import adapter, adaptformer, bilora, bitfit, fact, fourierft, full, lily, lora, mora, ssf, vpt  # noqa: F401
+from . import (  # noqa: F401
+    adapter,
+    adaptformer,
+    affix,
+    bilora,
+    bitfit,
+    fact,
+    fourierft,
+    full,
+    lily,
+    lora,
+    mora,
+    prompt,
+    ssf,
+    vpt,
+)
 from .base import (
     METHODS,
     Adapted,
