@@ -31,9 +31,10 @@ from .base import (
     get_method,
     make_config,
     register,
+    set_hook,
     split_targets,
 )
 from .plugins import origin
 
 __all__ = ["METHODS", "Adapted", "Method", "TargetedConfig", "add_branch", "adapted_modules", "attach_each",
-           "get_method", "make_config", "origin", "register", "split_targets"]
+           "get_method", "make_config", "origin", "register", "set_hook", "split_targets"]
