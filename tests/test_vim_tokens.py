@@ -184,6 +184,37 @@ def test_user_errors_are_one_line():
         get_method("prompt").attach(model, make_config("prompt", {}, "vim-tiny-test"))
 
 
+@pytest.mark.parametrize("method,options", [("prompt", {}), ("affix", {})])
+def test_the_longer_sequences_meet_the_mamba_kernels_calling_convention(method, options, monkeypatch):
+    """On the CPU, mamba-ssm's selective_scan_fn and causal-conv1d's causal_conv1d_fn replaced by stand-ins
+    that check what the kernels require (shapes with B, C as (b, 1, n, l), fp32 A and D, the conv's
+    x contiguous along time or along channels, a (d, width) weight) and compute as the torch backend."""
+    F = torch.nn.functional
+    def scan_fn(u, delta, A, B, C, D, z, delta_bias=None, delta_softplus=False):
+        (b, d, l), n = u.shape, A.shape[1]
+        assert delta.shape == z.shape == (b, d, l) and B.shape == C.shape == (b, 1, n, l) and delta_softplus
+        assert A.dtype == D.dtype == torch.float32 and delta_bias is None  # the mixer's dt_proj adds its bias
+        assert B.is_contiguous() and C.is_contiguous()
+        calls.append(l)
+        return ssm.ChunkedScan.apply(u, delta, A, B[:, 0], C[:, 0], D, z, delta_bias)
+
+    def conv_fn(x, weight, bias, activation=None):
+        assert weight.ndim == 2 and weight.shape[0] == x.shape[1] and activation == "silu"
+        assert x.stride(2) == 1 or x.stride(1) == 1
+        y = F.conv1d(x, weight[:, None], bias, padding=weight.shape[1] - 1, groups=x.shape[1])
+        return F.silu(y[..., :x.shape[-1]])
+
+    model = tiny(method, **options)
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(ssm, "backend", lambda device_type: ("torch", "test"))
+    want = model(x)
+    calls = []
+    monkeypatch.setattr(ssm, "cuda_kernels", lambda: ((scan_fn, conv_fn), ""))
+    monkeypatch.setattr(ssm, "backend", lambda device_type: ("mamba", "test"))
+    assert_close(model(x), want, 1e-5)
+    assert calls == [5 + (8 if method == "prompt" else 3)] * 4  # 2 layers x 2 directions, l + n steps
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["mamba", "triton", "torch"])
