@@ -1,10 +1,12 @@
 """MambaPEFT's prompt-tuning (`prompt`) and affix-tuning (`affix`) on Vim: Vim-S parameter counts from the
 official construction, the official forward restated independently (token placement; the inner dual prefix
 through a per-token conv and the float64 per-step scan), every scan backend, gradients, round trips."""
+import copy
 import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 from test_scan import assert_grads_close
 from test_vim import naive_direction
@@ -41,11 +43,17 @@ def test_vim_s_parameter_counts_are_the_official_construction(method, options, e
 
 
 def official_prompts(encoder: PrefixEncoder, batch: int):
-    """MambaPEFT's PrefixEncoder.forward (vim_peft_all.py L698-710): token ids arange(n) per sample through
-    the Embedding, then the Linear-Tanh-Linear transform when projecting: (batch, n, width)."""
+    """MambaPEFT's PrefixEncoder.forward (vim_peft_all.py L698-710) on its own tensors, assembled from our pieces
+    (the Embedding (n, pieces x width) without projection; the last Linear (pieces x width, d) with it): token
+    ids arange(n) per sample through the Embedding, then Linear, Tanh, Linear: (batch, n, pieces x width)."""
+    if not encoder.project:
+        table = torch.cat(list(encoder.tokens), dim=1)
+        return F.embedding(torch.arange(table.shape[0]).unsqueeze(0).expand(batch, -1), table)
     ids = torch.arange(encoder.embedding.num_embeddings).unsqueeze(0).expand(batch, -1)
-    tokens = encoder.embedding(ids)
-    return encoder.transform(tokens) if encoder.transform is not None else tokens
+    first = encoder.transform[0]
+    weight, bias = torch.cat([o.weight for o in encoder.out]), torch.cat([o.bias for o in encoder.out])
+    return F.linear(torch.tanh(F.linear(F.embedding(ids, encoder.embedding.weight), first.weight, first.bias)),
+                    weight, bias)
 
 
 @pytest.mark.parametrize("kind", ["prefix", "suffix", "prefix_suffix"])
@@ -98,37 +106,42 @@ def test_affix_mixer_equals_the_official_inner_dual_prefix(backend, project, bat
     scan_backend(backend)
     torch.manual_seed(0)
     mixer = Mixer(8)  # d_inner 16: scan input width 32
-    encoder = PrefixEncoder(3, 32, 2 * 2 * 32, project)
-    mixer.scan_input = AffixTokens(encoder, 1, 32)
+    encoder = PrefixEncoder(3, 32, 32, 2 * 2, project)  # 2 layers x 2 directions
+    mixer.scan_input = AffixTokens(encoder, 1)
     h = torch.randn(batch, 14, 8, requires_grad=True)
     out = mixer(h)
     ref = Mixer(8).double()
     ref.load_state_dict({k: v.double() for k, v in mixer.state_dict().items()})
-    ref_encoder = PrefixEncoder(3, 32, 2 * 2 * 32, project).double()
+    ref_encoder = PrefixEncoder(3, 32, 32, 2 * 2, project).double()
     ref_encoder.load_state_dict({k: v.double() for k, v in encoder.state_dict().items()})
     h64 = h.detach().double().requires_grad_()
     want = official_affix_mixer(ref, h64, official_prompts(ref_encoder, batch), 1)
     assert out.shape == (batch, 14, 8)
     assert_close(out.double(), want, 1e-5)
     g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ours = [h, *encoder.parameters()]
-    theirs = [h64, *ref_encoder.parameters()]
-    for a, b in zip(torch.autograd.grad((out * g.float()).sum(), ours), torch.autograd.grad((want * g).sum(), theirs)):
+    def read_by_layer_1(enc):  # its pieces 2 and 3 (and the shared Embedding and transform)
+        if not project:
+            return list(enc.tokens[2:])
+        return [enc.embedding.weight, *enc.transform.parameters(), *enc.out[2].parameters(), *enc.out[3].parameters()]
+    ours = torch.autograd.grad((out * g.float()).sum(), [h, *read_by_layer_1(encoder)])
+    theirs = torch.autograd.grad((want * g).sum(), [h64, *read_by_layer_1(ref_encoder)])
+    for a, b in zip(ours, theirs):
         assert_grads_close(a.double(), b)
     if not project:  # the z half of each direction's tokens only gates dropped outputs: no gradient
-        grad = torch.autograd.grad(mixer(h).sum(), encoder.embedding.weight)[0].view(3, 2, 2, 2, 16)
-        assert grad[:, 1, :, 1].abs().max() == 0 and grad[:, 1, :, 0].abs().max() > 0
-        assert grad[:, 0].abs().max() == 0  # layer 0's slice: not read by layer 1
+        assert all(grad[:, 16:].abs().max() == 0 and grad[:, :16].abs().max() > 0 for grad in ours[1:])
 
 
 def test_affix_gives_each_layer_its_slice_of_one_shared_encoder():
     model = tiny("affix")
     hooks = [layer.mixer.scan_input for layer in model.layers]
     assert [h.layer for h in hooks] == [0, 1] and all(h.encoder is model.affix for h in hooks)
-    assert model.affix.transform[2].out_features == 2 * 2 * 128  # layers x directions x 2 d_inner
+    assert [o.out_features for o in model.affix.out] == [128] * 4  # layers x directions pieces of 2 d_inner
+    assert all(o.weight.abs().max() <= 128 ** -0.5 for o in model.affix.out)  # Linear(128, 4 x 128)'s init bound
     assert sorted(k for k in model.state_dict() if "affix" in k or "scan_input" in k) == [
-        "affix.embedding.weight", "affix.transform.0.bias", "affix.transform.0.weight", "affix.transform.2.bias",
-        "affix.transform.2.weight"]
+        "affix.embedding.weight", *[f"affix.out.{j}.{w}" for j in range(4) for w in ("bias", "weight")],
+        "affix.transform.0.bias", "affix.transform.0.weight"]
+    twin = copy.deepcopy(model)
+    assert all(layer.mixer.scan_input.encoder is twin.affix for layer in twin.layers) and twin.affix is not model.affix
 
 
 @pytest.mark.parametrize("method", ["prompt", "affix"])
@@ -189,7 +202,6 @@ def test_the_longer_sequences_meet_the_mamba_kernels_calling_convention(method, 
     """On the CPU, mamba-ssm's selective_scan_fn and causal-conv1d's causal_conv1d_fn replaced by stand-ins
     that check what the kernels require (shapes with B, C as (b, 1, n, l), fp32 A and D, the conv's
     x contiguous along time or along channels, a (d, width) weight) and compute as the torch backend."""
-    F = torch.nn.functional
     def scan_fn(u, delta, A, B, C, D, z, delta_bias=None, delta_softplus=False):
         (b, d, l), n = u.shape, A.shape[1]
         assert delta.shape == z.shape == (b, d, l) and B.shape == C.shape == (b, 1, n, l) and delta_softplus

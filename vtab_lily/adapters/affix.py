@@ -9,9 +9,10 @@ through the conv and the scan, and their n outputs are dropped (L278-280), so th
 window and scan state see them. Their z half only gates the dropped outputs (it gets no gradient; it is
 created and counted as the official does). One encoder for all layers (L758-772): MambaPEFT's PrefixEncoder
 (prompt.py) with token width T = 2 d_inner and output width depth x 2 x T; layer i reads columns
-[2iT, (2i+1)T) for the forward scan and [(2i+1)T, (2i+2)T) for the backward one (L530-531, L192-195). With
-`project`: Embedding (n, T), Linear(T, T), Tanh, Linear(T, depth 2 T) (encoder_hidden_size None -> T); without:
-an Embedding (n, depth 2 T). PyTorch's default init, no dropout: not an identity at initialisation. Vim-S
+[2iT, (2i+1)T) for the forward scan and [(2i+1)T, (2i+2)T) for the backward one (L530-531, L192-195): pieces
+2i and 2i + 1 of our encoder. With `project`: Embedding (n, T), Linear(T, T), Tanh, Linear(T, depth 2 T)
+(encoder_hidden_size None -> T; the last Linear stored per piece); without: an Embedding (n, depth 2 T) (stored
+per piece). PyTorch's default init, no dropout: not an identity at initialisation. Vim-S
 (T = 1536, 24 layers): 115,685,376 parameters with the projection (their table prints 117,000K with the ~9K
 head: 1.1% more than the construction gives), 221,184 without (230K).
 
@@ -39,23 +40,21 @@ class AffixConfig:
 class AffixTokens(Switch, nn.Module):
     """The `scan` hook of layer `layer`: its n tokens for the direction being scanned, prepended to xz."""
 
-    def __init__(self, encoder: PrefixEncoder, layer: int, width: int):
+    def __init__(self, encoder: PrefixEncoder, layer: int):
         super().__init__()
-        self.layer, self.width = layer, width
+        self.layer = layer
         object.__setattr__(self, "encoder", encoder)  # not registered here: it lives in model.affix
 
     def forward(self, xz, suffix: str):
         if not self.enabled:
             return xz
-        j = 2 * self.layer + (suffix == "_b")
-        p = self.encoder(slice(j * self.width, (j + 1) * self.width)).T  # (2 d_inner, n)
+        p = self.encoder(2 * self.layer + (suffix == "_b")).T  # (2 d_inner, n)
         return torch.cat([p.to(xz.dtype).expand(xz.shape[0], -1, -1), xz], dim=-1)
 
 
 @register("affix", AffixConfig)
 def attach_affix(model: nn.Module, cfg: AffixConfig) -> None:
     sites = [layer.get("scan") for layer in adapter_sites(model)]
-    width = sites[0].d
-    model.affix = PrefixEncoder(cfg.n, width, len(sites) * 2 * width, cfg.project)
+    model.affix = PrefixEncoder(cfg.n, sites[0].d, sites[0].d, 2 * len(sites), cfg.project)
     for i, site in enumerate(sites):
-        set_hook(site, AffixTokens(model.affix, i, width))
+        set_hook(site, AffixTokens(model.affix, i))

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backbones import model_sites
@@ -44,21 +43,28 @@ class PromptConfig:
 
 
 class PrefixEncoder(nn.Module):
-    """MambaPEFT's PrefixEncoder: n virtual tokens of `width` features. With `project`: an Embedding (n, d)
-    through Linear(d, d), Tanh, Linear(d, width) (their encoder_hidden_size defaults to d); without: an Embedding
-    (n, width). `forward(cols)` gives the columns `cols` of the (n, width) output: the official computes all of
-    them, batch-expanded, and slices; the last Linear's rows for `cols` give the same numbers."""
+    """MambaPEFT's PrefixEncoder: n virtual tokens of `pieces` x `width` features, given piece by piece (`forward(j)`:
+    (n, width), the official output's columns [j width, (j + 1) width)). With `project`: an Embedding (n, d) through
+    Linear(d, d), Tanh (`transform`, shared by all pieces), then Linear(d, pieces x width), stored as one
+    Linear(d, width) per piece (`out`); without: an Embedding (n, pieces x width), stored as one (n, width) tensor
+    per piece (`tokens`). The pieces have the official shapes' default inits (Linear: bounds 1 / sqrt(d), the same
+    fan-in; Embedding: N(0, 1)); split, a piece's backward writes its own gradient, where slices of one
+    Linear(1536, 73,728) would each write a full-size one (affix on Vim-S: 48 per step)."""
 
-    def __init__(self, n: int, d: int, width: int, project: bool):
+    def __init__(self, n: int, d: int, width: int, pieces: int, project: bool):
         super().__init__()
-        self.embedding = nn.Embedding(n, d if project else width)
-        self.transform = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, width)) if project else None
+        if project:
+            self.embedding = nn.Embedding(n, d)
+            self.transform = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+            self.out = nn.ModuleList(nn.Linear(d, width) for _ in range(pieces))
+        else:
+            self.tokens = nn.ParameterList(nn.Parameter(torch.randn(n, width)) for _ in range(pieces))
+        self.project = project
 
-    def forward(self, cols: slice = slice(None)) -> torch.Tensor:
-        if self.transform is None:
-            return self.embedding.weight[:, cols]
-        first, act, last = self.transform
-        return F.linear(act(first(self.embedding.weight)), last.weight[cols], last.bias[cols])
+    def forward(self, j: int = 0) -> torch.Tensor:
+        if not self.project:
+            return self.tokens[j]
+        return self.out[j](self.transform(self.embedding.weight))
 
 
 class PromptTokens(Switch, nn.Module):
@@ -84,5 +90,5 @@ def attach_prompt(model: nn.Module, cfg: PromptConfig) -> None:
         raise UnknownName(f"prompt needs the token-sequence hook 'tokens' (Vision Mamba backbones have it; on a ViT "
                           f"use vpt); backbone {model.backbone_name!r} has none")
     before = {"prefix": cfg.n, "suffix": 0, "prefix_suffix": -(-cfg.n // 2)}[cfg.type]
-    model.prompt = PrefixEncoder(cfg.n, site.d, site.d, cfg.project)
+    model.prompt = PrefixEncoder(cfg.n, site.d, site.d, 1, cfg.project)
     set_hook(site, PromptTokens(model.prompt, before))
