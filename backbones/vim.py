@@ -175,7 +175,7 @@ def vim_sites(model: VisionMamba) -> list[LayerSites]:
         linear = {name: LinearSite(m, name, getattr(m, name).in_features, slice(0, getattr(m, name).out_features))
                   for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
         serial = {"norm": OutputSite(layer, "norm", m.out_proj.out_features)}
-        hooks = {"scan": HookSite(m, "scan_input", m.in_proj.out_features)}
+        hooks = {"scan": HookSite(m, "scan_input", 2 * m.D.shape[0])}  # 2 d_inner, whatever wraps in_proj
         layers.append(LayerSites(index=i, linear=linear, serial=serial, hooks=hooks))
     return layers
 
