@@ -190,7 +190,7 @@ def test_user_errors_are_one_line():
         make_config("prompt", {"type": "infix"}, "vim-s")
     with pytest.raises(UnknownName, match="prompt needs the token-sequence hook 'tokens'.*'vit-tiny' has none"):
         build_model("vit-tiny", "prompt", 5, pretrained=False, backbone_options=dict(img_size=32, patch_size=8))
-    with pytest.raises(UnknownName, match="unknown adapter site 'scan'"):
+    with pytest.raises(UnknownName, match="affix needs the scan-input hook 'scan'.*'vit-tiny' has none"):
         build_model("vit-tiny", "affix", 5, pretrained=False, backbone_options=dict(img_size=32, patch_size=8))
     model = tiny("prompt")
     with pytest.raises(UserError, match="insert_tokens hook already holds PromptTokens: two methods cannot both"):

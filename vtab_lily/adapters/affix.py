@@ -27,6 +27,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..errors import UnknownName
 from .base import Switch, register, set_hook
 from .prompt import PrefixEncoder
 
@@ -54,7 +55,11 @@ class AffixTokens(Switch, nn.Module):
 
 @register("affix", AffixConfig)
 def attach_affix(model: nn.Module, cfg: AffixConfig) -> None:
-    sites = [layer.get("scan") for layer in adapter_sites(model)]
+    layers = adapter_sites(model)
+    if "scan" not in layers[0].hooks:
+        raise UnknownName(f"affix needs the scan-input hook 'scan' (Vision Mamba backbones have it); backbone "
+                          f"{model.backbone_name!r} has none")
+    sites = [layer.hooks["scan"] for layer in layers]
     model.affix = PrefixEncoder(cfg.n, sites[0].d, sites[0].d, 2 * len(sites), cfg.project)
     for i, site in enumerate(sites):
         set_hook(site, AffixTokens(model.affix, i))
