@@ -14,7 +14,17 @@ from torch import nn
 
 from .errors import UnknownName
 from .hub import hub_access
-from .sites import ConvSite, LayerSites, LinearSite, OutputSite, ParallelSite, StateSite, TensorSite, TokenSite
+from .sites import (
+    ConvSite,
+    HookSite,
+    LayerSites,
+    LinearSite,
+    OutputSite,
+    ParallelSite,
+    StateSite,
+    TensorSite,
+    TokenSite,
+)
 from .vim import VIM_SPECS, create_vim, vim_head, vim_hub_file, vim_model_sites, vim_sites
 from .vit import (
     TIMM_PREFIX,
@@ -31,9 +41,9 @@ from .vit import (
 )
 from .weights import SHIPPED, shipped_weights
 
-__all__ = ["BACKBONES", "ConvSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "StateSite", "TensorSite",
-           "TokenSite", "UnmappableBackbone", "WeightsError", "adapter_sites", "check_backbone", "create_backbone",
-           "family", "head_of", "model_sites", "patch_size"]
+__all__ = ["BACKBONES", "ConvSite", "HookSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "StateSite",
+           "TensorSite", "TokenSite", "UnmappableBackbone", "WeightsError", "adapter_sites", "check_backbone",
+           "create_backbone", "family", "head_of", "model_sites", "patch_size"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ A backbone lists, per layer, its adaptable Linear outputs (optionally a slice of
 the K third of ViT's fused qkv), its parallel sites (read the input of one module, add to the
 output of another), its serial sites (the whole output of a module, which serial methods such as SSF
 or a sequential adapter read and change), its tensors (parameters that partial tuning trains, such as
-Vim's A_log of both scan directions) and, on state-space models, its state sites (A, B, C of each scan
+Vim's A_log of both scan directions), its hooks (an optional module called at one point of the forward,
+such as Vim's scan input) and, on state-space models, its state sites (A, B, C of each scan
 direction, which a method may widen with extra state dimensions). Model-level sites (the patch embedding,
 the final norm, the token sequence through the blocks, single tensors such as the class token) come from
 `model_sites`. Methods attach by asking for sites by name, never by module paths.
@@ -100,6 +101,16 @@ class TensorSite:
     attr: str
 
 
+@dataclass(frozen=True)
+class HookSite:
+    """A point of the backbone's forward that calls the optional module `parent.<attr>` (None until a method
+    sets one: one method per hook); the backbone's docstring says what it receives and returns; d: its width."""
+
+    parent: nn.Module
+    attr: str
+    d: int
+
+
 @dataclass
 class LayerSites:
     index: int
@@ -108,11 +119,12 @@ class LayerSites:
     serial: dict[str, OutputSite] = field(default_factory=dict)
     state: dict[str, StateSite] = field(default_factory=dict)
     tensors: dict[str, tuple[TensorSite, ...]] = field(default_factory=dict)  # a name -> its tensors (all directions)
+    hooks: dict[str, HookSite] = field(default_factory=dict)
 
-    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite:
-        """A branch site by name (state sites are read from `state` by the methods that widen a state)."""
-        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name)
+    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite | HookSite:
+        """A branch site or hook by name (state sites are read from `state` by the methods that widen a state)."""
+        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name) or self.hooks.get(name)
         if site is None:
-            known = sorted([*self.linear, *self.parallel, *self.serial])
+            known = sorted([*self.linear, *self.parallel, *self.serial, *self.hooks])
             raise UnknownName(f"unknown adapter site {name!r}; this backbone has {known}")
         return site

@@ -7,7 +7,7 @@ blocks, a middle class token, and module names that load the official checkpoint
 - vim-tiny-test: 2 layers of width 32, random init, for tests.
 - vim-mini: 4 layers of width 48, patch 8 at 32 px, pretrained on the procedural glyphs task by
   `python -m backbones.pretrain`; its weights ship in backbones/weights/ (the offline mini-benchmark).
-Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> blocks with a fused
+Forward: patch embed -> insert the class token at index M//2 -> + pos_embed -> [hook `tokens`] -> blocks with a fused
 "add + RMSNorm" residual kept in fp32 -> norm_f -> the token at M//2 -> head.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .hub import hub_access
-from .sites import ConvSite, LayerSites, LinearSite, OutputSite, StateSite, TensorSite
+from .sites import ConvSite, HookSite, LayerSites, LinearSite, OutputSite, StateSite, TensorSite
 from .ssm import causal_conv1d, selective_scan
 from .weights import WeightsError, load_torch_file, shipped_weights
 
@@ -80,10 +80,15 @@ class Mixer(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
             setattr(self, f"state{suffix}", None)
         self.out_proj = nn.Linear(di, dim, bias=False)
+        self.scan_input = None  # hook `scan`: a module (xz, suffix) -> k virtual tokens + xz, (b, 2 di, k + l)
 
     def scan(self, xz, suffix: str):
         """One direction: causal conv + SiLU, x_proj -> (dt, B, C), dt_proj (its bias is the delta bias),
-        selective scan gated by SiLU(z). xz: (b, 2 di, l)."""
+        selective scan gated by SiLU(z). xz: (b, 2 di, l). With a `scan_input` hook, the k tokens it prepends
+        run through the conv and the scan and their k outputs are dropped (MambaPEFT's inner prefix)."""
+        l = xz.shape[-1]
+        if self.scan_input is not None:
+            xz = self.scan_input(xz, suffix)
         x, z = xz.chunk(2, dim=1)
         conv = getattr(self, f"conv1d{suffix}")
         x = causal_conv1d(x, conv.weight, conv.bias)
@@ -95,7 +100,8 @@ class Mixer(nn.Module):
         state = getattr(self, f"state{suffix}")
         if state is not None:  # extra state dimensions: A (di, n'), B, C (b, n', l)
             A, B, C = state(x, A, B, C)
-        return selective_scan(x, dt, A, B, C, getattr(self, f"D{suffix}"), z)
+        y = selective_scan(x, dt, A, B, C, getattr(self, f"D{suffix}"), z)
+        return y if y.shape[-1] == l else y[..., -l:]
 
     def forward(self, h):
         xz = self.in_proj(h).transpose(1, 2)  # (b, 2 di, l)
@@ -140,6 +146,7 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.insert_tokens = None  # hook `tokens`: a module (x, class index) -> (x with tokens inserted, new index)
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -152,6 +159,8 @@ class VisionMamba(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         m = self.token_position
         x = torch.cat([x[:, :m], self.cls_token.expand(x.shape[0], -1, -1), x[:, m:]], dim=1) + self.pos_embed
+        if self.insert_tokens is not None:
+            x, m = self.insert_tokens(x, m)
         h, residual = x, None
         for layer in self.layers:
             h, residual = layer(h, residual)
@@ -165,7 +174,8 @@ def vim_sites(model: VisionMamba) -> list[LayerSites]:
     """Per layer: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (whole outputs); slices of the fused
     outputs, as MambaPEFT's partial LoRA: in_proj_x / in_proj_z (the x and z halves of in_proj), x_proj_dt /
     x_proj_B / x_proj_C and the same of x_proj_b (the dt, B, C rows); serial site `norm` (the block's RMSNorm
-    output); state sites `state`, `state_b` (each scan direction's A, B, C); tensors (both scan directions
+    output); hook `scan` (Mixer.scan_input: tokens prepended to each scan direction's input xz, width
+    2 d_inner); state sites `state`, `state_b` (each scan direction's A, B, C); tensors (both scan directions
     each): A (A_log, A_b_log), D (D, D_b), conv1d (the two causal conv kernels), dt_bias (the two dt_proj
     biases, the scan's delta bias)."""
     layers = []
@@ -185,19 +195,23 @@ def vim_sites(model: VisionMamba) -> list[LayerSites]:
                    "D": (TensorSite(m, "D"), TensorSite(m, "D_b")),
                    "conv1d": (TensorSite(m.conv1d, "weight"), TensorSite(m.conv1d_b, "weight")),
                    "dt_bias": (TensorSite(m.dt_proj, "bias"), TensorSite(m.dt_proj_b, "bias"))}
-        layers.append(LayerSites(index=i, linear=linear, serial=serial, tensors=tensors,
-                                  state=state))
+        hooks = {"scan": HookSite(m, "scan_input", 2 * m.D.shape[0])}  # 2 d_inner, whatever wraps in_proj
+        layers.append(LayerSites(index=i, linear=linear, serial=serial, tensors=tensors, state=state,
+                                  hooks=hooks))
     return layers
 
 
 def vim_model_sites(model: VisionMamba) -> dict:
     """`norm_f`: the final RMSNorm's output; `patch_embed`: the patch conv (channel-first; the causal convs have
-    no site); the tensors `cls_token` and `pos_embed`."""
-    proj = model.patch_embed.proj
-    return {"norm_f": OutputSite(model, "norm_f", model.head.in_features),
+    no site); the tensors `cls_token` and `pos_embed`; hook `tokens` (VisionMamba.insert_tokens: the embedded
+    sequence, class token and positions included, before the first block; the class token is read where the
+    hook says it is)."""
+    proj, d = model.patch_embed.proj, model.head.in_features
+    return {"norm_f": OutputSite(model, "norm_f", d),
             "patch_embed": ConvSite(model.patch_embed, "proj", proj.in_channels, proj.out_channels, proj.kernel_size,
                                     proj.stride, proj.padding),
-            "cls_token": TensorSite(model, "cls_token"), "pos_embed": TensorSite(model, "pos_embed")}
+            "cls_token": TensorSite(model, "cls_token"), "pos_embed": TensorSite(model, "pos_embed"),
+            "tokens": HookSite(model, "insert_tokens", d)}
 
 
 def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,

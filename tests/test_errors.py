@@ -370,6 +370,7 @@ BOUNDS = {
     ("partial", "wd_mult"): (0.0, None),
     ("mora", "r"): (1, None), ("mora", "type"): (1, None), ("mora", "s"): "finite", ("mora", "dropout"): (0.0, 1.0),
     ("vpt", "length"): (1, None), ("vpt", "dropout"): (0.0, 1.0),
+    ("prompt", "n"): (1, None), ("affix", "n"): (1, None),
     ("recipe", "lr"): (1e-12, None), ("recipe", "weight_decay"): (0.0, None), ("recipe", "batch_size"): (1, None),
     ("recipe", "epochs"): (1, None), ("recipe", "warmup_epochs"): (0, None), ("recipe", "warmup_lr_init"): (0.0, None),
     ("recipe", "lr_min"): (0.0, None), ("recipe", "drop_path"): (0.0, 1.0), ("recipe", "eval_every"): (1, None),
@@ -383,6 +384,7 @@ CHOICES = {
     ("fact", "type"): ("tk", "nosuch"), ("fourierft", "init"): ("zeros", "nosuch"),
     ("lily", "router"): ("lp", "nosuch"), ("lily", "routing"): ("sample", "nosuch"),
     ("lily", "preset"): ("lily-s", "nosuch"), ("ssf", "init"): ("identity", "nosuch"), ("mora", "type"): (6, 2),
+    ("prompt", "type"): ("suffix", "nosuch"),
     ("recipe", "interpolation"): ("nearest", "nosuch"), ("recipe", "precision"): ("bf16", "fp16"),
     ("recipe", "lr_schedule"): ("mmengine", "nosuch"), ("recipe", "recipe"): ("mambapeft", "nosuch"),
 }

@@ -59,26 +59,28 @@ def test_pos_embed_resize_keeps_the_middle_class_token():
     assert torch.allclose(resize_pos_embed(pos, 16), pos)
 
 
+def naive_direction(m: Mixer, xz, s, weights=None):
+    """One scan direction of mixer `m` on xz (b, 2 d_inner, l): explicit per-token conv, the naive scan.
+    `weights(s)`: direction s's (x_proj weight, A_log), the state size n = A_log's columns (default: the
+    mixer's own)."""
+    x, z = xz.chunk(2, dim=1)
+    w, bias = getattr(m, f"conv1d{s}").weight[:, 0], getattr(m, f"conv1d{s}").bias
+    k = w.shape[1]
+    conv = torch.stack([sum(w[:, j] * (x[:, :, t - (k - 1) + j] if t - (k - 1) + j >= 0 else 0) for j in range(k))
+                        + bias for t in range(x.shape[-1])], dim=-1)
+    x = conv * torch.sigmoid(conv)
+    w_x, A_log = weights(s) if weights else (getattr(m, f"x_proj{s}").weight, getattr(m, f"A{s}_log"))
+    dt, B, C = (x.transpose(1, 2) @ w_x.T).split([m.dt_rank, A_log.shape[1], A_log.shape[1]], -1)
+    dt_proj = getattr(m, f"dt_proj{s}")
+    delta = (dt @ dt_proj.weight.T).transpose(1, 2)
+    A = -torch.exp(A_log)
+    return naive_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(m, f"D{s}"), z, dt_proj.bias)
+
+
 def naive_mixer(m: Mixer, h, weights=None):
-    """The bimamba-v2 mixer with explicit per-token conv and the naive scan, both directions. `weights(s)`:
-    direction s's (x_proj weight, A_log), the state size n = A_log's columns (default: the mixer's own)."""
+    """The bimamba-v2 mixer with explicit per-token conv and the naive scan, both directions."""
     xz = (h @ m.in_proj.weight.T).transpose(1, 2)
-
-    def direction(xz, s):
-        x, z = xz.chunk(2, dim=1)
-        w, bias = getattr(m, f"conv1d{s}").weight[:, 0], getattr(m, f"conv1d{s}").bias
-        k = w.shape[1]
-        conv = torch.stack([sum(w[:, j] * (x[:, :, t - (k - 1) + j] if t - (k - 1) + j >= 0 else 0) for j in range(k))
-                            + bias for t in range(x.shape[-1])], dim=-1)
-        x = conv * torch.sigmoid(conv)
-        w_x, A_log = weights(s) if weights else (getattr(m, f"x_proj{s}").weight, getattr(m, f"A{s}_log"))
-        dt, B, C = (x.transpose(1, 2) @ w_x.T).split([m.dt_rank, A_log.shape[1], A_log.shape[1]], -1)
-        dt_proj = getattr(m, f"dt_proj{s}")
-        delta = (dt @ dt_proj.weight.T).transpose(1, 2)
-        A = -torch.exp(A_log)
-        return naive_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(m, f"D{s}"), z, dt_proj.bias)
-
-    y = direction(xz, "") + direction(xz.flip(-1), "_b").flip(-1)
+    y = naive_direction(m, xz, "", weights) + naive_direction(m, xz.flip(-1), "_b", weights).flip(-1)
     return (y / 2).transpose(1, 2) @ m.out_proj.weight.T
 
 

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     adapter,
     adaptformer,
     addscan,
+    affix,
     bilora,
     bitfit,
     fact,
@@ -19,6 +20,7 @@ from . import (  # noqa: F401
     lorap,
     mora,
     partial,
+    prompt,
     ssf,
     vpt,
 )
@@ -35,9 +37,11 @@ from .base import (
     make_config,
     option_names,
     register,
+    set_hook,
     split_targets,
 )
 from .plugins import origin
 
 __all__ = ["METHODS", "Adapted", "Method", "SiteConflict", "TargetedConfig", "add_branch", "adapted_modules",
-           "attach_each", "get_method", "make_config", "option_names", "origin", "register", "split_targets"]
+           "attach_each", "get_method", "make_config", "option_names", "origin", "register", "set_hook",
+           "split_targets"]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from backbones import ConvSite, LinearSite, OutputSite, ParallelSite, adapter_sites, family
+from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, adapter_sites, family
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
@@ -199,6 +199,16 @@ def add_serial(site: LinearSite | OutputSite, branch: nn.Module) -> None:
     to the site's columns of that output (y -> y + branch(y) for an OutputSite)."""
     out = site.out if isinstance(site, LinearSite) else slice(0, site.d_out)
     _add(site.parent, site.attr, branch, out, serial=True)
+
+
+def set_hook(site: HookSite, module: nn.Module) -> None:
+    """Install `module` as the backbone's hook at `site`; a hook holds one module, so a second method asking
+    for the same hook is refused (UserError)."""
+    taken = getattr(site.parent, site.attr)
+    if taken is not None:
+        raise UserError(f"the backbone's {site.attr} hook already holds {type(taken).__name__}: two methods cannot "
+                        "both set it; compose methods that use different sites")
+    setattr(site.parent, site.attr, module)
 
 
 def adapted_modules(model: nn.Module) -> list[Switch]:
