@@ -280,9 +280,18 @@ PRESETS["mambapeft"] = mambapeft_rows("vim-s", MAMBAPEFT)
 # with `--set recipe=...` (default: the hustvl recipe), so both papers' methods meet under one protocol.
 PRESETS["vim"] = [row for row in PRESETS["table5"] if row[0] == "vim-s"] + [
     ("vim-s", "bitfit", {}, {})] + [row for row in mambapeft_rows("vim-s", {}) if row[1] not in ("fft", "linear")]
-# the mini benchmark's vim section: MambaPEFT's methods on vim-mini (width 48: ranks and widths scaled down)
+# The mini benchmark's vim section: one row per MambaPEFT method family on vim-mini (width 48: ranks and widths
+# scaled down; the conv1d partial row and LoRAp(X) at their configs' other settings) and one composition, as their
+# Hybrid rows (its settings are ours: their searched ones are unpublished). The full list is the `mambapeft` preset.
 MINI_SIZES = {"r": 4, "width": 8}
 MINI_VIM = [("vim-mini", method, {**fixed, **{k: v for k, v in MINI_SIZES.items() if k in fixed}}, {})
-            for _, method, fixed, _ in mambapeft_rows("vim-mini", {}) if method not in ("fft", "linear")]
-PRESETS["mini"] += [("vim-mini", "bitfit", {}, {}), *MINI_VIM]
+            for _, method, fixed, _ in mambapeft_rows("vim-mini", {})
+            if (method, fixed.get("parts"), fixed.get("targets"), fixed.get("project"), fixed.get("dora"))
+            in {("partial", ("conv1d",), None, None, None), ("prompt", None, None, True, None),
+                ("affix", None, None, True, None), ("addscan", None, None, None, None),
+                ("adaptformer", None, None, None, None), ("lora", None, ("out_proj",), None, None),
+                ("lorap", None, ("x",), None, None)}]
+MINI_VIM.append(("vim-mini", "lorap+partial", {"lorap.targets": ("x",), "lorap.r": 4, "partial.parts": ("conv1d",),
+                                               "partial.wd_mult": 10}, {}))
+PRESETS["mini"] += MINI_VIM
 PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)
