@@ -135,14 +135,14 @@ def test_preset_with_methods_keeps_only_those_rows(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [" ".join(line.split()[:2]) for line in lines[:-1]] == [
         "vit-mini lora", "vit-mini lily", "vit-mini lily", "vim-mini lora", "vim-mini lily", "vim-mini lily",
-        *["vim-mini lora"] * 5]  # the vim section's LoRA rows: patch_embed, x_proj, dt_proj, out_proj, in_proj
-    assert lines[-1].startswith("11 runs:")
+        "vim-mini lora"]  # the vim section's LoRA row: out_proj
+    assert lines[-1].startswith("7 runs:")
     sweep.main([*base, "--methods", "lily", "--backbones", "vim-mini"])
     assert capsys.readouterr().out.splitlines()[-1].startswith("2 runs:")  # Lily-S and Lily-L
     assert sweep.main([*base, "--methods", "vpt"]) == 2
     assert capsys.readouterr().err == ("error: --methods vpt: preset mini has no such rows; its methods are "
-                                       "['adaptformer', 'addscan', 'affix', 'bilora', 'bitfit', 'fft', 'fourierft', "
-                                       "'lily', 'linear', 'lora', 'lorap', 'mora', 'partial', 'prompt']\n")
+                                       "['adaptformer', 'addscan', 'affix', 'bilora', 'fft', 'fourierft', 'lily', "
+                                       "'linear', 'lora', 'lorap', 'lorap+partial', 'mora', 'partial', 'prompt']\n")
 
 
 def test_set_with_a_method_prefix_applies_to_that_method_only():

@@ -32,7 +32,7 @@ from vtab_lily import tables as tables_cli
 from vtab_lily.data import Batches, load_split
 from vtab_lily.recipes import PRESETS, PerTask, recipe_for
 from vtab_lily.records import load_records, read_record
-from vtab_lily.tables import Row
+from vtab_lily.tables import TABLES, Row
 from vtab_lily.tasks import MINI_TASKS, VTAB_TASKS
 from vtab_lily.train import evaluate
 
@@ -533,3 +533,58 @@ def test_plugin_and_peft_tuner_in_the_runs_table(outside, tmp_path):
         assert table.loc[f"vit-mini {method}", "digits"] == best.best_acc
         assert md[f"vit-mini {method}"]["digits"] == f"{best.best_acc:.1f}"
         assert table.loc[f"vit-mini {method}", "params_m"] == pytest.approx(best.params / 1e6, rel=1e-9)
+
+
+# ---------------------------------------------------------------- Vision Mamba's methods (MambaPEFT's, composed)
+
+VIM_METHODS = sorted({row[1] for row in PRESETS["mini"] if row[0] == "vim-mini"} - {"fft", "linear", "lora", "lily"})
+
+
+@pytest.fixture(scope="module")
+def vim_methods(data):
+    """sweep --preset mini: the vim section's MambaPEFT rows and their composition (lorap+partial), and the
+    preset's two vim-mini LoRA rows (Table 5's on in_proj, MambaPEFT's on out_proj), on digits, seed 1."""
+    runs = data.parent / "runs-vim"
+    out = ok(sweep_cli.main, ["--preset", "mini", "--backbones", "vim-mini", "--methods", *VIM_METHODS, "lora",
+                              "--tasks", "digits", "--seeds", 1, "--data-root", data, "--runs", runs])
+    return runs, out
+
+
+def test_vim_methods_sweep_runs_every_row_of_the_vim_section(vim_methods):
+    runs, out = vim_methods
+    rows = [row for row in PRESETS["mini"] if row[0] == "vim-mini" and row[1] in VIM_METHODS + ["lora"]]
+    assert f"{len(rows)} jobs: {len(rows)} ran, 0 already done, 0 run elsewhere, 0 failed" in out
+    df = load_records(runs)
+    assert len(df) == len(rows) and set(df.method) == {*VIM_METHODS, "lora"} and (df.status == "done").all()
+    assert sorted(df[df.method == "lora"]["opt.targets"].map(json.loads)) == [["in_proj"], ["out_proj"]]
+    composed = read_record(df[df.method == "lorap+partial"].path.iloc[0])
+    assert composed["method_config"]["lorap.targets"] == ["x"] and composed["method_config"]["partial.parts"] == [
+        "conv1d"]
+    params = df.set_index("method").params
+    parts = [read_record(p) for p in df.path if read_record(p)["method"] in ("lorap", "partial")]
+    assert params["lorap+partial"] == sum(r["params"] for r in parts)  # lorap-x at r 4 and partial conv1d
+
+
+def test_vim_methods_in_the_mini_table(vim_methods, tmp_path):
+    runs, _ = vim_methods
+    ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])
+    md, table = md_cells(tmp_path, "tablemini_paper"), csv_table(tmp_path, "tablemini_paper")
+    rows = {r.label: r for r in TABLES["mini"] if r.backbone == "vim-mini"}
+    df = load_records(runs)
+    for label, row in rows.items():
+        mine = df[df.method == row.method]
+        if row.method == "lora":  # two rows: Table 5's LoRA (r 1 on in_proj) and LoRA(out_proj)
+            mine = mine[[json.loads(t) == list(row.filters["targets"]) for t in mine["opt.targets"]]]
+        if mine.empty:
+            assert md[f"vim-mini {label}"]["digits"] == "" and row.method not in {*VIM_METHODS, "lora"}, label
+            continue
+        assert len(mine) == 1, label
+        assert table.loc[f"vim-mini {label}", "digits"] == mine.best_acc.iloc[0]
+        assert md[f"vim-mini {label}"]["digits"] == f"{mine.best_acc.iloc[0]:.1f}"
+        assert table.loc[f"vim-mini {label}", "params_m"] == pytest.approx(mine.params.iloc[0] / 1e6, rel=1e-9)
+
+
+def test_load_model_reproduces_every_vim_methods_run(vim_methods, data):
+    runs, _ = vim_methods
+    for path in load_records(runs).path:
+        assert reevaluate(path, data) == read_record(path)["final_acc"], path

@@ -85,7 +85,8 @@ TABLES = {
           Row("vit-b", "mora", "mora"), Row("vit-b", "lily", "lily", {"targets": ["k", "v", "mlp"], "r": 16})],
     "5": [Row("vim-s", "fft", "fft"), Row("vit-b-in1k", "fft", "fft"), Row("vim-s", "linear", "linear"),
           Row("vit-b-in1k", "linear", "linear"), Row("vit-b-in1k", "adaptformer", "adaptformer", {"width": 8}),
-          Row("vit-b-in1k", "lora", "lora", {"r": 8}), Row("vim-s", "lora", "lora"),
+          Row("vit-b-in1k", "lora", "lora", {"r": 8}),
+          Row("vim-s", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
           Row("vim-s", "lily-s", "lily", {"preset": "lily-s"}), Row("vim-s", "lily-l", "lily", {"preset": "lily-l"})],
     "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
     # the classic VTAB-1K baselines beside their own papers' numbers (vtab_lily/paper/extended.csv)
@@ -99,7 +100,8 @@ TABLES = {
              Row("vit-mini", "adaptformer", "adaptformer", {"width": 8}), Row("vit-mini", "bilora", "bilora", {"r": 8}),
              Row("vit-mini", "lora", "lora", {"r": 8}), Row("vit-mini", "fourierft", "fourierft", {"n": 256}),
              Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
-             Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"), Row("vim-mini", "lora", "lora"),
+             Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"),
+             Row("vim-mini", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
              Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
 }
@@ -131,7 +133,7 @@ def preset_rows(rows) -> list[Row]:
 # of the suite under one recipe (`sweep --preset vim --set recipe=...`)
 TABLES["mambapeft"] = preset_rows(PRESETS["mambapeft"])
 TABLES["vim"] = preset_rows(PRESETS["vim"])
-TABLES["mini"] += preset_rows([("vim-mini", "bitfit", {}, {}), *MINI_VIM])
+TABLES["mini"] += preset_rows(MINI_VIM)
 RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin and recipe in the records
 
 
