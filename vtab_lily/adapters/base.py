@@ -323,6 +323,14 @@ def split_targets(targets):
     raise OptionError(f"targets must be site names joined by '+' (e.g. q+v), got {targets!r}")
 
 
+def split_names(value, known, what: str) -> tuple[str, ...]:
+    """`value` as distinct '+'-joined names among `known` (an OptionError naming `what` otherwise)."""
+    names = split_targets(value)
+    if sorted(set(names) - set(known)) or len(set(names)) < len(names):
+        raise OptionError(f"{what} must be distinct names among {list(known)} joined by '+', got {'+'.join(names)!r}")
+    return names
+
+
 @dataclass
 class TargetedConfig:
     """Base of the per-target methods: `targets` default to q, v on ViT and in_proj on Vim."""

@@ -24,8 +24,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
-from ..options import OptionError
-from .base import add_branch, register, site_module, split_targets
+from .base import add_branch, register, site_module, split_names
 from .lora import LoRABranch
 
 SITES = {"x": ("in_proj_x",), "z": ("in_proj_z",), "dt": ("x_proj_dt", "x_proj_b_dt"),
@@ -41,11 +40,7 @@ class LoRApConfig:
     dora: bool = False  # use_dora (2_small_lorap_X_64_dora.py L20)
 
     def __post_init__(self):
-        self.targets = split_targets(self.targets)
-        unknown = sorted(set(self.targets) - set(SITES))
-        if unknown or len(set(self.targets)) < len(self.targets):
-            raise OptionError(f"lorap targets must be distinct names among {list(SITES)} joined by '+', "
-                              f"got {'+'.join(self.targets)!r}")
+        self.targets = split_names(self.targets, SITES, "lorap targets")
 
 
 class DoRABranch(nn.Module):

@@ -30,8 +30,7 @@ from torch.nn.utils import parametrize
 from backbones import TensorSite, adapter_sites, model_sites
 
 from ..errors import UnknownName
-from ..options import OptionError
-from .base import Switch, register, split_targets
+from .base import Switch, register, split_names
 
 PARTS = ("A", "D", "conv1d", "dt_bias", "cls_token", "pos_embed")
 
@@ -44,11 +43,7 @@ class PartialConfig:
     RANGES: ClassVar[dict] = {"wd_mult": (0.0, None)}
 
     def __post_init__(self):
-        self.parts = split_targets(self.parts)
-        unknown = sorted(set(self.parts) - set(PARTS))
-        if unknown or len(set(self.parts)) < len(self.parts):
-            raise OptionError(f"partial parts must be distinct names among {list(PARTS)} joined by '+', "
-                              f"got {'+'.join(self.parts)!r}")
+        self.parts = split_names(self.parts, PARTS, "partial parts")
 
 
 class Delta(Switch, nn.Module):
