@@ -27,13 +27,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", help="time only these methods (and the LoRA(in_proj) baseline)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    times = interleaved_medians([train_step(m, args.batch, backbone="vim-s", **o) for m, o in CONFIGS],
+    configs = [c for c in CONFIGS if c == BASELINE or not args.methods or c[0] in args.methods]
+    times = interleaved_medians([train_step(m, args.batch, backbone="vim-s", **o) for m, o in configs],
                                 args.repeats)
     print(f"train step, Vim-S, batch {args.batch} @224 on the CPU, median of {args.repeats} (interleaved)")
     print("| method | options | params | ms | / LoRA(in_proj) |\n|---|---|---|---|---|")
-    for (method, options), t in zip(CONFIGS, times):
+    for (method, options), t in zip(configs, times):
         params = count_params(build_model("vim-s", method, 100, pretrained=False, **options))
         print(f"| {method} | {options} | {params:,} | {t * 1e3:.0f} | {t / times[0]:.2f} |")
     n16, n22 = interleaved_medians([scan_step(ssm.selective_scan, n, args.batch) for n in (16, 22)], args.repeats)
