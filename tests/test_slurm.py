@@ -104,18 +104,25 @@ def test_array_runs_requeue_on_timeout_resumes_and_status_reports_reasons(data_r
     assert "the training loss became" in lines[1] and "(job 1000_1, log " in lines[1], lines
 
 
-def test_runs_per_gpu_puts_k_runs_in_one_job(data_root, tmp_path, slurm, capsys, monkeypatch):
+def test_runs_per_gpu_puts_k_runs_in_one_job_and_its_requeue_resumes_them(data_root, tmp_path, slurm, capsys,
+                                                                          monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+    monkeypatch.setenv("FAKE_SLURM_TIMEOUT", f":{tmp_path / 'runs'}/**/*.state.pt")  # the one job (no array)
     argv = ["--methods", "linear", "--seeds", "1", "2", "--runs-per-gpu", "2"]
-    assert sweep(data_root, tmp_path, *argv, epochs=1) == 0
+    assert sweep(data_root, tmp_path, *argv) == 0  # returns at once
     capsys.readouterr()
     fake_slurm.wait_all(slurm)
-    assert fake_slurm.history(slurm, "1000") == ["PENDING", "RUNNING", "COMPLETED"]  # one job, not an array
-    assert "#SBATCH --gpus-per-node=1\n" in (slurm / "1000.sh").read_text()
-    assert sorted(load_records(tmp_path / "runs")["seed"]) == [1, 2]
+    assert fake_slurm.history(slurm, "1000") == ["PENDING", "RUNNING", "REQUEUED", "RUNNING", "COMPLETED"]
+    assert "#SBATCH --gpus-per-node=1\n" in (slurm / "1000.sh").read_text() and "--array" not in \
+        (slurm / "1000.sh").read_text()
+    log = (tmp_path / "logs" / "1000_0_log.out").read_text()
+    assert "resumed from " in log  # a run process of the requeued job resumed from the state it saved
+    df = load_records(tmp_path / "runs")
+    assert sorted(df["seed"]) == [1, 2] and list(df["best_epoch"]) == [4, 4]
+    assert not list((tmp_path / "runs").rglob("*.lock")) and not list((tmp_path / "runs").rglob("*.state.pt"))
     from submitit.slurm.slurm import SlurmJob
     SlurmJob.watcher.clear()
-    assert sweep(data_root, tmp_path, *argv, "--status", epochs=1) == 0
+    assert sweep(data_root, tmp_path, *argv, "--status") == 0
     assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 2 done, 0 running, 0 pending, 0 failed, 0 not submitted"
 
 
