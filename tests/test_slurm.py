@@ -3,9 +3,9 @@ scontrol (tests/fake_slurm.py) first on PATH; the jobs' command runs here, so ti
 import json
 import re
 
+import fake_slurm
 import pytest
 
-import fake_slurm
 from vtab_lily import sweep as sweep_cli
 from vtab_lily.records import load_records, read_record
 

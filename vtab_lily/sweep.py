@@ -4,7 +4,8 @@
         --grid lily.s=0.01,0.1,1,10,100 lily.ne=2,3,4 [--set epochs=100] [--protocol paper|vtab]
     python -m vtab_lily.sweep --preset table4 --tasks all
     python -m vtab_lily.sweep --preset mini --prepare                 # the offline mini-benchmark (CPU)
-    ... --launcher slurm --partition gpu [--timeout-min 240]     # one Slurm job per run, requeued on preemption
+    ... --launcher slurm --slurm account=A qos=Q ... [--array-parallelism N] [--runs-per-gpu K]   # a job array
+    ... --launcher slurm --status                                 # done / running / pending / failed, with reasons
     ... --gpus 4 [--runs-per-gpu 2]                               # local: K worker processes per GPU
 
 Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
@@ -14,6 +15,9 @@ that method's rows only; a bare `key` to every row that has it (a recipe field, 
 method); a key that no row has is an error. A point that fails, for any reason, is reported as
 `failed: <reason>` with its traceback in a file under `--logs`, and the sweep goes on; the last line counts
 the jobs (exit code 1 when any failed). Each `ran` line gives the run's best and final accuracy.
+`--launcher slurm` submits one job per run (K per job with --runs-per-gpu K) as a job array and returns at
+once (`--wait` waits for the jobs); runs done, running or queued already are not submitted again; a job is
+requeued on preemption or timeout and its runs resume from their saved state.
 `--protocol vtab` first scores every grid point on val200 (trained on train800), then retrains the best
 point (final val200 accuracy) per row, task and seed on train800val200 and tests it (report its final accuracy).
 """
@@ -37,10 +41,10 @@ import torch
 
 from backbones.ssm import BACKENDS, set_backend
 
+from . import slurm
 from .adapters.base import option_names
 from .choices import choices_help
 from .errors import UserError, cli, error_line, os_error_line
-from . import slurm
 from .locks import LockLost, RunLock
 from .options import OptionError, check_seed
 from .prepare import ensure_prepared
@@ -289,15 +293,22 @@ def run_process_signals() -> None:
     signal.signal(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")), signal.SIG_IGN)
 
 
+def job_identity(spec: RunSpec, args) -> RunSpec | None:
+    """The spec resolved as its job will resolve it (on a GPU when the Slurm jobs get one: the precision is part
+    of the run id), or None when it cannot be here (e.g. data not prepared yet: the job's state says the rest)."""
+    gpu = args.launcher == "slurm" and args.slurm_params.get("gpus_per_node")
+    try:
+        return resolve(spec, args.data_root, args.weights, device="cuda" if gpu else None)[0]
+    except (UserError, OSError):
+        return None
+
+
 def cluster_state(point: Point, args, jobs: dict, states: dict) -> tuple[str, str]:
     """(done | running | pending | failed | not submitted, the status line) of a point, from its record, its
     lock and its latest submitit job (`jobs`: slurm.latest_jobs, `states`: slurm.job_states)."""
     if point.error is not None:
         return "failed", point.error
-    try:
-        resolved = resolve(point.spec, args.data_root, args.weights)[0]
-    except (UserError, OSError):
-        resolved = None  # not resolvable here (e.g. data not prepared yet): the job's state says the rest
+    resolved = job_identity(point.spec, args)
     record = None
     if resolved is not None:
         path = resolved.path(args.runs)
@@ -351,12 +362,8 @@ def submit(points: list[Point], args) -> list[str]:
         submitted = executor.map_array(Job(), [[points[i].spec for i in chunk] for chunk in chunks],
                                        [args.runs] * n, [args.data_root] * n, [args.weights] * n,
                                        [args.prepare] * n, [args.logs] * n)
-        run_ids = {}
-        for i in todo:
-            try:
-                run_ids[slurm.spec_key(points[i].spec)] = resolve(points[i].spec, args.data_root, args.weights)[0].run_id
-            except (UserError, OSError):
-                pass  # resolved in the job (e.g. after --prepare there)
+        run_ids = {slurm.spec_key(points[i].spec): getattr(job_identity(points[i].spec, args), "run_id", None)
+                   for i in todo}  # None: resolved in the job (e.g. after its --prepare)
         manifest = slurm.write_manifest(args.logs, cluster, submitted,
                                         [[(points[i].label, points[i].spec) for i in chunk] for chunk in chunks],
                                         run_ids)
@@ -429,8 +436,8 @@ def check_launcher(args) -> None:
     if args.launcher == "slurm" and not args.status:
         missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
         if missing:
-            raise OptionError(f"--launcher slurm: Slurm's {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
-                              " not on PATH (run the sweep on a Slurm login node, or use --launcher local)")
+            verb = "is" if len(missing) == 1 else "are"
+            raise OptionError(f"--launcher slurm: Slurm's {' and '.join(missing)} {verb} not on PATH (run the sweep on a Slurm login node, or use --launcher local)")
     if args.timeout_min < 1:
         raise OptionError(f"--timeout-min must be >= 1, got {args.timeout_min}")
     if min(args.gpus, args.runs_per_gpu) < 1:
