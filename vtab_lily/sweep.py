@@ -437,7 +437,8 @@ def check_launcher(args) -> None:
         missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
         if missing:
             verb = "is" if len(missing) == 1 else "are"
-            raise OptionError(f"--launcher slurm: Slurm's {' and '.join(missing)} {verb} not on PATH (run the sweep on a Slurm login node, or use --launcher local)")
+            raise OptionError(f"--launcher slurm: Slurm's {' and '.join(missing)} {verb} not on PATH (run the sweep "
+                              "on a Slurm login node, or use --launcher local)")
     if args.timeout_min < 1:
         raise OptionError(f"--timeout-min must be >= 1, got {args.timeout_min}")
     if min(args.gpus, args.runs_per_gpu) < 1:
