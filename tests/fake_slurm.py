@@ -2,7 +2,8 @@
 scontrol scripts into bin_dir (put it first on PATH); each records its arguments in <state_dir>/calls.jsonl
 and keeps the jobs' states in <state_dir>/jobs.json.
 
-- sbatch FILE: hands out job ids from 1000, keeps a copy of FILE (<id>.sh), reads its `#SBATCH --array`, and
+- sbatch FILE: refuses an account not in FAKE_SLURM_ACCOUNTS (when set), as Slurm does; hands out job ids
+  from 1000, keeps a copy of FILE (<id>.sh), reads its `#SBATCH --array`, and
   leaves every job (array task) PENDING; with FAKE_SLURM_RUN=1 a detached runner then runs each array task
   in turn, as Slurm would: the script under bash with SLURM_* set, RUNNING, then COMPLETED or FAILED by its
   exit code, or, when the job asked `scontrol requeue` meanwhile, REQUEUED and run again.
@@ -75,8 +76,14 @@ def wait_all(state_dir: Path, timeout_s: float = 120) -> None:
     raise TimeoutError("fake Slurm jobs still running")
 
 
-def sbatch(state_dir: Path, argv: list[str]) -> None:
+def sbatch(state_dir: Path, argv: list[str]) -> int:
     text = Path(argv[-1]).read_text()
+    if "--account=" in text and os.environ.get("FAKE_SLURM_ACCOUNTS") is not None:
+        account = re.search(r"^#SBATCH --account=(.*)$", text, re.M).group(1)
+        if account not in os.environ["FAKE_SLURM_ACCOUNTS"].split(","):
+            print("sbatch: error: Batch job submission failed: Invalid account or account/partition combination "
+                  "specified", file=sys.stderr)
+            return 1
     array = re.search(r"^#SBATCH --array=0-(\d+)%\d+$", text, re.M)
     with jobs(state_dir) as db:
         job_id = db["next"]
@@ -89,6 +96,7 @@ def sbatch(state_dir: Path, argv: list[str]) -> None:
         subprocess.Popen([sys.executable, __file__, "run", str(script), *names], start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=open(state_dir / "runner.err", "a"))
     print(f"Submitted batch job {job_id}")
+    return 0
 
 
 def run(state_dir: Path, script: str, names: list[str]) -> None:
@@ -157,7 +165,7 @@ def main() -> int:
         return 0
     log(state_dir, [name, *argv])
     if name == "sbatch":
-        sbatch(state_dir, argv)
+        return sbatch(state_dir, argv)
     elif name == "srun":
         return srun(state_dir, argv)
     elif name == "sacct":

@@ -138,3 +138,13 @@ def test_bad_slurm_options_are_one_line_before_any_work(data_root, tmp_path, slu
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert fake_slurm.calls(slurm) == [] and not (tmp_path / "logs").exists()
+
+
+def test_a_refused_submission_is_one_line(data_root, tmp_path, slurm, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_SLURM_ACCOUNTS", "proj7")
+    assert sweep(data_root, tmp_path, "--methods", "lora", "--slurm", "account=proj8") == 2
+    err = capsys.readouterr().err
+    assert err == ("error: sbatch refused the jobs: sbatch: error: Batch job submission failed: Invalid account or "
+                   "account/partition combination specified (check --partition and --slurm account / qos / the "
+                   "resources asked)\n")
+    assert not (tmp_path / "logs" / "submissions").exists()

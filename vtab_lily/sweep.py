@@ -24,7 +24,9 @@ point (final val200 accuracy) per row, task and seed on train800val200 and tests
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import itertools
 import multiprocessing
 import os
@@ -266,6 +268,10 @@ def record_of(spec: RunSpec, args) -> dict | None:
         return None
 
 
+class SubmissionRefused(UserError):
+    """The cluster refused the submission (an unknown account, QOS or partition, resources it cannot give)."""
+
+
 class Job:
     """One submitit job (a Slurm array task): its runs, in one process each when there are several (K runs
     share the job's GPU, as --runs-per-gpu does on one machine). On preemption or timeout submitit calls
@@ -345,6 +351,7 @@ def submit(points: list[Point], args) -> list[str]:
     """Submit, through submitit, the points that are neither done, running nor queued, K (--runs-per-gpu) to a
     job, as one job array; write the manifest; with --wait (always for submitit-local) wait for the jobs.
     Returns each point's status; prints one line per point."""
+    from submitit.core.utils import FailedJobError
     cluster = "slurm" if args.launcher == "slurm" else "local"
     jobs = slurm.latest_jobs(args.logs) if cluster == "slurm" else {}
     states = slurm.job_states(args.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
@@ -353,15 +360,20 @@ def submit(points: list[Point], args) -> list[str]:
         kind, line = cluster_state(point, args, jobs, states)
         if kind in ("not submitted", "failed") and point.spec is not None:
             todo.append(i)
-            line = "submitted"
         lines.append(line)
     chunks = [todo[i:i + args.runs_per_gpu] for i in range(0, len(todo), args.runs_per_gpu)]
     if chunks:
         executor = slurm.make_executor(args.logs, cluster, args.slurm_params)
         n = len(chunks)
-        submitted = executor.map_array(Job(), [[points[i].spec for i in chunk] for chunk in chunks],
-                                       [args.runs] * n, [args.data_root] * n, [args.weights] * n,
-                                       [args.prepare] * n, [args.logs] * n)
+        refusal = io.StringIO()  # submitit prints sbatch's complaint, then raises it: one line instead
+        try:
+            with contextlib.redirect_stderr(refusal):
+                submitted = executor.map_array(Job(), [[points[i].spec for i in chunk] for chunk in chunks],
+                                               [args.runs] * n, [args.data_root] * n, [args.weights] * n,
+                                               [args.prepare] * n, [args.logs] * n)
+        except FailedJobError as e:
+            raise SubmissionRefused(f"sbatch refused the jobs: {' '.join(str(e).split()) or refusal.getvalue()} "
+                                    "(check --partition and --slurm account / qos / the resources asked)") from None
         run_ids = {slurm.spec_key(points[i].spec): getattr(job_identity(points[i].spec, args), "run_id", None)
                    for i in todo}  # None: resolved in the job (e.g. after its --prepare)
         manifest = slurm.write_manifest(args.logs, cluster, submitted,
