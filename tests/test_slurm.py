@@ -2,6 +2,7 @@
 scontrol (tests/fake_slurm.py) first on PATH; the jobs' command runs here, so tiny runs write records."""
 import json
 import re
+import subprocess
 
 import fake_slurm
 import pytest
@@ -62,11 +63,14 @@ def test_submission_returns_at_once_with_every_sbatch_line_and_status_counts(dat
 
     fake_slurm.set_state(slurm, "1000_1", "RUNNING")
     fake_slurm.set_state(slurm, "1000_2", "FAILED")
+    subprocess.run(["scancel", "1000_0"], check=True)  # the user stops one job
     from submitit.slurm.slurm import SlurmJob
     SlurmJob.watcher.clear()
     assert sweep(data_root, tmp_path, *argv, "--status") == 1
     out = capsys.readouterr().out
-    assert out.splitlines()[-1] == "3 runs: 0 done, 1 running, 1 pending, 1 failed, 0 not submitted"
+    assert out.splitlines()[-1] == "3 runs: 0 done, 1 running, 0 pending, 2 failed, 0 not submitted"
+    assert "job 1000_0 ended CANCELLED without finishing the run" in out.splitlines()[0]
+    assert "running (RUNNING, job 1000_1, log " in out.splitlines()[1]
     failed = next(line for line in out.splitlines() if "seed 3" in line)
     assert f"job 1000_2 ended FAILED without finishing the run (job 1000_2, log {tmp_path / 'logs'}/1000_2_0_log.err)" \
         in failed
