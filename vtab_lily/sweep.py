@@ -281,22 +281,36 @@ class Job:
         calls = [(spec, runs, data_root, weights, prepare, logs) for spec in specs]
         if len(calls) == 1:
             return [run_job(*calls[0])]
-        # leaving the pool (the job done, or stopped by its signal handler) sends SIGTERM to the runs' processes
-        with multiprocessing.get_context("spawn").Pool(len(calls), initializer=run_process_signals) as pool:
-            return pool.starmap(run_job, calls)
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe(duplex=False) for _ in calls]
+        procs = [context.Process(target=run_process, args=(call, send)) for call, (_, send) in zip(calls, pipes)]
+        try:
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+        finally:  # also when submitit's signal handler stops the job: the runs unwind, releasing their locks
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join()
+        return [receive.recv() if receive.poll() else f"failed: its run process ended with exit code {proc.exitcode} "
+                "(killed: out of host memory? see the job's log)" for proc, (receive, _) in zip(procs, pipes)]
 
     def checkpoint(self, *args, **kwargs):
         from submitit.core.utils import DelayedSubmission
         return DelayedSubmission(self, *args, **kwargs)  # the same runs again, which resume from their state
 
 
-def run_process_signals() -> None:
-    """In a job's run process: SIGTERM unwinds the run (its lock is released, its state kept from the last
-    saved epoch); submitit's preemption signal is the job's to handle, not the run's."""
+def run_process(call: tuple, send) -> None:
+    """A run of a job of several, in its own process: SIGTERM (the job stopping) unwinds the run (its lock is
+    released, its state kept from the last saved epoch); submitit's preemption signal is the job's to handle."""
     def stop(signum, frame):
         raise SystemExit(f"stopped by signal {signum}")
     signal.signal(signal.SIGTERM, stop)
     signal.signal(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")), signal.SIG_IGN)
+    send.send(run_job(*call))
 
 
 def job_identity(spec: RunSpec, args) -> RunSpec | None:
