@@ -310,14 +310,22 @@ def test_slurm_without_sbatch_is_refused(tmp_path, capsys, monkeypatch):
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--launcher", "slurm",
                            "--partition", "gpu", "--runs", str(tmp_path / "runs"), "--logs", str(tmp_path / "logs")])
     assert code == 2
-    assert capsys.readouterr().err.startswith("error: --launcher slurm: Slurm's sbatch is not on PATH")
+    assert capsys.readouterr().err.startswith("error: --launcher slurm: Slurm's sbatch and srun are not on PATH")
     assert sorted(tmp_path.iterdir()) == []
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")  # sbatch alone: submitit's executor needs srun too
+    (tmp_path / "sbatch").chmod(0o755)
+    code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--launcher", "slurm",
+                           "--runs", str(tmp_path / "runs"), "--logs", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --launcher slurm: Slurm's srun is not on PATH") and err.count("\n") == 1
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "sbatch"]
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--timeout-min", "0"], "--timeout-min must be >= 1, got 0"),
     (["--seeds", "1", str(2**64)], "seed must be an integer in"),
-    (["--launcher", "slurm"], "--launcher slurm needs --partition"),
+    (["--launcher", "submitit-local", "--slurm", "qos=x", "--slurm", "gpus=2"], "--slurm gpus: not a Slurm parameter"),
+    (["--slurm", "qos=high"], "--slurm, --array-parallelism and --wait are for --launcher slurm"),
     (["--grid", "r"], "--grid expects KEY=V1,V2,..., got 'r'"),
     (["--set", "=3"], "--set expects KEY=VALUE, got '=3'"),
     (["--tasks", "cifar10"], "unknown task 'cifar10'"),

@@ -114,6 +114,11 @@ class RunLock:
             return start is not None and info.get("start") not in (None, start)  # pid reused
         return False
 
+    def live(self) -> bool:
+        """Whether another process holds this lock now (it exists and is not stale)."""
+        info, age, _ = self._read()
+        return age is not None and not self._stale(info, age)
+
     def describe(self) -> str:
         info, age, problem = self._read()
         if age is None:

@@ -4,7 +4,8 @@
         --grid lily.s=0.01,0.1,1,10,100 lily.ne=2,3,4 [--set epochs=100] [--protocol paper|vtab]
     python -m vtab_lily.sweep --preset table4 --tasks all
     python -m vtab_lily.sweep --preset mini --prepare                 # the offline mini-benchmark (CPU)
-    ... --launcher slurm --partition gpu [--timeout-min 240]     # one Slurm job per run, requeued on preemption
+    ... --launcher slurm --slurm account=A qos=Q ... [--array-parallelism N] [--runs-per-gpu K]   # a job array
+    ... --launcher slurm --status                                 # done / running / pending / failed, with reasons
     ... --gpus 4 [--runs-per-gpu 2]                               # local: K worker processes per GPU
 
 Finished runs are skipped; runs are claimed with lock files, so several sweeps over the same grid
@@ -14,17 +15,24 @@ that method's rows only; a bare `key` to every row that has it (a recipe field, 
 method); a key that no row has is an error. A point that fails, for any reason, is reported as
 `failed: <reason>` with its traceback in a file under `--logs`, and the sweep goes on; the last line counts
 the jobs (exit code 1 when any failed). Each `ran` line gives the run's best and final accuracy.
+`--launcher slurm` submits one job per run (K per job with --runs-per-gpu K) as a job array and returns at
+once (`--wait` waits for the jobs); runs done, running or queued already are not submitted again; a job is
+requeued on preemption or timeout and its runs resume from their saved state.
 `--protocol vtab` first scores every grid point on val200 (trained on train800), then retrains the best
 point (final val200 accuracy) per row, task and seed on train800val200 and tests it (report its final accuracy).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import itertools
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -35,14 +43,15 @@ import torch
 
 from backbones.ssm import BACKENDS, set_backend
 
+from . import slurm
 from .adapters.base import option_names
 from .choices import choices_help
 from .errors import UserError, cli, error_line, os_error_line
-from .locks import LockLost
+from .locks import LockLost, RunLock
 from .options import OptionError, check_seed
 from .prepare import ensure_prepared
 from .recipes import PRESET_TASKS, PRESETS, RECIPE_FIELDS, for_task
-from .records import RunSpec, finished, read_record, selection_order
+from .records import RecordError, RunSpec, finished, read_record, selection_order
 from .run import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
@@ -203,19 +212,15 @@ def dry_run_status(point: Point, args) -> str:
 def launch(points: list[Point], args, stage: str, statuses: list[str]) -> None:
     """Run the valid points (through the chosen launcher) and append every point's status to `statuses`
     (invalid points 'failed'), printing one line per point."""
-    specs = [p.spec for p in points if p.spec is not None]
     if args.launcher in ("slurm", "submitit-local"):
-        results = iter(launch_submitit(specs, args))
-    elif len(args.workers) > 1 and not args.stage:
+        statuses += submit(points, args)
+        return
+    if len(args.workers) > 1 and not args.stage:
         statuses += launch_workers(points, args, stage)
         return
-    else:
-        results = None
     for i, point in enumerate(points, 1):
         if point.error is not None:
             status = point.error
-        elif results is not None:
-            status = next(results)
         else:
             status = run_job(point.spec, args.runs, args.data_root, args.weights, args.prepare, args.logs)
         print(f"[{i}/{len(points)}] {point.label}: {status}", flush=True)
@@ -263,30 +268,174 @@ def record_of(spec: RunSpec, args) -> dict | None:
         return None
 
 
-def launch_submitit(specs: list[RunSpec], args) -> list[str]:
-    import submitit
+class SubmissionRefused(UserError):
+    """The cluster refused the submission (an unknown account, QOS or partition, resources it cannot give)."""
 
-    class Job(submitit.helpers.Checkpointable):
-        """Requeued on preemption or timeout; the run resumes from its saved state."""
 
-        def __call__(self, spec, runs, data_root, weights, prepare, logs):
-            return run_job(spec, runs, data_root, weights, prepare, logs)
+class Job:
+    """One submitit job (a Slurm array task): its runs, in one process each when there are several (K runs
+    share the job's GPU, as --runs-per-gpu does on one machine). On preemption or timeout submitit calls
+    `checkpoint` and requeues the job: finished runs are skipped, the others resume from their saved state."""
 
+    def __call__(self, specs, runs, data_root, weights, prepare, logs) -> list[str]:
+        calls = [(spec, runs, data_root, weights, prepare, logs) for spec in specs]
+        if len(calls) == 1:
+            return [run_job(*calls[0])]
+        context = multiprocessing.get_context("spawn")
+        pipes = [context.Pipe(duplex=False) for _ in calls]
+        procs = [context.Process(target=run_process, args=(call, send)) for call, (_, send) in zip(calls, pipes)]
+        try:
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+        finally:  # also when submitit's signal handler stops the job: the runs unwind, releasing their locks
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join()
+        return [receive.recv() if receive.poll() else f"failed: its run process ended with exit code {proc.exitcode} "
+                "(killed: out of host memory? see the job's log)" for proc, (receive, _) in zip(procs, pipes)]
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.core.utils import DelayedSubmission
+        return DelayedSubmission(self, *args, **kwargs)  # the same runs again, which resume from their state
+
+
+def run_process(call: tuple, send) -> None:
+    """A run of a job of several, in its own process: SIGTERM (the job stopping) unwinds the run (its lock is
+    released, its state kept from the last saved epoch); submitit's preemption signal is the job's to handle."""
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")), signal.SIG_IGN)
+    send.send(run_job(*call))
+
+
+def job_identity(spec: RunSpec, args) -> RunSpec | None:
+    """The spec resolved as its job will resolve it (on a GPU when the Slurm jobs get one: the precision is part
+    of the run id), or None when it cannot be here (e.g. data not prepared yet: the job's state says the rest)."""
+    gpu = args.launcher == "slurm" and args.slurm_params.get("gpus_per_node")
+    try:
+        return resolve(spec, args.data_root, args.weights, device="cuda" if gpu else None)[0]
+    except (UserError, OSError):
+        return None
+
+
+def cluster_state(point: Point, args, jobs: dict, states: dict) -> tuple[str, str]:
+    """(done | running | pending | failed | not submitted, the status line) of a point, from its record, its
+    lock and its latest submitit job (`jobs`: slurm.latest_jobs, `states`: slurm.job_states)."""
+    if point.error is not None:
+        return "failed", point.error
+    resolved = job_identity(point.spec, args)
+    record = None
+    if resolved is not None:
+        path = resolved.path(args.runs)
+        if (done := finished(path)) is not None:
+            return "done", f"done ({accuracy(done)})"
+        lock = RunLock(resolved.path(args.runs, ".lock"))
+        if lock.live():
+            return "running", f"running ({lock.describe()})"
+        try:
+            record = read_record(path) if path.exists() else None
+        except RecordError:
+            record = None
+    job = jobs.get(slurm.spec_key(point.spec))
+    if job is None:
+        return ("failed", f"failed: {record['error']}") if record else ("not submitted", "not submitted")
+    where = f"job {job['job_id']}, log {job['stderr']}"
+    state = states.get(job["job_id"], "UNKNOWN")
+    outcome = slurm.job_outcome(args.logs, job)
+    if outcome is None and state in slurm.QUEUED | {"UNKNOWN"}:
+        return "pending", f"pending ({state}, job {job['job_id']})"
+    if outcome is None and state in slurm.ACTIVE:
+        return "running", f"running ({state}, {where})"
+    if record is not None:
+        return "failed", f"failed: {record['error']} ({where})"
+    if outcome is not None and outcome.startswith("failed"):
+        return "failed", f"{outcome} ({where})"
+    if outcome == "busy":
+        return "failed", f"failed: job {job['job_id']} found the run held by another process, which did not " \
+                         f"finish it ({where})"
+    return "failed", f"failed: job {job['job_id']} ended {state} without finishing the run ({where})"
+
+
+def submit(points: list[Point], args) -> list[str]:
+    """Submit, through submitit, the points that are neither done, running nor queued, K (--runs-per-gpu) to a
+    job, as one job array; write the manifest; with --wait (always for submitit-local) wait for the jobs.
+    Returns each point's status; prints one line per point."""
+    from submitit.core.utils import FailedJobError
     cluster = "slurm" if args.launcher == "slurm" else "local"
-    executor = submitit.AutoExecutor(folder=args.logs, cluster=cluster)
-    params = dict(timeout_min=args.timeout_min, name="vtab-lily")
-    if cluster == "slurm":
-        params.update(gpus_per_node=1, slurm_partition=args.partition, slurm_signal_delay_s=120)
-    executor.update_parameters(**params)
-    n = len(specs)
-    jobs = executor.map_array(Job(), specs, [args.runs] * n, [args.data_root] * n, [args.weights] * n,
-                              [args.prepare] * n, [args.logs] * n)
-    print(f"submitted {n} jobs to {cluster} (logs: {args.logs})", flush=True)
-    return [job_status(job, args) for job in jobs]
+    jobs = slurm.latest_jobs(args.logs) if cluster == "slurm" else {}
+    states = slurm.job_states(args.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
+    lines, todo = [], []
+    for i, point in enumerate(points):
+        kind, line = cluster_state(point, args, jobs, states)
+        if kind in ("not submitted", "failed") and point.spec is not None:
+            todo.append(i)
+        lines.append(line)
+    chunks = [todo[i:i + args.runs_per_gpu] for i in range(0, len(todo), args.runs_per_gpu)]
+    if chunks:
+        executor = slurm.make_executor(args.logs, cluster, args.slurm_params)
+        n = len(chunks)
+        refusal = io.StringIO()  # submitit prints sbatch's complaint, then raises it: one line instead
+        try:
+            with contextlib.redirect_stderr(refusal):
+                submitted = executor.map_array(Job(), [[points[i].spec for i in chunk] for chunk in chunks],
+                                               [args.runs] * n, [args.data_root] * n, [args.weights] * n,
+                                               [args.prepare] * n, [args.logs] * n)
+        except FailedJobError as e:
+            raise SubmissionRefused(f"sbatch refused the jobs: {' '.join(str(e).split()) or refusal.getvalue()} "
+                                    "(check --partition and --slurm account / qos / the resources asked)") from None
+        run_ids = {slurm.spec_key(points[i].spec): getattr(job_identity(points[i].spec, args), "run_id", None)
+                   for i in todo}  # None: resolved in the job (e.g. after its --prepare)
+        manifest = slurm.write_manifest(args.logs, cluster, submitted,
+                                        [[(points[i].label, points[i].spec) for i in chunk] for chunk in chunks],
+                                        run_ids)
+        ids = [job.job_id for job in submitted]
+        print(f"submitted {len(todo)} runs in {n} jobs to {cluster}: job ids {ids[0]}"
+              + (f" .. {ids[-1]}" if n > 1 else "") + f"; logs: {Path(submitted[0].paths.stdout).parent} "
+              f"(<job id>_0_log.out/.err); manifest: {manifest}", flush=True)
+        for job, chunk in zip(submitted, chunks):
+            for i in chunk:
+                lines[i] = f"submitted (job {job.job_id}, log {job.paths.stderr})"
+        if args.wait or cluster == "local":
+            for job, chunk in zip(submitted, chunks):
+                results = job_status(job, args)
+                for i, status in zip(chunk, results if isinstance(results, list) else [results] * len(chunk)):
+                    lines[i] = status
+        else:
+            print("they run on their own; follow them with: python -m vtab_lily.sweep "
+                  f"{' '.join(args.argv)} --status", flush=True)
+    statuses = []
+    for i, (point, line) in enumerate(zip(points, lines), 1):
+        print(f"[{i}/{len(points)}] {point.label}: {line}", flush=True)
+        statuses.append(line if line.startswith(("ran", "failed", "submitted")) else
+                        "done" if line.startswith("done") else "busy")
+    return statuses
 
 
-def job_status(job, args) -> str:
-    """A submitted job's status; a job that died (killed, node lost) is a failed point, not a dead sweep."""
+def report_status(points: list[Point], args) -> int:
+    """--status: each point's state (from records, locks and the submitit jobs of earlier submissions) and the
+    counts; exit 1 when any failed."""
+    jobs = slurm.latest_jobs(args.logs)
+    states = slurm.job_states(args.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
+    kinds = []
+    for point in points:
+        kind, line = cluster_state(point, args, jobs, states)
+        print(f"{point.label}: {line}", flush=True)
+        kinds.append(kind)
+    print(f"{len(kinds)} runs: " + ", ".join(f"{kinds.count(k)} {k}" for k in STATES))
+    return 1 if "failed" in kinds else 0
+
+
+STATES = ("done", "running", "pending", "failed", "not submitted")
+
+
+def job_status(job, args) -> str | list[str]:
+    """A submitted job's statuses (one per run); a job that died (killed, node lost) is a failed point, not a
+    dead sweep."""
     try:
         return job.result()
     except Exception as e:
@@ -310,28 +459,32 @@ def select_rows(args) -> list:
 
 
 def check_launcher(args) -> None:
-    if args.launcher == "slurm":
-        if not args.partition:
-            raise OptionError("--launcher slurm needs --partition")
-        if shutil.which("sbatch") is None:
-            raise OptionError("--launcher slurm: Slurm's sbatch is not on PATH (run the sweep on a Slurm login "
-                              "node, or use --launcher local)")
+    if args.launcher == "slurm" and not args.status:
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise OptionError(f"--launcher slurm: Slurm's {' and '.join(missing)} {verb} not on PATH (run the sweep "
+                              "on a Slurm login node, or use --launcher local)")
+    if args.timeout_min < 1:
+        raise OptionError(f"--timeout-min must be >= 1, got {args.timeout_min}")
+    if min(args.gpus, args.runs_per_gpu) < 1:
+        raise OptionError(f"--gpus and --runs-per-gpu must be at least 1, got {args.gpus} and {args.runs_per_gpu}")
     if args.launcher in ("slurm", "submitit-local"):
         try:
             import submitit  # noqa: F401
         except ImportError:
             raise OptionError(f"--launcher {args.launcher} needs submitit: pip install submitit") from None
-    if args.timeout_min < 1:
-        raise OptionError(f"--timeout-min must be >= 1, got {args.timeout_min}")
-    if min(args.gpus, args.runs_per_gpu) < 1:
-        raise OptionError(f"--gpus and --runs-per-gpu must be at least 1, got {args.gpus} and {args.runs_per_gpu}")
+        args.slurm_params = slurm.parse_slurm(args.slurm, args.partition, args.timeout_min, args.array_parallelism)
+    elif args.slurm or args.array_parallelism is not None or args.wait:
+        raise OptionError("--slurm, --array-parallelism and --wait are for --launcher slurm (or submitit-local)")
 
 
 def count_line(statuses: list[str]) -> str:
     ran = sum(s.startswith("ran") for s in statuses)
     failed = sum(s.startswith("failed") for s in statuses)
+    submitted = statuses.count("submitted") + sum(s.startswith("submitted (") for s in statuses)
     return (f"{len(statuses)} jobs: {ran} ran, {statuses.count('done')} already done, {statuses.count('busy')} "
-            f"run elsewhere, {failed} failed")
+            f"run elsewhere, {failed} failed" + (f", {submitted} submitted" if submitted else ""))
 
 
 @cli
@@ -357,8 +510,17 @@ def main(argv=None) -> int:
                         help="local launcher: K runs share each GPU (K worker processes per GPU; on a machine "
                         "without a GPU, K processes on the CPU)")
     parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan in every run (as run's option)")
-    parser.add_argument("--partition", help="Slurm partition")
-    parser.add_argument("--timeout-min", type=int, default=240)
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                        help="a submitit Slurm parameter, repeatable: account=A qos=Q mem_gb=32 cpus_per_task=8 "
+                        "gpus_per_node=1 constraint=a100 exclude=node1 setup='module load cuda' (one line each) "
+                        "additional_parameters.NAME=VALUE (any sbatch option); an unknown key lists the valid ones")
+    parser.add_argument("--partition", help="Slurm partition (= --slurm partition=P)")
+    parser.add_argument("--timeout-min", type=int, default=240, help="each job's time limit (= --slurm timeout_min=M)")
+    parser.add_argument("--array-parallelism", type=int, metavar="N", help="at most N jobs of the array run at once")
+    parser.add_argument("--wait", action="store_true", help="--launcher slurm: wait for the jobs and print their "
+                        "results (else the submission returns at once; follow it with --status)")
+    parser.add_argument("--status", action="store_true", help="report the sweep's runs: done, running, pending, "
+                        "failed (reason, log), from records, locks and the submitted jobs (sacct); runs nothing")
     parser.add_argument("--logs", help="submitit's job logs, and the tracebacks of failed points (under failed/); "
                         "default: slurm-logs beside the --runs folder (results/slurm-logs)")
     parser.add_argument("--weights")
@@ -389,6 +551,12 @@ def main(argv=None) -> int:
     args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []
     stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test",
                     args.logs)
+    def final():
+        return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
+                for s in best_on_val(stage1, args)]
+
+    if args.status:
+        return report_status(stage1 + (final() if args.protocol == "vtab" else []), args)
     if args.dry_run:
         statuses = []
         for point in stage1:
@@ -399,9 +567,6 @@ def main(argv=None) -> int:
         print(f"{len(statuses)} runs: {statuses.count('done')} done, {len(statuses) - failed - statuses.count('done')} "
               f"to run, {failed} failed")
         return 1 if failed else 0
-    def final():
-        return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
-                for s in best_on_val(stage1, args)]
 
     statuses: list[str] = []
     try:
@@ -409,7 +574,10 @@ def main(argv=None) -> int:
             launch(final() if args.stage == "final" else stage1, args, args.stage, statuses)
         else:
             launch(stage1, args, "select" if args.protocol == "vtab" else "all", statuses)
-            if args.protocol == "vtab":
+            if args.protocol == "vtab" and any(s.startswith(("submitted", "busy")) for s in statuses):
+                print("--protocol vtab: the final stage (the best point on val200, retrained on train800val200) "
+                      "is submitted by this same command once these runs are done (see --status)", flush=True)
+            elif args.protocol == "vtab":
                 launch(final(), args, "final", statuses)
     finally:  # also when interrupted: what ran so far is counted
         print(count_line(statuses), flush=True)

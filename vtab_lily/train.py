@@ -237,6 +237,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
     session = time.perf_counter()
     if state_path is not None and state_path.exists():
         history, start = restore_state(state_path, model, optimizer, scheduler, train.device)
+        if start:  # said in the log of a requeued cluster job, too
+            print(f"resumed from {state_path} after epoch {start}", flush=True)
     wall_before = history.wall_time_s
     if train.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.precision == "tf32"
