@@ -2,7 +2,6 @@
 fewer GPUs, sweep workers under a parent mask, CUDA out of memory as a failed run, host syncs per step and
 per evaluation, fp32 dt bias and scan under bf16 autocast, the GPU check's projection."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from vtab_lily import sweep as sweep_cli
 from vtab_lily.data import Batches, Split
 from vtab_lily.recipes import recipe_for
 from vtab_lily.train import Interrupted, evaluate, fit
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 def tiny_split(n=40, size=32, seed=0):
@@ -156,8 +153,9 @@ def test_bf16_autocast_keeps_the_dt_bias_and_the_torch_scan_in_fp32(monkeypatch,
 
 
 def test_gpu_check_projects_the_real_test_splits_and_the_images_drop_last_trains():
-    from gpu_checks import projected_task_s, test_split_sizes
+    from vtab_lily.doctor import projected_run_s, test_split_sizes
     sizes = test_split_sizes()
-    assert len(sizes) == 19 and sum(sizes) / 19 == 20_416 and max(sizes) == 73_728
-    mean_s, largest_s = projected_task_s(train_ips=960.0, eval_ips=1000.0, batch=64)
-    assert mean_s == pytest.approx(100 + 10 * 20.416) and largest_s == pytest.approx(100 + 10 * 73.728)
+    assert len(sizes) == 19 and sum(sizes.values()) / 19 == 20_416 and max(sizes.values()) == 73_728
+    rate = {"batch": 64, "train_ips": 960.0, "eval_ips": 1000.0}
+    assert projected_run_s(rate, 20_416) == pytest.approx(100 + 10 * 20.416)
+    assert projected_run_s(rate, 73_728) == pytest.approx(100 + 10 * 73.728)

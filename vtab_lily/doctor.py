@@ -96,7 +96,7 @@ def device_checks() -> list[Check]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         checks.append(Check("devices", "PASS", f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute "
-                            f"capability {p.major}.{p.minor}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
+                            f"capability {p.major}.{p.minor}"))
     return checks
 
 
@@ -108,7 +108,8 @@ def mixer_inputs(device, dtype, b=2, d=64, l=197, n=16, k=4, seed=0) -> list[tor
     x, delta = torch.randn(b, d, l, generator=g), torch.randn(b, d, l, generator=g) * 2
     delta[0, -1, l // 2] = 40.0
     leaves = [x, torch.randn(d, 1, k, generator=g) * 0.5, torch.randn(d, generator=g) * 0.1, delta,
-              -torch.rand(d, n, generator=g) - 0.1, torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g),
+              -torch.rand(d, n, generator=g) - 0.1, torch.randn(b, n, l, generator=g),
+              torch.randn(b, n, l, generator=g),
               torch.randn(d, generator=g), torch.randn(b, d, l, generator=g), torch.randn(d, generator=g)]
     # the scan's A, D and dt bias are fp32 parameters in the model, whatever the activations' dtype
     return [t.to(device, torch.float32 if i in (4, 7, 9) else dtype) for i, t in enumerate(leaves)]
@@ -208,8 +209,8 @@ def gpu_run_checks(device: str, root: Path) -> list[Check]:
         checks.append(Check(section, "PASS" if ok else "FAIL", f"{name}, {precision}, against fp32", detail))
     runs = root / "runs-per-gpu"
     code = sweep.main(["--backbones", MINI_RUN["backbone"], "--methods", MINI_RUN["method"], "--tasks",
-                       MINI_RUN["task"], "--seeds", "1", "2", "--set", "epochs=1", "eval_every=1", "--runs-per-gpu", "2",
-                       "--gpus", "1", "--data-root", str(root / "data"), "--runs", str(runs)])
+                       MINI_RUN["task"], "--seeds", "1", "2", "--set", "epochs=1", "eval_every=1",
+                       "--runs-per-gpu", "2", "--gpus", "1", "--data-root", str(root / "data"), "--runs", str(runs)])
     done = len(list(runs.rglob("*.json")))
     checks.append(Check(section, "PASS" if code == 0 and done == 2 else "FAIL", "sweep --runs-per-gpu 2",
                         f"exit {code}, {done} of 2 records"))
@@ -227,12 +228,14 @@ def test_split_sizes() -> dict[str, int]:
     return sizes
 
 
-def projected_run_s(rate: dict, test_images: int, epochs: int = 100, eval_every: int = 10,
-                    train_images: int = 1000) -> float:
+def projected_run_s(rate: dict, test_images: int, epochs: int = 100, eval_every: int = 10, batch: int | None = None,
+                    drop_last: bool = True, train_images: int = 1000) -> float:
     """Seconds of one VTAB-1K run (paper protocol) at `rate` ({'batch', 'train_ips', 'eval_ips'}): `epochs` of
-    the training images drop_last keeps and one pass over the test split every `eval_every` epochs."""
-    trained = epochs * (train_images // rate["batch"]) * rate["batch"] / rate["train_ips"]
-    return trained + epochs // eval_every * test_images / rate["eval_ips"]
+    the training images (the run's `batch`, default the rate's; `drop_last` drops the last incomplete one) and
+    one pass over the test split every `eval_every` epochs."""
+    batch = batch or rate["batch"]
+    trained = train_images // batch * batch if drop_last else train_images
+    return epochs * trained / rate["train_ips"] + epochs // eval_every * test_images / rate["eval_ips"]
 
 
 def preset_hours(preset: str, rates: dict, gpus: int) -> tuple[int, float | None, str]:
@@ -248,7 +251,8 @@ def preset_hours(preset: str, rates: dict, gpus: int) -> tuple[int, float | None
             lacking.add(p.spec.backbone)
             continue
         recipe = p.spec.full_recipe()
-        total += projected_run_s(rates[family], sizes[p.spec.task], recipe.epochs, recipe.eval_every)
+        total += projected_run_s(rates[family], sizes[p.spec.task], recipe.epochs, recipe.eval_every,
+                                 recipe.batch_size, recipe.drop_last)
     why = f"no rate for {', '.join(sorted(lacking))}" if lacking else ""
     return len(points), None if lacking else total / gpus / 3600, why
 
@@ -292,8 +296,10 @@ def projection_checks(rates: dict, gpus: int) -> list[Check]:
     sizes = test_split_sizes()
     for backbone, rate in rates.items():
         recipe = recipe_for(backbone)
-        mean_s = projected_run_s(rate, statistics.mean(sizes.values()), recipe.epochs, recipe.eval_every)
-        top_s = projected_run_s(rate, max(sizes.values()), recipe.epochs, recipe.eval_every)
+        mean_s = projected_run_s(rate, statistics.mean(sizes.values()), recipe.epochs, recipe.eval_every,
+                                 recipe.batch_size, recipe.drop_last)
+        top_s = projected_run_s(rate, max(sizes.values()), recipe.epochs, recipe.eval_every,
+                                 recipe.batch_size, recipe.drop_last)
         checks.append(Check(section, "PASS", f"one {backbone} VTAB-1K run", f"{mean_s / 60:.1f} min (mean test "
                             f"split), {top_s / 60:.1f} min (largest)"))
     for preset in sorted(PRESETS):
@@ -304,16 +310,29 @@ def projection_checks(rates: dict, gpus: int) -> list[Check]:
 
 
 def throughput_checks(device: str) -> tuple[list[Check], dict]:
+    """One line per backbone of THROUGHPUT (Vim: per scan backend that runs, with its ratio to torch) and the
+    rates the projections use (Vim: the backend `auto` picks)."""
     rates, checks, section = {}, [], f"training throughput on {device}"
+    cuda, kind = device.startswith("cuda"), torch.device(device).type
     for backbone, method in THROUGHPUT.items():
         recipe = recipe_for(backbone)
-        batch = recipe.batch_size if device.startswith("cuda") else CPU_BATCH
-        rate = throughput(backbone, method, batch, device, "bf16")
-        rates[backbone] = rate
-        note = "" if device.startswith("cuda") else f" (the CPU times batch {CPU_BATCH}, not the paper's " \
-                                                    f"{recipe.batch_size})"
-        checks.append(Check(section, "PASS", f"{backbone} {method}", f"batch {batch}, {rate['precision']}: train "
-                            f"{rate['train_ips']:.1f} img/s, test {rate['eval_ips']:.1f} img/s{note}"))
+        batch = recipe.batch_size if cuda else CPU_BATCH
+        note = "" if cuda else f" (the CPU times batch {CPU_BATCH}, not the paper's {recipe.batch_size})"
+        scans = [name for name, why in backends_for(kind) if not why] if backbone.startswith("vim") else [None]
+        measured, previous = {}, ssm._requested["name"]
+        for scan in scans:
+            if scan:
+                ssm.set_backend(scan)
+            try:
+                rate = measured[scan] = throughput(backbone, method, batch, device, "bf16")
+            finally:
+                ssm.set_backend(previous)
+            torch_ips = measured.get("torch", rate)["train_ips"]
+            ratio = f", {rate['train_ips'] / torch_ips:.2f}x torch" if scan not in (None, "torch") else ""
+            checks.append(Check(section, "PASS", f"{backbone} {method}" + (f", scan {scan}" if scan else ""),
+                                f"batch {batch}, {rate['precision']}: train {rate['train_ips']:.1f} img/s{ratio}, test "
+                                f"{rate['eval_ips']:.1f} img/s{note}"))
+        rates[backbone] = measured[ssm.choose(kind, "auto")[0] if scans != [None] else None]
     return checks, rates
 
 
@@ -379,42 +398,37 @@ def prepared(root: str | os.PathLike, name: str) -> bool:
 
 # ---- the screen ---------------------------------------------------------------------------------------------
 
-def run_checks(args) -> list[Check]:
-    checks = version_checks(pinned()) + device_checks()
+def run_checks(args):
+    """The checks, one at a time (the screen prints each as it ends: the throughput part takes minutes)."""
+    yield from version_checks(pinned())
+    yield from device_checks()
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    checks += scan_checks("cpu")
-    no_gpu = "no CUDA device"
+    yield from scan_checks("cpu")
     if not cuda:
-        checks += [Check("scan backends on cuda", "SKIP", "triton, mamba against the torch scan", no_gpu),
-                   Check("runs on cuda", "SKIP", "mini run against the CPU, tf32, bf16, sweep --runs-per-gpu 2",
-                         no_gpu)]
+        yield Check("scan backends on cuda", "SKIP", "triton, mamba against the torch scan", "no CUDA device")
+        yield Check("runs on cuda", "SKIP", "mini run against the CPU, tf32, bf16, sweep --runs-per-gpu 2",
+                    "no CUDA device")
     for device in cuda:
-        checks += scan_checks(device)
+        yield from scan_checks(device)
         with tempfile.TemporaryDirectory(prefix="vtab-lily-doctor-") as root:
-            checks += gpu_run_checks(device, Path(root))
+            yield from gpu_run_checks(device, Path(root))
     if args.quick:
-        checks.append(Check("training throughput", "SKIP", "ViT-B/16 and Vim-S Lily", "--quick"))
+        yield Check("training throughput", "SKIP", "ViT-B/16 and Vim-S Lily", "--quick")
     else:
         found, rates = throughput_checks(cuda[0] if cuda else "cpu")
-        checks += found + projection_checks(rates, args.gpus)
+        yield from found + projection_checks(rates, args.gpus)
         if args.calibration:
             write_calibration(args.calibration, rates, args.gpus)
-            checks.append(Check("training throughput", "PASS", "calibration", f"written to {args.calibration}"))
-    return checks + weights_checks() + data_checks(args.data_root)
+            yield Check("training throughput", "PASS", "calibration", f"written to {args.calibration}")
+    yield from weights_checks()
+    yield from data_checks(args.data_root)
 
 
-def render(checks: list[Check]) -> str:
-    lines, section = [], None
-    for c in checks:
-        if c.section != section:
-            section = c.section
-            lines.append(section)
-        lines.append(c.line())
+def summary(checks: list[Check]) -> str:
     failed = [c for c in checks if c.status == "FAIL"]
     counts = {s: sum(c.status == s for c in checks) for s in ("PASS", "FAIL", "SKIP", "WARN")}
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) +
-                 (f"; failed: {'; '.join(f'{c.section}: {c.name}' for c in failed)}" if failed else ""))
-    return "\n".join(lines)
+    return (", ".join(f"{n} {s}" for s, n in counts.items()) +
+            (f"; failed: {'; '.join(f'{c.section}: {c.name}' for c in failed)}" if failed else ""))
 
 
 @cli
@@ -432,8 +446,13 @@ def main(argv=None) -> int:
         if args.quick:
             raise OptionError("--calibration needs the throughput part: drop --quick")
         check_writable_folder(Path(args.calibration).parent, "the calibration file", "--calibration")
-    checks = run_checks(args)
-    print(render(checks), flush=True)
+    checks = []
+    for check in run_checks(args):
+        if not checks or check.section != checks[-1].section:
+            print(check.section)
+        print(check.line(), flush=True)
+        checks.append(check)
+    print(summary(checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
