@@ -309,7 +309,7 @@ def duration(seconds: float) -> str:
 
 
 def projection_checks(rates: dict, gpus: int) -> list[Check]:
-    section, checks = f"projected wall time (paper protocol, one seed, {gpus} GPU(s), runs packed perfectly)", []
+    section, checks = f"projected wall time at these rates (paper protocol, one seed, {gpus} GPU(s), packed)", []
     sizes = test_split_sizes()
     for backbone, rate in rates.items():
         recipe = recipe_for(backbone)
