@@ -2,6 +2,8 @@
 named), missing weights and data with their fetch commands, projections and the calibration file from given
 rates; the CUDA checks themselves run only where CUDA is."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,13 @@ def test_cuda_scan_backends_and_runs_pass(tmp_path):
     checks = doctor.scan_checks("cuda:0") + doctor.gpu_run_checks("cuda:0", tmp_path)
     assert not [c.line() for c in checks if c.status == "FAIL"]
     assert any(c.name == "torch float32" and c.status == "PASS" for c in checks)
+
+
+def test_the_gpu_runs_output_goes_to_their_log_worker_processes_included(tmp_path, capfd):
+    with doctor.output_to(tmp_path / "log.txt"):
+        print("from the doctor")
+        worker = "import sys; print('from a worker'); print('its error', file=sys.stderr)"
+        subprocess.run([sys.executable, "-c", worker], check=True)
+    print("on the screen")
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["from the doctor", "from a worker", "its error"]
+    assert capfd.readouterr().out == "on the screen\n"

@@ -12,9 +12,11 @@ tested one, something missing with the command that fetches it). Exit 0 when not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -199,7 +201,34 @@ def within_band(got: dict, want: dict, band: dict = RUN_BAND) -> tuple[bool, str
                 f"{got['loss']:.4f} vs {want['loss']:.4f} (band {band['loss_rel']:.0%})")
 
 
+@contextlib.contextmanager
+def output_to(log: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2: worker processes too) to `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def gpu_run_checks(device: str, root: Path) -> list[Check]:
+    """The mini runs and the sweep under `root`, their output in `root`/log.txt (named on a failed line)."""
+    with output_to(root / "log.txt"):
+        checks = _gpu_run_checks(device, root)
+    return [dataclasses.replace(c, detail=f"{c.detail} (log: {root / 'log.txt'})") if c.status == "FAIL" else c
+            for c in checks]
+
+
+def _gpu_run_checks(device: str, root: Path) -> list[Check]:
     from . import sweep
     section = f"runs on {device}"
     name = f"{MINI_RUN['backbone']} {MINI_RUN['method']} {MINI_RUN['task']}, {MINI_RUN['recipe']['epochs']} epochs"
@@ -427,8 +456,11 @@ def run_checks(args):
                     "no CUDA device")
     for device in cuda:
         yield from scan_checks(device)
-        with tempfile.TemporaryDirectory(prefix="vtab-lily-doctor-") as root:
-            yield from gpu_run_checks(device, Path(root))
+        root = Path(tempfile.mkdtemp(prefix="vtab-lily-doctor-"))
+        checks = gpu_run_checks(device, root)
+        if all(c.status == "PASS" for c in checks):  # a failure keeps its runs and log
+            shutil.rmtree(root)
+        yield from checks
     if args.quick:
         yield Check("training throughput", "SKIP", "ViT-B/16 and Vim-S Lily", "--quick")
     else:
