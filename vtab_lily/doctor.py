@@ -203,11 +203,12 @@ def within_band(got: dict, want: dict, band: dict = RUN_BAND) -> tuple[bool, str
 
 @contextlib.contextmanager
 def output_to(log: Path):
-    """Send this process's stdout and stderr (file descriptors 1 and 2: worker processes too) to `log`."""
+    """Send this process's stdout and stderr (sys.stdout / sys.stderr, and file descriptors 1 and 2: worker
+    processes too) to `log`."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(log, "a") as f:
+    with open(log, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
