@@ -212,7 +212,8 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
     methods, else 'module version' or 'module sha256:...'), flattened method options (opt.<name>),
     provenance (weights_id, data_id: 12 hex digits of their SHA-256, or 'random'; precision), the recipe
     (JSON), the selection point (`point`: the identity without the splits), params, best/final accuracy,
-    the accuracy of every evaluation (`acc_by_epoch`, JSON {epoch: acc}).
+    the accuracy of every evaluation (`acc_by_epoch`, JSON {epoch: acc}) and the last one's epoch
+    (`final_epoch`).
     Failed runs are left out unless `include_failed`; damaged records (and dangling links, folders named
     *.json) are skipped with a warning naming them; JSON files that are not run records are ignored."""
     rows = []
@@ -236,6 +237,7 @@ def load_records(runs: str | Path = "results/runs", include_failed: bool = False
         row.update(weights_id=short(prov, "weights") or "unknown", data_id=short(prov, "data") or "unknown",
                    precision=prov.get("precision", "unknown"))
         row["acc_by_epoch"] = json.dumps({str(e["epoch"]): e["acc"] for e in r.get("evaluations") or []})
+        row["final_epoch"] = (r.get("evaluations") or [{}])[-1].get("epoch")
         row["recipe"] = json.dumps(r["recipe"], sort_keys=True)
         row["point"] = selection_point(r)
         row["path"] = str(path)

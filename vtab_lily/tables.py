@@ -356,7 +356,7 @@ def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
     return records
 
 
-CELL = ["task", "seed", "acc", "params", "storage_bytes", *PROVENANCE, "path"]
+CELL = ["task", "seed", "acc", "epoch", "params", "storage_bytes", *PROVENANCE, "path"]
 
 
 EPOCH_RULES = ("best", "final")  # tables --epoch: which evaluation of a run a cell reports
@@ -365,8 +365,8 @@ DEFAULT_EPOCH = {"paper": "best", "vtab": "final"}  # the Lily paper's rule; VTA
 
 def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epoch: str | None = None,
                  recipe: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per (task, seed): the reported accuracy, params and record of the chosen configuration; the row's
-    records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the configuration with the highest
+    """(per (task, seed): the reported accuracy, the epoch of the evaluation it comes from, params and record
+    of the chosen configuration; the row's records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the configuration with the highest
     test accuracy by that rule (best: over its evaluations; final: after the last epoch), its accuracy by the
     rule; `vtab` protocol, the configuration the sweep retrained (best final val200 accuracy), and of its
     retrain the final test accuracy, or (best) the test accuracy at the epoch where its val200 run peaked."""
@@ -379,16 +379,16 @@ def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epo
     if protocol == "paper":
         column = f"{epoch}_acc"
         best = test.loc[test.groupby(["task", "seed"])[column].idxmax()]
-        return best.rename(columns={column: "acc"})[CELL], rec
+        return best.rename(columns={column: "acc"}).assign(epoch=best[f"{epoch}_epoch"])[CELL], rec
     val = rec[rec["eval_split"] == "val200"]
     chosen = val.loc[sorted(val.index, key=lambda i: selection_order(val.loc[i]))].drop_duplicates(["task", "seed"])
     final = test[test["point"].isin(set(chosen["point"]))]
     if epoch == "final":
-        return final.rename(columns={"final_acc": "acc"})[CELL], rec
+        return final.rename(columns={"final_acc": "acc"}).assign(epoch=final["final_epoch"])[CELL], rec
     peak = dict(zip(chosen["point"], chosen["best_epoch"]))  # the val200 run's best evaluation
     acc = [json.loads(evals).get(str(peak[point]), np.nan)
            for point, evals in zip(final["point"], final["acc_by_epoch"])]
-    return final.assign(acc=acc).dropna(subset=["acc"])[CELL], rec
+    return final.assign(acc=acc, epoch=[peak[point] for point in final["point"]]).dropna(subset=["acc"])[CELL], rec
 
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame,
