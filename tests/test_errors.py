@@ -22,7 +22,7 @@ from vtab_lily import prepare as prepare_cli
 from vtab_lily import run as run_cli
 from vtab_lily import tables as tables_cli
 from vtab_lily.adapters import METHODS, get_method, make_config, register
-from vtab_lily.adapters.plugins import PluginNotFound
+from vtab_lily.adapters.registry import PluginNotFound
 from vtab_lily.data import Batches, DataError, load_split
 from vtab_lily.errors import UnknownName, UserError, write_errors
 from vtab_lily.options import MAX_SEED, OptionError, _kinds

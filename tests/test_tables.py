@@ -14,7 +14,7 @@ import pytest
 from vtab_lily import run as run_cli
 from vtab_lily import sweep as sweep_cli
 from vtab_lily import tables
-from vtab_lily.adapters import plugins
+from vtab_lily.adapters import plugins, registry
 from vtab_lily.fileio import write_json
 from vtab_lily.provenance import file_sha256
 from vtab_lily.records import RunSpec, digest, finished, load_records, read_record, recipe_identity
@@ -445,7 +445,7 @@ def test_origin_hashes_the_file_imported_not_the_installed_one(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(shadow))
     for name in ("plug_installed_x1", "plug_shadowed_x1"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-        plugins.import_plugin(name)
+        registry.import_plugin(name)
     assert plugins.origin("plug_installed_x1") == {"module": "plug_installed_x1", "version": "1.0"}
     digest_ = hashlib.sha256((shadow / "plug_shadowed_x1.py").read_bytes()).hexdigest()
     assert sys.modules["plug_shadowed_x1"].VALUE == 2

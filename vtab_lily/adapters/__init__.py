@@ -2,8 +2,7 @@
 
 The public API to add a method: a config dataclass and an attach function on sites, registered with
 `register` (see README, "Add your method"); `get_method` also finds `peft:<tuner>`, `<module>:<name>`
-and entry points of the group `vtab_lily.methods` (adapters/plugins.py), and compositions `a+b`
-(adapters/compose.py).
+and entry points of the group `vtab_lily.methods`, and compositions `a+b` (adapters/registry.py).
 """
 from . import (  # noqa: F401
     adapter,

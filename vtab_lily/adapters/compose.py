@@ -8,9 +8,9 @@ Hybrid rows are compositions: `lorap+partial`).
   (`{"lora.r": 4, ...}`), which is what records hold and what `load_model` rebuilds from.
 - A method appears once in a composition (its options would be ambiguous); one method's `targets` already
   cover several sites.
-- The parts attach one after the other, each under its own name (`base.attaching`), so a clash names both:
+- The parts attach one after the other, each under its own name (`wrappers.attaching`), so a clash names both:
   branches on one module that read different sources (a serial and a parallel one, or parallel ones
-  reading different modules' inputs) or write partly overlapping output columns (base._add), two methods
+  reading different modules' inputs) or write partly overlapping output columns (wrappers._add), two methods
   owning the same parameter (both replace or unfreeze it), a peft tuner asked to wrap a module another
   method already wraps (peft_tuners.module_names), and a wrapper of one method that a later one replaces
   (two methods rebuilding one stack of blocks: the first one's prompts would no longer run). Parallel
@@ -31,7 +31,8 @@ from torch import nn
 from backbones import UnmappableBackbone, adapter_sites, model_sites
 
 from ..errors import UnknownName
-from .base import Method, Switch, attaching, conflict, get_method, make_config, option_names
+from .method import Method
+from .wrappers import Switch, attaching, conflict
 
 
 @dataclass
@@ -55,10 +56,8 @@ def parts_of(name: str) -> tuple[str, ...]:
     return parts
 
 
-def composition(name: str) -> Method:
-    """The Method `a+b+...`: its parts resolved as any method name (plugins and peft:<tuner> too)."""
-    parts = parts_of(name)
-    methods = [get_method(p) for p in parts]
+def composition(parts: tuple[str, ...], methods: list[Method]) -> Method:
+    """The Method `a+b+...` from its parts' names (parts_of) and their Methods (the registry resolves them)."""
 
     def attach(model: nn.Module, cfg: ComposedConfig) -> None:
         for sites in (adapter_sites, model_sites):  # the plain backbone's sites, before any part wraps a module
@@ -94,17 +93,3 @@ def _slots(model: nn.Module) -> dict[tuple[int, str], tuple[str, nn.Parameter]]:
     """(id of module, parameter name) -> (dotted path, parameter) for every parameter slot of `model`."""
     return {(id(m), n): (f"{path}.{n}" if path else n, p) for path, m in model.named_modules()
             for n, p in m._parameters.items() if p is not None}
-
-
-def composed_config(name: str, options: dict[str, Any], backbone: str | None = None) -> ComposedConfig:
-    """Each part's config from its `<part>.<field>` options (the longest matching part name wins, so
-    `peft:lora.r` and `my.module:m.r` work), built and checked as the part alone."""
-    parts = parts_of(name)
-    own: dict[str, dict] = {p: {} for p in parts}
-    for key, value in options.items():
-        part = max((p for p in parts if key.startswith(f"{p}.")), key=len, default=None)
-        if part is None:
-            raise UnknownName(f"option {key!r} of the composition {name!r} needs its method's prefix; valid options "
-                              f"are {option_names(name)}")
-        own[part][key[len(part) + 1:]] = value
-    return ComposedConfig({p: make_config(p, own[p], backbone) for p in parts})

@@ -12,6 +12,7 @@ layers appear once in the model. Tuners that cannot run here are listed in UNSUP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,7 +23,8 @@ from backbones import LinearSite, adapter_sites
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError
-from .base import Method, Switch, conflict, module_path, split_targets
+from .method import Method, split_targets
+from .wrappers import Switch, conflict, module_path
 
 # peft config fields that the suite sets itself, or that name modules / configure other libraries
 EXCLUDED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -119,6 +121,7 @@ def _options_fields(config_cls, changed: dict) -> list[tuple]:
     return out
 
 
+@functools.cache  # one config class per tuner and process (configs built from it stay of one type)
 def peft_method(tuner: str) -> Method:
     """The Method for `peft:<tuner>`: a config class generated from peft's, and an attach function."""
     known = tuners()

@@ -1,71 +1,16 @@
-"""Methods from outside the suite: found by name, and where they came from.
-
-A method name is one of
-- a registered name (the built-in methods, and any method whose module was imported),
-- `peft:<tuner>`: a HuggingFace peft tuner (adapters/peft_tuners.py),
-- `<module>:<name>`: imports `module`, which registers `name` with `vtab_lily.adapters.register`,
-- the name of an entry point in the group `vtab_lily.methods` whose value is the module that registers it
-  (an installed package declares `[project.entry-points."vtab_lily.methods"] name = "my_pkg.my_module"`).
-The name the user gives is the name everywhere (records, paths, tables), so any process can resolve it.
+"""Where a method's code comes from, for run records: None for the suite's own methods, else the module
+and its installed version or its file's SHA-256. (Methods from outside the suite are found by the
+registry, adapters/registry.py.)
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import importlib.metadata
 import sys
 from pathlib import Path
 
-from ..errors import UnknownName, UserError
-
-ENTRY_POINTS = "vtab_lily.methods"
-
-
-def resolve(name: str):
-    """The Method called `name` (not yet registered): peft tuner, `<module>:<name>` or entry point."""
-    from .base import METHODS
-    if name.startswith("peft:"):
-        from .peft_tuners import peft_method
-        return peft_method(name.removeprefix("peft:"))
-    if ":" in name:
-        module, _, short = name.rpartition(":")
-    else:
-        found = importlib.metadata.entry_points(group=ENTRY_POINTS, name=name)
-        if not found:
-            builtin = sorted(n for n, m in METHODS.items() if m.module.startswith("vtab_lily."))
-            raise UnknownName(f"unknown method {name!r}; choose one of {builtin}, peft:<tuner> (e.g. peft:lora), "
-                           f"<module>:<name> (your own method) or an installed entry point "
-                           f"{sorted(e.name for e in importlib.metadata.entry_points(group=ENTRY_POINTS))}")
-        module, short = next(iter(found)).module, name
-    import_plugin(module)
-    method = METHODS.get(short)
-    if method is None or method.module != module:
-        own = sorted(n for n, m in METHODS.items() if m.module == module)
-        raise UnknownName(f"module {module!r} does not register a method named {short!r} (it registers {own}); "
-                       "decorate its attach function with @vtab_lily.adapters.register(name, Config)")
-    return method
-
-
-class PluginNotFound(UserError, ImportError):
-    """A method module that cannot be found (a typo, or not on PYTHONPATH / not installed)."""
-
-
-def import_plugin(module: str) -> None:
-    """Import a method's module. A module that does not exist is one UserError line; a module that fails
-    while it runs (a bug in it, or its own sys.exit()) is a RuntimeError naming it, with its traceback."""
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module == e.name or module.startswith(f"{e.name}.")):
-            raise PluginNotFound(f"could not import method module {module!r}: ModuleNotFoundError: no module "
-                                 f"named {e.name!r} (is it on PYTHONPATH or installed?)") from None
-        raise PluginNotFound(f"method module {module!r} imports {e.name or e}, which is not installed") from e
-    except UserError:
-        raise
-    except (Exception, SystemExit) as e:  # a bug in the plugin: its traceback is what its author needs
-        what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"raised {type(e).__name__}: {e}"
-        raise RuntimeError(f"method module {module!r} {what} while importing") from e
+from .registry import get_method
 
 
 def origin(module: str) -> dict | None:
@@ -99,7 +44,6 @@ def _installed_version(module: str, path: str | None) -> str | None:
 def method_origin(name: str) -> dict | None:
     """The origin of method `name` (None for the suite's own); a composition's is {part: origin} of its
     parts from outside the suite."""
-    from .base import get_method
     method = get_method(name)
     if not method.parts:
         return origin(method.module)
