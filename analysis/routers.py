@@ -9,7 +9,6 @@ from collections import defaultdict
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vtab_lily.adapters.lily import LilyBranch
@@ -34,14 +33,9 @@ def router_weights(model: nn.Module, images: torch.Tensor, target: str, batch_si
     totals: dict[int, torch.Tensor] = defaultdict(lambda: 0)
     shared = model.lily
 
-    def hook(branch, inputs, output):
-        h = shared.lps[target][shared.lp_index(target, branch.layer)](inputs[0])
-        if shared.specs[target].relu:
-            h = F.relu(h)
-        router = shared.router_for(target, branch.layer)
-        ne = shared.hps[target].shape[0]
-        probs = F.softmax(router(h), -1) if router is not None else torch.full((*h.shape[:-1], ne), 1 / ne)
-        totals[branch.layer] = totals[branch.layer] + probs.reshape(-1, ne).sum(0)
+    def hook(branch, inputs, output):  # the branch's own LP step and router (LilyModule), on its input
+        probs = shared.router_probs(target, branch.layer, shared.project(target, branch.layer, inputs[0]))
+        totals[branch.layer] = totals[branch.layer] + probs.reshape(-1, probs.shape[-1]).sum(0)
 
     branches = [m for m in model.modules() if isinstance(m, LilyBranch) and m.target == target]
     if not branches:

@@ -13,7 +13,6 @@ from pathlib import Path
 from torch import nn
 
 from .errors import UnknownName
-from .hub import hub_access
 from .sites import (
     ConvSite,
     HookSite,
@@ -39,7 +38,7 @@ from .vit import (
     vit_patch_size,
     vit_sites,
 )
-from .weights import SHIPPED, shipped_weights
+from .weights import SHIPPED, from_hub, shipped_weights
 
 __all__ = ["BACKBONES", "ConvSite", "HookSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "StateSite",
            "TensorSite", "TokenSite", "UnmappableBackbone", "WeightsError", "adapter_sites", "check_backbone",
@@ -54,6 +53,7 @@ class Backbone:
     drop_path_rate: float  # the paper's recipe
     hub_file: tuple[str, str] | None = None  # (Hugging Face repo, file) of its pretrained weights
     model_sites: Callable[[nn.Module], dict] = lambda model: {}  # model-level sites by name
+    family: str = "vit"  # "vit" or "vim": methods pick their defaults by family, recipes by family
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -61,14 +61,14 @@ BACKBONES: dict[str, Backbone] = {
                       vit_model_sites)
        for name in VIT_SPECS},
     **{name: Backbone(lambda *a, _n=name, **k: create_vim(_n, *a, **k), vim_sites, vim_head, 0.05, vim_hub_file(name),
-                      vim_model_sites)
+                      vim_model_sites, family="vim")
        for name in VIM_SPECS},
 }
 
 
 def family(name: str) -> str:
-    """'vim' for Vision Mamba backbones, 'vit' for the rest: methods pick their defaults by family."""
-    return "vim" if name.startswith("vim") else "vit"
+    """Backbone `name`'s family ('vit' or 'vim', its spec's field): methods pick their defaults by family."""
+    return _backbone(name).family
 
 
 def _backbone(name: str) -> Backbone:
@@ -106,7 +106,7 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     model = spec.create(num_classes, pretrained=pretrained, weights=weights, drop_path_rate=rate, **kwargs)
     model.backbone_name = name
     if not getattr(model, "head_loaded", False):
-        init_head(spec.head(model), family(name))
+        init_head(spec.head(model), spec.family)
     return model
 
 
@@ -136,14 +136,7 @@ def pretrained_file(name: str) -> tuple[str, dict] | None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     path = try_to_load_from_cache(*hub)
     if not isinstance(path, str):
-        with hub_access() as offline:
-            try:
-                path = hf_hub_download(*hub)
-            except Exception as e:  # network, hub or cache failures all end here
-                why = f"{offline}, and it is not in the local hub cache" if offline else type(e).__name__
-                raise WeightsError(f"could not fetch {hub[1]} of {hub[0]} from the Hugging Face hub for {name!r} "
-                                   f"({why}). Offline, download it on a connected machine and pass it with "
-                                   "--weights PATH (Python: weights=PATH)") from e
+        path = from_hub(f"{hub[1]} of {hub[0]} (for {name!r})", lambda: hf_hub_download(*hub))
     revision = Path(path).parent.name  # .../snapshots/<commit>/<file>
     return path, {"repo": hub[0], "file": hub[1], "revision": revision}
 

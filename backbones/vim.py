@@ -23,10 +23,9 @@ from safetensors.torch import load_file
 from timm.layers import DropPath
 from torch import nn
 
-from .hub import hub_access
 from .sites import ConvSite, HookSite, LayerSites, LinearSite, OutputSite, StateSite, TensorSite
 from .ssm import causal_conv1d, selective_scan
-from .weights import WeightsError, load_torch_file, shipped_weights
+from .weights import WeightsError, from_hub, load_torch_file, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -223,14 +222,7 @@ def create_vim(name: str, num_classes: int, pretrained: bool = True, weights: st
         weights = shipped_weights(name)
     if weights is None and pretrained and spec.hub is not None:
         from huggingface_hub import hf_hub_download
-        with hub_access() as offline:
-            try:
-                weights = hf_hub_download(*spec.hub)
-            except Exception as e:
-                why = f"{offline}, and it is not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
-                raise WeightsError(f"could not download {spec.hub[1]} from the Hugging Face hub ({spec.hub[0]}; "
-                                   f"{why}). Offline, bring the file and pass it with --weights PATH "
-                                   "(Python: weights=PATH)") from e
+        weights = from_hub(f"{spec.hub[1]} of {spec.hub[0]}", lambda: hf_hub_download(*spec.hub))
     if weights is not None:
         load_vim_weights(model, weights)
     return model

@@ -30,9 +30,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from .errors import UnknownName, UserError
-from .hub import hub_access
 from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
-from .weights import WeightsError, shipped_weights, torch_file
+from .weights import WeightsError, from_hub, shipped_weights, torch_file
 
 
 @dataclass(frozen=True)
@@ -122,18 +121,12 @@ def _timm_model(name, spec, num_classes, pretrained, weights, drop_path_rate, **
         return model
     if not pretrained or spec.hub_file is None:
         return timm.create_model(spec.timm_name, pretrained=False, **args)
-    with hub_access() as offline:
-        try:
-            model = timm.create_model(spec.timm_name, pretrained=True, **args)
-            model.head_loaded = model.pretrained_cfg.get("num_classes") == num_classes
-            return model
-        except Exception as e:  # network, hub or cache failures all end here
-            why = f"{offline}, and they are not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
-            raise WeightsError(
-                f"could not load pretrained weights for {name!r} ({spec.timm_name}) from the Hugging Face hub "
-                f"({why}). Offline, download {spec.hub_file} on a connected machine and pass it with "
-                "--weights PATH (Python: weights=PATH); .npz, .safetensors and .pth are accepted."
-            ) from e
+    def fetch() -> nn.Module:
+        model = timm.create_model(spec.timm_name, pretrained=True, **args)
+        model.head_loaded = model.pretrained_cfg.get("num_classes") == num_classes
+        return model
+    return from_hub(f"the pretrained weights of {name!r} ({spec.timm_name}, {spec.hub_file})", fetch,
+                    "; .npz, .safetensors and .pth are accepted")
 
 
 def vit_hub_file(name: str) -> tuple[str, str] | None:

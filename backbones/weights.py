@@ -15,12 +15,17 @@ import argparse
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from .errors import UserError
+from .hub import hub_access
+
+T = TypeVar("T")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {  # backbone -> SHA-256 of backbones/weights/<backbone>.safetensors
@@ -31,6 +36,19 @@ SHIPPED = {  # backbone -> SHA-256 of backbones/weights/<backbone>.safetensors
 
 class WeightsError(UserError, RuntimeError):
     """Pretrained weights could not be loaded; the message says what to bring and how to pass it."""
+
+
+def from_hub(what: str, fetch: Callable[[], T], accepted: str = "") -> T:
+    """`fetch()` (a Hugging Face hub download of `what`) under hub_access, so it fails in seconds offline;
+    any failure is one WeightsError that says why and how to pass a local file instead."""
+    with hub_access() as offline:
+        try:
+            return fetch()
+        except Exception as e:  # network, hub or cache failures all end here
+            why = f"{offline}, and it is not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
+            raise WeightsError(f"could not fetch {what} from the Hugging Face hub ({why}). Offline, download it on "
+                               f"a connected machine and pass it with --weights PATH (Python: weights=PATH){accepted}"
+                               ) from e
 
 
 # What official training checkpoints hold beyond tensors and plain containers: hustvl/Vim `vim/main.py`
@@ -76,7 +94,13 @@ def load_torch_file(path: str | os.PathLike, allowed=CHECKPOINT_GLOBALS):
 
 
 def sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 (hex) of a file's bytes, read in 4 MiB blocks: the one file hash of the suite (weights,
+    split lists, method modules)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shipped_path(name: str) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbones import _backbone, ssm
+from backbones import _backbone, family, ssm
 
 from .errors import cli
 from .fileio import write_json
@@ -290,11 +290,11 @@ def preset_hours(preset: str, rates: dict, gpus: int) -> tuple[int, float | None
     sizes, total, lacking = test_split_sizes(), 0.0, set()
     runs = preset_runs(preset)
     for backbone, task, epochs, eval_every, batch, drop_last in runs:
-        family = "vim-s" if backbone.startswith("vim") else "vit-b"
-        if backbone.endswith("-mini") or task not in sizes or family not in rates:
+        kind = "vim-s" if family(backbone) == "vim" else "vit-b"
+        if backbone.endswith("-mini") or task not in sizes or kind not in rates:
             lacking.add(backbone)
             continue
-        total += projected_run_s(rates[family], sizes[task], epochs, eval_every, batch, drop_last)
+        total += projected_run_s(rates[kind], sizes[task], epochs, eval_every, batch, drop_last)
     why = f"no rate for {', '.join(sorted(lacking))}" if lacking else ""
     return len(runs), None if lacking else total / gpus / 3600, why
 
@@ -365,7 +365,7 @@ def throughput_checks(device: str) -> tuple[list[Check], dict]:
         recipe = recipe_for(backbone)
         batch = recipe.batch_size if cuda else CPU_BATCH
         note = "" if cuda else f" (the CPU times batch {CPU_BATCH}, not the paper's {recipe.batch_size})"
-        scans = [name for name, why in backends_for(kind) if not why] if backbone.startswith("vim") else [None]
+        scans = [name for name, why in backends_for(kind) if not why] if family(backbone) == "vim" else [None]
         measured, previous = {}, ssm._requested["name"]
         for scan in scans:
             if scan:

@@ -46,7 +46,7 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     spec = get_method(method)
     with attaching(method, model):
         spec.attach(model, cfg)
-    head = {id(p) for p in head_of(model).parameters()}
+    head = head_ids(model)
     for p in model.parameters():
         p.requires_grad = spec.trains_backbone or p.requires_grad or id(p) in head
     model.peft_config = {"backbone": backbone, "method": method, "num_classes": num_classes,
@@ -79,16 +79,21 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool, no_de
             {"params": [p for (_, p), e in zip(params, exempt) if not e], "weight_decay": weight_decay}, *scaled]
 
 
+def head_ids(model: nn.Module) -> set[int]:
+    """The ids of the classification head's parameters (what trains beside a method, and what counts exclude)."""
+    return {id(p) for p in head_of(model).parameters()}
+
+
 def count_params(model: nn.Module) -> int:
     """Trainable parameters excluding the classification head; shared tensors counted once."""
-    head = {id(p) for p in head_of(model).parameters()}
+    head = head_ids(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head)
 
 
 def storage_bytes(model: nn.Module) -> int:
     """Bytes to store the trainable parameters without the head: fp32, except modules that define their
     own `storage_bytes()` (Bi-LoRA's 1-bit matrices); shared tensors counted once."""
-    head = {id(p) for p in head_of(model).parameters()}
+    head = head_ids(model)
     custom = {id(m): m for m in model.modules() if hasattr(m, "storage_bytes")}
     owned = {id(p) for m in custom.values() for p in m.parameters(recurse=False)}
     fp32 = sum(4 * p.numel() for p in model.parameters()

@@ -12,7 +12,6 @@ is readable and every list it names is present with its recorded checksum (else 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from backbones.hub import reachable
+from backbones.weights import sha256
 
 from .data import DataError, task_dir
 from .errors import UserError, cli
@@ -111,10 +111,6 @@ def network_error(e: BaseException) -> bool:
     return False
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | None = None,
                  download: bool = True, limit: int | None = None) -> dict:
     """Write one task's VTAB-1K folder; return its manifest. A finished task (same format and limit) is
@@ -177,7 +173,7 @@ def prepare_task(name: str, root: str | Path, fmt: str = "png", data_dir: str | 
                     (["numpy", "scikit-learn"] if task.offline else ["tensorflow-datasets"])},
         "format": fmt, "limit": limit, "note": task.note,
         "counts": {s: len(lines[s]) for s in SPLITS},
-        "sha256": {f"{s}.txt": _sha256(out / f"{s}.txt") for s in SPLITS},
+        "sha256": {f"{s}.txt": sha256(out / f"{s}.txt") for s in SPLITS},
     }
     write_json(manifest_path, manifest)
     return manifest
@@ -202,7 +198,7 @@ def read_manifest(path: Path) -> tuple[dict | None, str | None]:
         lst = path.parent / name
         if not lst.is_file():
             return manifest, f"{lst}, named in its manifest, is missing"
-        if digest is not None and _sha256(lst) != digest:
+        if digest is not None and sha256(lst) != digest:
             return manifest, f"{lst} differs from the checksum in its manifest"
     return manifest, None
 

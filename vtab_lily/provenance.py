@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from backbones import WeightsError, pretrained_file
+from backbones.weights import sha256
 
 from .data import DataError, task_dir
 from .tasks import get_task
@@ -23,11 +24,7 @@ from .tasks import get_task
 
 @lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int, inode: tuple[int, int]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

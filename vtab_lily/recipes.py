@@ -31,6 +31,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from backbones import family as backbone_family
+
 from .data import INTERPOLATIONS
 from .errors import UserError
 from .options import OptionError, check_fields
@@ -170,7 +172,7 @@ def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;
     on a mini backbone its mini variant. The result's `recipe` field is None for the backbone's own recipe,
     so naming it changes no run id."""
-    family = "vim" if backbone.startswith("vim") else "vit"
+    family = backbone_family(backbone)
     if recipe is not None and recipe not in RECIPE_NAMES:
         raise OptionError(f"recipe must be one of {RECIPE_NAMES}, got {recipe!r}")
     name = recipe or family

@@ -133,13 +133,30 @@ class LilyModule(nn.Module):
             return None
         return self.routers[target][{"layer": layer, "lp": self.lp_index(target, layer), "model": 0}[kind]]
 
+    def project(self, target: str, layer: int, x: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
+        """The LP step of `layer`'s branch: x -> its LP (shared by a group of layers) -> dropout -> ReLU (parallel
+        targets, official): the h that the router and the HP experts read."""
+        h = self.lps[target][self.lp_index(target, layer)](x)
+        if dropout is not None:
+            h = dropout(h)
+        return F.relu(h) if self.specs[target].relu else h
+
+    def router_probs(self, target: str, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """(..., ne): `layer`'s router weights of h over the HP experts (an equal share without a router)."""
+        return route(h, self.router_for(target, layer), self.hps[target].shape[0])
+
+
+def route(h: torch.Tensor, router: nn.Linear | None, ne: int) -> torch.Tensor:
+    """(..., ne): the router's softmax over the HP experts for h (..., r); an equal share without a router."""
+    return F.softmax(router(h), dim=-1) if router is not None else h.new_full((*h.shape[:-1], ne), 1 / ne)
+
 
 def lily_combine(h: torch.Tensor, hps: torch.Tensor, router: nn.Linear | None, routing: str) -> torch.Tensor:
     """Project h (..., r) up through the HP experts hps (ne, r, d_out) weighted by the router."""
     ne = hps.shape[0]
     if router is None:
         return h @ (hps.sum(0) / ne)
-    probs = F.softmax(router(h), dim=-1)
+    probs = route(h, router, ne)
     if routing == "batch":
         w = probs.reshape(-1, ne).mean(0)
         return h @ torch.einsum("e,erd->rd", w, hps)  # Eq. 18: combine the HPs, one matmul
@@ -160,9 +177,7 @@ class LilyBranch(nn.Module):
 
     def forward(self, x):
         shared, t = self.shared, self.target
-        h = self.dropout(shared.lps[t][shared.lp_index(t, self.layer)](x))
-        if shared.specs[t].relu:
-            h = F.relu(h)
+        h = shared.project(t, self.layer, x, self.dropout)
         return lily_combine(h, shared.hps[t], shared.router_for(t, self.layer), shared.routing) * shared.s
 
     def extra_repr(self):

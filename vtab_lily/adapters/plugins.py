@@ -5,10 +5,11 @@ registry, adapters/registry.py.)
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import sys
 from pathlib import Path
+
+from backbones.weights import sha256
 
 from .registry import get_method
 
@@ -30,7 +31,7 @@ def _origin(module: str) -> dict | None:
     version = _installed_version(module, path)
     if version is not None:
         return {"module": module, "version": version}
-    return {"module": module, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None}
+    return {"module": module, "sha256": sha256(path) if path else None}
 
 
 def _installed_version(module: str, path: str | None) -> str | None:
