@@ -14,6 +14,7 @@ from backbones import BACKBONES, WeightsError, create_backbone, family, pretrain
 from backbones.weights import sha256
 from vtab_lily.adapters.lily import LilyBranch
 from vtab_lily.recipes import recipe_for
+from vtab_lily.records import RunSpec, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,9 @@ def test_router_weights_are_the_branches_own_router_step(images):
     for target in ("k", "mlp"):
         seen = {}
         branches = [b for b in model.modules() if isinstance(b, LilyBranch) and b.target == target]
-        hooks = [b.register_forward_hook(lambda b, i, o: seen.setdefault(b.layer, i[0])) for b in branches]
+        def keep(branch, inputs, output, seen=seen):  # returns None: the branch's output stays as it is
+            seen[branch.layer] = inputs[0]
+        hooks = [b.register_forward_hook(keep) for b in branches]
         with torch.no_grad():
             model(images)
             for h in hooks:
@@ -72,3 +75,91 @@ def test_router_weights_are_the_branches_own_router_step(images):
         got = router_weights(model, images, target)
         assert got.shape == (4, 3) and torch.equal(got, torch.stack(want))
         assert torch.allclose(got.sum(-1), torch.full((4,), 3.0 * 17))  # 3 images x 17 tokens
+
+
+TINY_RECIPE = {"image_size": 32, "batch_size": 50, "epochs": 2, "eval_every": 2, "warmup_epochs": 1, "lr": 3e-3}
+
+
+def test_the_run_id_is_computed_once_per_resolved_spec(data_root, monkeypatch):
+    from vtab_lily import records
+    from vtab_lily.run import resolve
+    spec, _ = resolve(RunSpec("vit-tiny", "digits", "lora", {"r": 2}, recipe=TINY_RECIPE), data_root, pretrained=False)
+    calls = []
+    real = records.digest
+    monkeypatch.setattr(records, "digest", lambda obj: calls.append(obj) or real(obj))
+    ids = {spec.run_id, spec.run_id, spec.path("runs").stem, spec.path("runs", ".lock").stem}
+    assert len(ids) == 1 and spec.identity() == calls[0] and len(calls) == 1
+    again = dataclasses.replace(spec, seed=1)  # a new spec: its own id
+    assert again.run_id != spec.run_id and len(calls) == 2
+
+
+def test_execute_builds_under_the_lock_and_reads_the_record_once(data_root, tmp_path, monkeypatch):
+    from vtab_lily import run
+    from vtab_lily.locks import RunLock
+    spec = RunSpec("vit-tiny", "digits", "linear", recipe=TINY_RECIPE)
+    lock = run.resolve(spec, data_root)[0].path(tmp_path, ".lock")
+    seen = {"finished": 0, "built": []}
+    real_finished, real_build = run.finished, run.build_model
+
+    def finished(path):
+        seen["finished"] += 1
+        return real_finished(path)
+
+    def build_model(*args, **kwargs):
+        seen["built"].append(lock.exists())  # the run's lock is held while its model is built
+        return real_build(*args, **kwargs)
+    monkeypatch.setattr(run, "finished", finished)
+    monkeypatch.setattr(run, "build_model", build_model)
+    path = run.execute(spec, tmp_path, data_root, run.RunOptions(progress=False))
+    assert read_record(path)["status"] == "done" and seen == {"finished": 1, "built": [True]} and not lock.exists()
+    skipped = []
+    assert run.execute(spec, tmp_path, data_root, progress=False, on_skip=skipped.append) == path
+    assert skipped == [path] and seen == {"finished": 2, "built": [True]}
+    other = dataclasses.replace(spec, seed=1)
+    with RunLock(run.resolve(other, data_root)[0].path(tmp_path, ".lock")) as held:
+        assert held.acquire()
+        with pytest.raises(run.RunBusy):
+            run.execute(other, tmp_path, data_root, progress=False)
+    assert seen == {"finished": 3, "built": [True]}  # a busy run builds nothing
+
+
+def test_a_run_refused_while_building_leaves_no_folder(data_root, tmp_path):
+    from vtab_lily import run
+    from vtab_lily.adapters import SiteConflict
+    spec = RunSpec("vit-tiny", "digits", "lora+ssf", recipe=TINY_RECIPE)  # a parallel and a serial branch on qkv
+    with pytest.raises(SiteConflict):
+        run.execute(spec, tmp_path / "runs", data_root, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_training_restores_the_tf32_flags_it_sets():
+    from vtab_lily.train import tf32
+
+    def flags():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    before = flags()
+    for enabled in (True, False):
+        with tf32(torch.device("cuda"), enabled):
+            assert flags() == (enabled, enabled)
+        assert flags() == before
+    with pytest.raises(KeyboardInterrupt), tf32(torch.device("cuda"), not before[0]):
+        raise KeyboardInterrupt
+    with tf32(torch.device("cpu"), True):
+        assert flags() == before
+    assert flags() == before
+
+
+def test_a_sweep_leaves_the_environment_as_it_was_and_hands_its_scan_backend_to_jobs(data_root, tmp_path,
+                                                                                     scan_backend, monkeypatch):
+    import os
+
+    from backbones import ssm
+    from vtab_lily import sweep
+    scan_backend("auto")  # the fixture restores the process's choice after the test
+    monkeypatch.delenv("VTAB_LILY_SCAN", raising=False)
+    before = dict(os.environ)
+    assert sweep.main(["--backbones", "vim-mini", "--methods", "linear", "--tasks", "digits", "--data-root",
+                       str(data_root), "--runs", str(tmp_path), "--scan-backend", "torch", "--dry-run"]) == 0
+    assert dict(os.environ) == before and ssm._requested["name"] == "torch"  # set for this process's runs
+    ssm.set_backend("auto")
+    assert sweep.Job("torch")([], tmp_path, data_root, None, False, None) == [] and ssm._requested["name"] == "torch"

@@ -10,6 +10,7 @@ Beside it: <run-id>.safetensors (the adapter), <run-id>.state.pt (resumable stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -105,7 +106,12 @@ class RunSpec:
 
     def identity(self) -> dict:
         """The run's defining fields; a method from outside the suite adds its `origin` (module and version
-        or file hash), so two methods of the same name, or two versions of one, never share a run id."""
+        or file hash), so two methods of the same name, or two versions of one, never share a run id.
+        Computed once per resolved spec (a spec's fields are not changed after `resolve`: it is replaced)."""
+        return self._identity
+
+    @functools.cached_property
+    def _identity(self) -> dict:
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
         recipe = recipe_identity(self.backbone, self.recipe)
@@ -115,9 +121,9 @@ class RunSpec:
                 "train_split": self.train_split, "eval_split": self.eval_split, "recipe": recipe,
                 "provenance": self.provenance, **({"origin": origin} if origin else {})}
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        return f"s{self.seed}-{digest(self.identity())[:10]}"
+        return f"s{self.seed}-{digest(self._identity)[:10]}"
 
     def unresolved(self) -> RunSpec:
         """The same run before provenance (e.g. to retarget it at another eval split)."""

@@ -13,6 +13,9 @@ import argparse
 import ast
 import dataclasses
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,45 +142,82 @@ class TensorBoardLog:
         self.writer.flush()
 
 
+@contextmanager
+def new_folders_removed_on_error(folder: Path):
+    """Within the block `folder` may be made (with the folders above it: the run's lock makes them); when the
+    block fails, those of them that did not exist before and are left empty are removed again, so a run
+    refused while its model is built (weights that do not fit, methods that clash) leaves nothing behind."""
+    new = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in new:  # innermost first; a folder something was written to stays, with those above it
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `execute` runs a spec, beside where (runs, data_root): the weights file and whether the backbone
+    is pretrained (both part of the run's provenance), the device, whether to prepare missing data, to run a
+    finished run again, to show progress, to log TensorBoard scalars; `on_skip(path)` is called for a run
+    that is already finished; `interrupt_after` stops training after that many epochs (a test hook for
+    resuming)."""
+
+    weights: str | None = None
+    pretrained: bool = True
+    device: str | None = None
+    prepare: bool = False
+    force: bool = False
+    progress: bool = True
+    tensorboard: str | Path | None = None
+    on_skip: Callable[[Path], None] | None = None
+    interrupt_after: int | None = None
+
+
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
-            weights: str | None = None, device: str | None = None, prepare: bool = False, force: bool = False,
-            pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True,
-            tensorboard: str | Path | None = None, on_skip=None) -> Path:
-    """Run `spec` (or skip it when its record is done, calling `on_skip(path)`) and return the record's path."""
-    device = device or default_device()
+            options: RunOptions | None = None, **flags) -> Path:
+    """Run `spec` (or skip it when its record is done) and return the record's path. `flags` are RunOptions
+    fields that replace those of `options` (execute(spec, runs, data, progress=False)).
+
+    Everything a run can refuse is checked first, then the run's lock is taken, and only then is the
+    record's state read (once: a finished run is skipped) and the model built."""
+    o = dataclasses.replace(options or RunOptions(), **flags)
+    device = o.device or default_device()
     check_device(device)
     check_spec(spec)
-    writer = summary_writer() if tensorboard else None
-    ensure_prepared(spec.task, data_root, prepare)
-    spec, weights_file = resolve(spec, data_root, weights, pretrained, device)
-    record_path = spec.path(runs)
-    if finished(record_path) and not force:
-        if on_skip:
-            on_skip(record_path)
-        return record_path
+    writer = summary_writer() if o.tensorboard else None
+    ensure_prepared(spec.task, data_root, o.prepare)
+    spec, weights_file = resolve(spec, data_root, o.weights, o.pretrained, device)
     check_batch_size(spec, data_root)
     scan = scan_backend(torch.device(device).type) if family(spec.backbone) == "vim" else None  # may refuse
-    recipe = spec.full_recipe()
-    task = get_task(spec.task)
-    # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
-    model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
-                        drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
-                        seed=spec.seed, provenance=spec.provenance["weights"], **spec.options).to(device)
     check_writable_folder(runs, "run records", "--runs")
-    with RunLock(spec.path(runs, ".lock")) as lock:
-        if not lock.acquire():
-            raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
-        if finished(record_path) and not force:  # finished by another process while we looked
-            if on_skip:
-                on_skip(record_path)
+    record_path = spec.path(runs)
+    with new_folders_removed_on_error(record_path.parent), RunLock(spec.path(runs, ".lock")) as lock:
+        held = lock.acquire()
+        if finished(record_path) and not o.force:  # records are written atomically: readable without the lock
+            if o.on_skip:
+                o.on_skip(record_path)
             return record_path
+        if not held:
+            raise RunBusy(f"run {spec.run_id} is held by {lock.describe()}")
+        recipe = spec.full_recipe()
+        task = get_task(spec.task)
+        # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
+        model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=o.pretrained,
+                            weights=weights_file, drop_path_rate=recipe.drop_path,
+                            backbone_options={"img_size": recipe.image_size}, seed=spec.seed,
+                            provenance=spec.provenance["weights"], **spec.options).to(device)
         for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
             tmp.unlink(missing_ok=True)  # left by a killed process
         state_path = spec.path(runs, ".state.pt")
-        if force:
+        if o.force:
             state_path.unlink(missing_ok=True)
         train_split, eval_split = (load_split(data_root, spec.task, s, recipe.image_size, recipe.interpolation,
-                                              progress=progress) for s in (spec.train_split, spec.eval_split))
+                                              progress=o.progress) for s in (spec.train_split, spec.eval_split))
         resident = device.startswith("cuda")
         train = Batches(train_split, recipe.batch_size, shuffle=True, drop_last=recipe.drop_last, device=device,
                         resident=resident, seed=spec.seed)
@@ -187,11 +227,11 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
                       scan=dict(zip(("backend", "reason"), scan)) if scan else None)
         # a holder that was taken over (its heartbeat found another token) stops before it writes anything
-        on_epoch = [lambda _: lock.check()] + ([print_epoch] if progress else []) + (
-            [TensorBoardLog(writer(log_dir=str(Path(tensorboard) / spec.run_id)))] if writer else [])
+        on_epoch = [lambda _: lock.check()] + ([print_epoch] if o.progress else []) + (
+            [TensorBoardLog(writer(log_dir=str(Path(o.tensorboard) / spec.run_id)))] if writer else [])
         try:
-            history = fit(model, train, test, recipe, state_path, interrupt_after=interrupt_after,
-                          progress=progress, on_epoch=on_epoch)
+            history = fit(model, train, test, recipe, state_path, interrupt_after=o.interrupt_after,
+                          progress=o.progress, on_epoch=on_epoch)
         except NonFiniteLoss as e:
             lock.check()
             write_record(spec, runs, status="failed", error=str(e), **common)
@@ -252,9 +292,10 @@ def main(argv=None) -> int:
     options, recipe = split_settings(args.method, settings)
     spec = RunSpec(args.backbone, args.task, args.method, options, args.seed, args.eval, recipe)
     try:
-        path = execute(spec, args.runs, args.data_root, args.weights, args.device, args.prepare, args.force,
-                       pretrained=not args.random_init, progress=not args.no_progress, tensorboard=args.tensorboard,
-                       on_skip=lambda p: print(f"skipped: this run is already finished ({p}); --force runs it again"))
+        options = RunOptions(args.weights, not args.random_init, args.device, args.prepare, args.force,
+                             not args.no_progress, args.tensorboard, on_skip=lambda p: print(
+                                 f"skipped: this run is already finished ({p}); --force runs it again"))
+        path = execute(spec, args.runs, args.data_root, options)
     except NonFiniteLoss as e:
         print(f"error: {e}; the record is marked failed", file=sys.stderr)
         return 1

@@ -167,7 +167,7 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
     'failed: <reason>' (any exception: the sweep goes on; with `logs`, the traceback is kept there)."""
     skipped = []
     try:
-        path = execute(spec, runs, data_root, weights, prepare=prepare, progress=False, on_skip=skipped.append)
+        path = execute(spec, runs, data_root, weights=weights, prepare=prepare, progress=False, on_skip=skipped.append)
         return "done" if skipped else f"ran ({accuracy(read_record(path))})"
     except (RunBusy, LockLost):  # held by another process, or taken over by one while this one trained
         return "busy"
@@ -275,15 +275,22 @@ class SubmissionRefused(UserError):
 class Job:
     """One submitit job (a Slurm array task): its runs, in one process each when there are several (K runs
     share the job's GPU, as --runs-per-gpu does on one machine). On preemption or timeout submitit calls
-    `checkpoint` and requeues the job: finished runs are skipped, the others resume from their saved state."""
+    `checkpoint` and requeues the job: finished runs are skipped, the others resume from their saved state.
+    `scan`: the sweep's --scan-backend, chosen in the job's process and in each of its run processes."""
+
+    def __init__(self, scan: str | None = None):
+        self.scan = scan
 
     def __call__(self, specs, runs, data_root, weights, prepare, logs) -> list[str]:
         calls = [(spec, runs, data_root, weights, prepare, logs) for spec in specs]
+        if self.scan:
+            set_backend(self.scan)
         if len(calls) == 1:
             return [run_job(*calls[0])]
         context = multiprocessing.get_context("spawn")
         pipes = [context.Pipe(duplex=False) for _ in calls]
-        procs = [context.Process(target=run_process, args=(call, send)) for call, (_, send) in zip(calls, pipes)]
+        procs = [context.Process(target=run_process, args=(call, send, self.scan))
+                 for call, (_, send) in zip(calls, pipes)]
         try:
             for proc in procs:
                 proc.start()
@@ -303,9 +310,11 @@ class Job:
         return DelayedSubmission(self, *args, **kwargs)  # the same runs again, which resume from their state
 
 
-def run_process(call: tuple, send) -> None:
+def run_process(call: tuple, send, scan: str | None = None) -> None:
     """A run of a job of several, in its own process: SIGTERM (the job stopping) unwinds the run (its lock is
     released, its state kept from the last saved epoch); submitit's preemption signal is the job's to handle."""
+    if scan:
+        set_backend(scan)
     def stop(signum, frame):
         raise SystemExit(f"stopped by signal {signum}")
     signal.signal(signal.SIGTERM, stop)
@@ -382,7 +391,8 @@ def submit(points: list[Point], args) -> list[str]:
         refusal = io.StringIO()  # submitit prints sbatch's complaint, then raises it: one line instead
         try:
             with contextlib.redirect_stderr(refusal):
-                submitted = executor.map_array(Job(), [[points[i].spec for i in chunk] for chunk in chunks],
+                submitted = executor.map_array(Job(args.scan_backend),
+                                               [[points[i].spec for i in chunk] for chunk in chunks],
                                                [args.runs] * n, [args.data_root] * n, [args.weights] * n,
                                                [args.prepare] * n, [args.logs] * n)
         except FailedJobError as e:
@@ -544,8 +554,7 @@ def main(argv=None) -> int:
     grid = parse_grid(args.grid)
     check_keys(rows, settings, "--set")
     check_keys(rows, grid, "--grid")
-    if args.scan_backend:
-        os.environ["VTAB_LILY_SCAN"] = args.scan_backend  # worker processes and local jobs inherit it
+    if args.scan_backend:  # this process's runs; worker processes get --scan-backend, submitit's jobs Job(scan)
         set_backend(args.scan_backend)
     local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
     args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []

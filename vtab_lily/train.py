@@ -226,6 +226,21 @@ def restore_state(path: Path, model: nn.Module, optimizer, scheduler, device: to
     return History(**state["history"]), state["epoch"]
 
 
+@contextlib.contextmanager
+def tf32(device: torch.device, enabled: bool):
+    """On CUDA, TF32 matmuls and convolutions on (precision "tf32") or off (fp32, as the official codes train)
+    within the block; the process's flags as they were after it. Nothing changes on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_path: Path | None = None,
         interrupt_after: int | None = None, progress: bool = True, on_epoch=()) -> History:
     """Train `model` with `recipe`, evaluating on `test`; resume from `state_path` when it exists.
@@ -240,46 +255,45 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
         if start:  # said in the log of a requeued cluster job, too
             print(f"resumed from {state_path} after epoch {start}", flush=True)
     wall_before = history.wall_time_s
-    if train.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.precision == "tf32"
-    for epoch in range(start, recipe.epochs):
-        model.train()
-        train.set_epoch(epoch)
-        lr = optimizer.param_groups[-1]["lr"]  # the lr of the epoch's first step
-        bar = tqdm(train, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not progress)
-        t, losses = time.perf_counter(), []
-        for step, (x, y) in enumerate(bar):
-            with _autocast(train.device, recipe.precision):
-                loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y)
-            value = loss.item()  # the one host sync of a step
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                                    f"(lr {lr:.3g}); lower the learning rate or the adapter scale and run again")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.clip_grad is not None:  # mmengine OptimWrapper._clip_grad: clip_grad_norm_ over all params
-                torch.nn.utils.clip_grad_norm_(trainable, recipe.clip_grad)
-            optimizer.step()
-            scheduler.step_update(epoch * len(train) + step + 1)  # timm's: a no-op for its per-epoch schedule
-            losses.append(value)
-            history.train_images += len(y)
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
-        history.train_time_s += time.perf_counter() - t
-        history.lrs.append(lr)
-        history.train_losses.append(sum(losses) / len(losses))
-        scheduler.step(epoch)
-        done = epoch + 1
-        metrics = {"epoch": done, "lr": lr, "train_loss": history.train_losses[-1]}
-        if done % recipe.eval_every == 0 or done == recipe.epochs:
-            acc, test_loss = evaluate(model, test, recipe)
-            history.evaluations.append({"epoch": done, "acc": acc, "loss": test_loss})
-            metrics.update(acc=acc, loss=test_loss)
-        for callback in on_epoch:
-            callback(metrics)
-        history.wall_time_s = wall_before + time.perf_counter() - session
-        stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
-        if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
-            save_state(state_path, _state(model, optimizer, scheduler, done, history, train.device))
-        if stop:
-            raise Interrupted(f"stopped after epoch {done}; run again to resume")
-    return history
+    with tf32(train.device, recipe.precision == "tf32"):
+        for epoch in range(start, recipe.epochs):
+            model.train()
+            train.set_epoch(epoch)
+            lr = optimizer.param_groups[-1]["lr"]  # the lr of the epoch's first step
+            bar = tqdm(train, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not progress)
+            t, losses = time.perf_counter(), []
+            for step, (x, y) in enumerate(bar):
+                with _autocast(train.device, recipe.precision):
+                    loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y)
+                value = loss.item()  # the one host sync of a step
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                                        f"(lr {lr:.3g}); lower the learning rate or the adapter scale and run again")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.clip_grad is not None:  # mmengine OptimWrapper._clip_grad: clip_grad_norm_ over all params
+                    torch.nn.utils.clip_grad_norm_(trainable, recipe.clip_grad)
+                optimizer.step()
+                scheduler.step_update(epoch * len(train) + step + 1)  # timm's: a no-op for its per-epoch schedule
+                losses.append(value)
+                history.train_images += len(y)
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
+            history.train_time_s += time.perf_counter() - t
+            history.lrs.append(lr)
+            history.train_losses.append(sum(losses) / len(losses))
+            scheduler.step(epoch)
+            done = epoch + 1
+            metrics = {"epoch": done, "lr": lr, "train_loss": history.train_losses[-1]}
+            if done % recipe.eval_every == 0 or done == recipe.epochs:
+                acc, test_loss = evaluate(model, test, recipe)
+                history.evaluations.append({"epoch": done, "acc": acc, "loss": test_loss})
+                metrics.update(acc=acc, loss=test_loss)
+            for callback in on_epoch:
+                callback(metrics)
+            history.wall_time_s = wall_before + time.perf_counter() - session
+            stop = interrupt_after is not None and done == interrupt_after and done < recipe.epochs
+            if state_path is not None and (done % recipe.checkpoint_every == 0 or stop) and done < recipe.epochs:
+                save_state(state_path, _state(model, optimizer, scheduler, done, history, train.device))
+            if stop:
+                raise Interrupted(f"stopped after epoch {done}; run again to resume")
+        return history
