@@ -22,11 +22,10 @@ from vtab_lily import tables as tables_cli
 from vtab_lily.adapters import METHODS, get_method, make_config, register
 from vtab_lily.adapters.base import Method, SiteConflict
 from vtab_lily.adapters.bitfit import BitFitConfig
-from vtab_lily.adapters.plugins import origin_label
 from vtab_lily.errors import UnknownName, UserError
 from vtab_lily.model import storage_bytes
 from vtab_lily.prepare import prepare_task
-from vtab_lily.records import RunSpec, read_record
+from vtab_lily.records import RunSpec, origin_label, read_record
 
 VIM = "vim-tiny-test"
 TIED = "examples.tied_lora:tied_lora"  # a plugin whose low-rank matrices are shared by all layers

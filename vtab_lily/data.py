@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .fileio import atomic_path, remove_stale_temps, warn, write_json
+from .recipes import INTERPOLATIONS
 from .tasks import SPLITS, Task, get_task
 
-INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -21,10 +21,6 @@ import types
 import typing
 from pathlib import Path
 
-import torch
-
-from backbones import patch_size
-
 from .errors import UserError
 
 
@@ -117,6 +113,7 @@ def check_seed(seed) -> None:
 
 def check_image_size(backbone: str, image_size: int) -> None:
     """The image must hold whole patches of the backbone: a positive multiple of its patch size."""
+    from backbones import patch_size  # here, not at the top: records and tables import this module without torch
     patch = patch_size(backbone)
     if patch and (image_size < patch or image_size % patch):
         raise OptionError(f"image_size {image_size} does not fit {backbone}'s {patch} px patches: use a multiple "
@@ -125,6 +122,7 @@ def check_image_size(backbone: str, image_size: int) -> None:
 
 def check_device(device: str) -> None:
     """`cpu`, `mps` (where present) or `cuda[:N]` with a GPU N that this process sees."""
+    import torch  # here, not at the top: records and tables import this module without torch
     try:
         kind = torch.device(device)
     except (RuntimeError, TypeError):

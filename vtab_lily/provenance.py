@@ -68,10 +68,3 @@ def data_provenance(data_root: str | Path, task: str, splits: tuple[str, ...]) -
         except (ValueError, AttributeError):
             raise DataError(f"damaged manifest {manifest}; prepare the task again") from None
     return out
-
-
-def short(provenance: dict, key: str) -> str:
-    """A short label: the first 12 hex digits of the weights or data hash, or 'random'."""
-    part = provenance.get(key, {})
-    digest = part.get("sha256") or part.get("lists_sha256")
-    return digest[:12] if digest else part.get("source", "")

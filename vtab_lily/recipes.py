@@ -31,14 +31,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from backbones import family as backbone_family
+from PIL import Image
 
-from .data import INTERPOLATIONS
 from .errors import UserError
 from .options import OptionError, check_fields
 from .tasks import VTAB_TASKS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# a recipe's `interpolation` -> the PIL filter that data.py resizes images with
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 LR_SCHEDULES = ("timm", "mmengine")
 RECIPE_NAMES = ("vit", "vim", "mambapeft")  # --set recipe=NAME; vit / vim: the Lily and hustvl recipes
 
@@ -172,6 +173,7 @@ def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;
     on a mini backbone its mini variant. The result's `recipe` field is None for the backbone's own recipe,
     so naming it changes no run id."""
+    from backbones import family as backbone_family  # here: tables import recipes without torch
     family = backbone_family(backbone)
     if recipe is not None and recipe not in RECIPE_NAMES:
         raise OptionError(f"recipe must be one of {RECIPE_NAMES}, got {recipe!r}")

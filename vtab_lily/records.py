@@ -22,15 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from backbones import check_backbone
-
-from .adapters import make_config
-from .adapters.base import config_dict
-from .adapters.plugins import method_origin, origin_label
 from .errors import UserError
 from .fileio import write_json
 from .options import OptionError
-from .provenance import short
 from .recipes import Recipe, recipe_for
 from .tasks import get_task
 
@@ -90,6 +84,11 @@ class RunSpec:
     provenance: dict | None = None  # weights, data, precision: set by `resolve` before the run id exists
 
     def __post_init__(self):
+        # the method registry and the backbones load torch: imported by the specs that need them, so that
+        # importing records (tables) does not
+        from backbones import check_backbone
+
+        from .adapters.config import make_config
         check_backbone(self.backbone)
         self.task = get_task(self.task).name
         if self.eval_split not in EVAL_SPLITS:
@@ -112,6 +111,8 @@ class RunSpec:
 
     @functools.cached_property
     def _identity(self) -> dict:
+        from .adapters.config import config_dict, make_config
+        from .adapters.plugins import method_origin
         if self.provenance is None:
             raise RuntimeError("resolve the spec's provenance first (vtab_lily.run.resolve)")
         recipe = recipe_identity(self.backbone, self.recipe)
@@ -131,6 +132,24 @@ class RunSpec:
 
     def path(self, runs: str | Path, suffix: str = ".json") -> Path:
         return Path(runs) / self.backbone / self.method / self.task / f"{self.run_id}{suffix}"
+
+
+def short(provenance: dict, key: str) -> str:
+    """A short label: the first 12 hex digits of the weights or data hash, or 'random'."""
+    part = provenance.get(key, {})
+    digest = part.get("sha256") or part.get("lists_sha256")
+    return digest[:12] if digest else part.get("source", "")
+
+
+def origin_label(origin: dict | None) -> str:
+    """'' for built-in methods, 'module version' or 'module sha256:<12 hex>' otherwise; a composition's
+    parts' labels joined by ' + '."""
+    if not origin:
+        return ""
+    if "module" not in origin:
+        return " + ".join(origin_label(o) for o in origin.values())
+    tag = origin.get("version") or f"sha256:{(origin.get('sha256') or '')[:12]}"
+    return f"{origin['module']} {tag}"
 
 
 def code_version() -> dict:

@@ -47,7 +47,6 @@ from .fileio import atomic_path
 from .options import check_writable_folder
 from .recipes import MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
-from .run import split_settings
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 # vtab_lily/paper/ (package data): the Lily paper's Tables 4, 5 and 15, and the classic baselines' own
@@ -149,6 +148,7 @@ def _same(a, b) -> bool:
 def preset_recipe(table: str, row: Row) -> dict:
     """The recipe settings (e.g. SSF's per-task lr, VPT's drop_path 0) of the preset row that sweeps `row`:
     same backbone and method, fixed options agreeing with the row's filters."""
+    from .run import split_settings  # the method registry loads torch: here, so that importing tables does not
     found = []
     for backbone, method, fixed, _ in PRESETS.get(TABLE_PRESET.get(table), []):
         if (backbone, method) == (row.backbone, row.method):

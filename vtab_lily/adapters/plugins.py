@@ -49,14 +49,3 @@ def method_origin(name: str) -> dict | None:
     if not method.parts:
         return origin(method.module)
     return {part: found for part in method.parts if (found := method_origin(part))} or None
-
-
-def origin_label(origin: dict | None) -> str:
-    """'' for built-in methods, 'module version' or 'module sha256:<12 hex>' otherwise; a composition's
-    parts' labels joined by ' + '."""
-    if not origin:
-        return ""
-    if "module" not in origin:
-        return " + ".join(origin_label(o) for o in origin.values())
-    tag = origin.get("version") or f"sha256:{(origin.get('sha256') or '')[:12]}"
-    return f"{origin['module']} {tag}"
