@@ -163,3 +163,29 @@ def test_a_sweep_leaves_the_environment_as_it_was_and_hands_its_scan_backend_to_
     assert dict(os.environ) == before and ssm._requested["name"] == "torch"  # set for this process's runs
     ssm.set_backend("auto")
     assert sweep.Job("torch")([], tmp_path, data_root, None, False, None) == [] and ssm._requested["name"] == "torch"
+
+
+@pytest.mark.parametrize("module", ["vtab_lily.tasks", "vtab_lily.records", "vtab_lily.tables"])
+def test_tasks_records_and_tables_import_without_torch(module):
+    import os
+    import subprocess
+    import sys
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout == "[]\n", out.stderr
+
+
+def test_sweep_hands_its_stages_one_frozen_options_object(data_root, tmp_path, monkeypatch):
+    from vtab_lily import sweep
+    seen = []
+    monkeypatch.setattr(sweep, "launch", lambda points, opts, stage, statuses: seen.append((len(points), opts, stage)))
+    argv = ["--backbones", "vit-tiny", "--methods", "linear", "--tasks", "digits", "--seeds", "1", "2",
+            "--runs", str(tmp_path / "runs"), "--data-root", str(data_root)]
+    assert sweep.main(argv) == 0
+    ((count, opts, stage),) = seen
+    assert count == 2 and stage == "all" and isinstance(opts, sweep.SweepOptions)
+    want = (str(tmp_path / "runs"), str(tmp_path / "slurm-logs"), tuple(argv), {})
+    assert (opts.runs, opts.logs, opts.argv, opts.slurm_params) == want
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.runs = "elsewhere"

@@ -179,13 +179,35 @@ def run_job(spec: RunSpec, runs: str, data_root: str, weights: str | None, prepa
         return failure(e, label, logs)
 
 
-def best_on_val(points: list[Point], args) -> list[RunSpec]:
+@dataclass(frozen=True)
+class SweepOptions:
+    """What the sweep's stages read, parsed once by `main` from the command line: where records, data and
+    logs go, the weights, whether to prepare data, the launcher (and the stage a worker process runs), the
+    command line (given again to worker processes), the workers' CUDA_VISIBLE_DEVICES, submitit's
+    parameters, runs per GPU, whether to wait for cluster jobs, the scan backend."""
+
+    runs: str
+    data_root: str
+    weights: str | None
+    prepare: bool
+    logs: str
+    launcher: str
+    stage: str | None
+    argv: tuple[str, ...]
+    workers: tuple[str | None, ...] = ()
+    slurm_params: dict = dataclasses.field(default_factory=dict)
+    runs_per_gpu: int = 1
+    wait: bool = False
+    scan_backend: str | None = None
+
+
+def best_on_val(points: list[Point], opts: SweepOptions) -> list[RunSpec]:
     """VTAB protocol: per row, task and seed, the grid point whose val200 record comes first in
     records.selection_order (the best final val200 accuracy; ties: the smaller run id), as a spec that
     trains on train800val200 and tests. Points without a finished record are left out."""
     best = {}
     for point in points:
-        record = record_of(point.spec, args) if point.spec is not None else None
+        record = record_of(point.spec, opts) if point.spec is not None else None
         if record is None:
             continue  # invalid, not finished, or reported as failed in the first stage
         key = (point.row, point.spec.task, point.spec.seed)
@@ -194,35 +216,35 @@ def best_on_val(points: list[Point], args) -> list[RunSpec]:
     return [dataclasses.replace(spec, eval_split="test") for _, spec in best.values()]
 
 
-def dry_run_status(point: Point, args) -> str:
+def dry_run_status(point: Point, opts: SweepOptions) -> str:
     """'done', 'to run', 'to run (...)' when the identity cannot be resolved yet (e.g. data not prepared),
     or the point's failure."""
     if point.error is not None:
         return point.error
     try:
-        ensure_prepared(point.spec.task, args.data_root, prepare=False)
-        resolved = resolve(point.spec, args.data_root, args.weights, device=default_device())[0]
-        return "done" if finished(resolved.path(args.runs)) else f"to run ({resolved.run_id})"
+        ensure_prepared(point.spec.task, opts.data_root, prepare=False)
+        resolved = resolve(point.spec, opts.data_root, opts.weights, device=default_device())[0]
+        return "done" if finished(resolved.path(opts.runs)) else f"to run ({resolved.run_id})"
     except (UserError, OSError) as e:
         return f"to run (cannot check: {error_line(e)})"
     except Exception as e:  # a bug: this point's line says so, the listing goes on
-        return failure(e, point.label, args.logs)
+        return failure(e, point.label, opts.logs)
 
 
-def launch(points: list[Point], args, stage: str, statuses: list[str]) -> None:
+def launch(points: list[Point], opts: SweepOptions, stage: str, statuses: list[str]) -> None:
     """Run the valid points (through the chosen launcher) and append every point's status to `statuses`
     (invalid points 'failed'), printing one line per point."""
-    if args.launcher in ("slurm", "submitit-local"):
-        statuses += submit(points, args)
+    if opts.launcher in ("slurm", "submitit-local"):
+        statuses += submit(points, opts)
         return
-    if len(args.workers) > 1 and not args.stage:
-        statuses += launch_workers(points, args, stage)
+    if len(opts.workers) > 1 and not opts.stage:
+        statuses += launch_workers(points, opts, stage)
         return
     for i, point in enumerate(points, 1):
         if point.error is not None:
             status = point.error
         else:
-            status = run_job(point.spec, args.runs, args.data_root, args.weights, args.prepare, args.logs)
+            status = run_job(point.spec, opts.runs, opts.data_root, opts.weights, opts.prepare, opts.logs)
         print(f"[{i}/{len(points)}] {point.label}: {status}", flush=True)
         statuses.append(status)
 
@@ -239,13 +261,13 @@ def worker_gpus(gpus: int, runs_per_gpu: int) -> list[str | None]:
     return [gpu for gpu in (visible[:gpus] or [None]) for _ in range(runs_per_gpu)]
 
 
-def launch_workers(points: list[Point], args, stage: str) -> list[str]:
+def launch_workers(points: list[Point], opts: SweepOptions, stage: str) -> list[str]:
     """Worker processes over the same job list (of `stage`), lock files splitting the work; each point's
     status comes from its record afterwards."""
-    before = [record_of(p.spec, args) is not None if p.spec else False for p in points]
-    procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *args.argv, "--stage", stage],
+    before = [record_of(p.spec, opts) is not None if p.spec else False for p in points]
+    procs = [subprocess.Popen([sys.executable, "-m", "vtab_lily.sweep", *opts.argv, "--stage", stage],
                               env={**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})})
-             for gpu in args.workers]
+             for gpu in opts.workers]
     codes = [p.wait() for p in procs]
     statuses = []
     for point, done_before in zip(points, before):
@@ -253,17 +275,17 @@ def launch_workers(points: list[Point], args, stage: str) -> list[str]:
             statuses.append(point.error)
         elif done_before:
             statuses.append("done")
-        elif (record := record_of(point.spec, args)) is not None:
+        elif (record := record_of(point.spec, opts)) is not None:
             statuses.append(f"ran ({accuracy(record)})")
         else:
             statuses.append(f"failed: not finished by the workers (exit codes {codes}; see their output)")
     return statuses
 
 
-def record_of(spec: RunSpec, args) -> dict | None:
-    """The finished record of `spec` under args.runs, or None (also when its identity cannot be resolved)."""
+def record_of(spec: RunSpec, opts: SweepOptions) -> dict | None:
+    """The finished record of `spec` under opts.runs, or None (also when its identity cannot be resolved)."""
     try:
-        return finished(resolve(spec, args.data_root, args.weights)[0].path(args.runs))
+        return finished(resolve(spec, opts.data_root, opts.weights)[0].path(opts.runs))
     except (UserError, OSError):
         return None
 
@@ -322,28 +344,28 @@ def run_process(call: tuple, send, scan: str | None = None) -> None:
     send.send(run_job(*call))
 
 
-def job_identity(spec: RunSpec, args) -> RunSpec | None:
+def job_identity(spec: RunSpec, opts: SweepOptions) -> RunSpec | None:
     """The spec resolved as its job will resolve it (on a GPU when the Slurm jobs get one: the precision is part
     of the run id), or None when it cannot be here (e.g. data not prepared yet: the job's state says the rest)."""
-    gpu = args.launcher == "slurm" and args.slurm_params.get("gpus_per_node")
+    gpu = opts.launcher == "slurm" and opts.slurm_params.get("gpus_per_node")
     try:
-        return resolve(spec, args.data_root, args.weights, device="cuda" if gpu else None)[0]
+        return resolve(spec, opts.data_root, opts.weights, device="cuda" if gpu else None)[0]
     except (UserError, OSError):
         return None
 
 
-def cluster_state(point: Point, args, jobs: dict, states: dict) -> tuple[str, str]:
+def cluster_state(point: Point, opts: SweepOptions, jobs: dict, states: dict) -> tuple[str, str]:
     """(done | running | pending | failed | not submitted, the status line) of a point, from its record, its
     lock and its latest submitit job (`jobs`: slurm.latest_jobs, `states`: slurm.job_states)."""
     if point.error is not None:
         return "failed", point.error
-    resolved = job_identity(point.spec, args)
+    resolved = job_identity(point.spec, opts)
     record = None
     if resolved is not None:
-        path = resolved.path(args.runs)
+        path = resolved.path(opts.runs)
         if (done := finished(path)) is not None:
             return "done", f"done ({accuracy(done)})"
-        lock = RunLock(resolved.path(args.runs, ".lock"))
+        lock = RunLock(resolved.path(opts.runs, ".lock"))
         if lock.live():
             return "running", f"running ({lock.describe()})"
         try:
@@ -355,7 +377,7 @@ def cluster_state(point: Point, args, jobs: dict, states: dict) -> tuple[str, st
         return ("failed", f"failed: {record['error']}") if record else ("not submitted", "not submitted")
     where = f"job {job['job_id']}, log {job['stderr']}"
     state = states.get(job["job_id"], "UNKNOWN")
-    outcome = slurm.job_outcome(args.logs, job)
+    outcome = slurm.job_outcome(opts.logs, job)
     if outcome is None and state in slurm.QUEUED | {"UNKNOWN"}:
         return "pending", f"pending ({state}, job {job['job_id']})"
     if outcome is None and state in slurm.ACTIVE:
@@ -370,37 +392,37 @@ def cluster_state(point: Point, args, jobs: dict, states: dict) -> tuple[str, st
     return "failed", f"failed: job {job['job_id']} ended {state} without finishing the run ({where})"
 
 
-def submit(points: list[Point], args) -> list[str]:
+def submit(points: list[Point], opts: SweepOptions) -> list[str]:
     """Submit, through submitit, the points that are neither done, running nor queued, K (--runs-per-gpu) to a
     job, as one job array; write the manifest; with --wait (always for submitit-local) wait for the jobs.
     Returns each point's status; prints one line per point."""
     from submitit.core.utils import FailedJobError
-    cluster = "slurm" if args.launcher == "slurm" else "local"
-    jobs = slurm.latest_jobs(args.logs) if cluster == "slurm" else {}
-    states = slurm.job_states(args.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
+    cluster = "slurm" if opts.launcher == "slurm" else "local"
+    jobs = slurm.latest_jobs(opts.logs) if cluster == "slurm" else {}
+    states = slurm.job_states(opts.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
     lines, todo = [], []
     for i, point in enumerate(points):
-        kind, line = cluster_state(point, args, jobs, states)
+        kind, line = cluster_state(point, opts, jobs, states)
         if kind in ("not submitted", "failed") and point.spec is not None:
             todo.append(i)
         lines.append(line)
-    chunks = [todo[i:i + args.runs_per_gpu] for i in range(0, len(todo), args.runs_per_gpu)]
+    chunks = [todo[i:i + opts.runs_per_gpu] for i in range(0, len(todo), opts.runs_per_gpu)]
     if chunks:
-        executor = slurm.make_executor(args.logs, cluster, args.slurm_params)
+        executor = slurm.make_executor(opts.logs, cluster, opts.slurm_params)
         n = len(chunks)
         refusal = io.StringIO()  # submitit prints sbatch's complaint, then raises it: one line instead
         try:
             with contextlib.redirect_stderr(refusal):
-                submitted = executor.map_array(Job(args.scan_backend),
+                submitted = executor.map_array(Job(opts.scan_backend),
                                                [[points[i].spec for i in chunk] for chunk in chunks],
-                                               [args.runs] * n, [args.data_root] * n, [args.weights] * n,
-                                               [args.prepare] * n, [args.logs] * n)
+                                               [opts.runs] * n, [opts.data_root] * n, [opts.weights] * n,
+                                               [opts.prepare] * n, [opts.logs] * n)
         except FailedJobError as e:
             raise SubmissionRefused(f"sbatch refused the jobs: {' '.join(str(e).split()) or refusal.getvalue()} "
                                     "(check --partition and --slurm account / qos / the resources asked)") from None
-        run_ids = {slurm.spec_key(points[i].spec): getattr(job_identity(points[i].spec, args), "run_id", None)
+        run_ids = {slurm.spec_key(points[i].spec): getattr(job_identity(points[i].spec, opts), "run_id", None)
                    for i in todo}  # None: resolved in the job (e.g. after its --prepare)
-        manifest = slurm.write_manifest(args.logs, cluster, submitted,
+        manifest = slurm.write_manifest(opts.logs, cluster, submitted,
                                         [[(points[i].label, points[i].spec) for i in chunk] for chunk in chunks],
                                         run_ids)
         ids = [job.job_id for job in submitted]
@@ -410,14 +432,14 @@ def submit(points: list[Point], args) -> list[str]:
         for job, chunk in zip(submitted, chunks):
             for i in chunk:
                 lines[i] = f"submitted (job {job.job_id}, log {job.paths.stderr})"
-        if args.wait or cluster == "local":
+        if opts.wait or cluster == "local":
             for job, chunk in zip(submitted, chunks):
-                results = job_status(job, args)
+                results = job_status(job, opts)
                 for i, status in zip(chunk, results if isinstance(results, list) else [results] * len(chunk)):
                     lines[i] = status
         else:
             print("they run on their own; follow them with: python -m vtab_lily.sweep "
-                  f"{' '.join(args.argv)} --status", flush=True)
+                  f"{' '.join(opts.argv)} --status", flush=True)
     statuses = []
     for i, (point, line) in enumerate(zip(points, lines), 1):
         print(f"[{i}/{len(points)}] {point.label}: {line}", flush=True)
@@ -426,14 +448,14 @@ def submit(points: list[Point], args) -> list[str]:
     return statuses
 
 
-def report_status(points: list[Point], args) -> int:
+def report_status(points: list[Point], opts: SweepOptions) -> int:
     """--status: each point's state (from records, locks and the submitit jobs of earlier submissions) and the
     counts; exit 1 when any failed."""
-    jobs = slurm.latest_jobs(args.logs)
-    states = slurm.job_states(args.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
+    jobs = slurm.latest_jobs(opts.logs)
+    states = slurm.job_states(opts.logs, [job["job_id"] for job in jobs.values()]) if jobs else {}
     kinds = []
     for point in points:
-        kind, line = cluster_state(point, args, jobs, states)
+        kind, line = cluster_state(point, opts, jobs, states)
         print(f"{point.label}: {line}", flush=True)
         kinds.append(kind)
     print(f"{len(kinds)} runs: " + ", ".join(f"{kinds.count(k)} {k}" for k in STATES))
@@ -443,13 +465,13 @@ def report_status(points: list[Point], args) -> int:
 STATES = ("done", "running", "pending", "failed", "not submitted")
 
 
-def job_status(job, args) -> str | list[str]:
+def job_status(job, opts: SweepOptions) -> str | list[str]:
     """A submitted job's statuses (one per run); a job that died (killed, node lost) is a failed point, not a
     dead sweep."""
     try:
         return job.result()
     except Exception as e:
-        return failure(e, f"submitit job {job.job_id}", args.logs)
+        return failure(e, f"submitit job {job.job_id}", opts.logs)
 
 
 def select_rows(args) -> list:
@@ -468,7 +490,8 @@ def select_rows(args) -> list:
     return rows
 
 
-def check_launcher(args) -> None:
+def check_launcher(args) -> dict:
+    """The launcher's options checked; submitit's parameters ({} for the local launcher)."""
     if args.launcher == "slurm" and not args.status:
         missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
         if missing:
@@ -484,9 +507,10 @@ def check_launcher(args) -> None:
             import submitit  # noqa: F401
         except ImportError:
             raise OptionError(f"--launcher {args.launcher} needs submitit: pip install submitit") from None
-        args.slurm_params = slurm.parse_slurm(args.slurm, args.partition, args.timeout_min, args.array_parallelism)
-    elif args.slurm or args.array_parallelism is not None or args.wait:
+        return slurm.parse_slurm(args.slurm, args.partition, args.timeout_min, args.array_parallelism)
+    if args.slurm or args.array_parallelism is not None or args.wait:
         raise OptionError("--slurm, --array-parallelism and --wait are for --launcher slurm (or submitit-local)")
+    return {}
 
 
 def count_line(statuses: list[str]) -> str:
@@ -540,9 +564,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
     parser.add_argument("--stage", choices=["all", "select", "final"], help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
-    args.logs = args.logs or str(Path(args.runs).parent / "slurm-logs")
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    check_launcher(args)
+    slurm_params = check_launcher(args)
     rows = select_rows(args)
     tasks = args.tasks or [PRESET_TASKS.get(args.preset, "all")]
     tasks = list(TASK_SETS[tasks[0]]) if len(tasks) == 1 and tasks[0] in TASK_SETS else tasks
@@ -557,19 +579,23 @@ def main(argv=None) -> int:
     if args.scan_backend:  # this process's runs; worker processes get --scan-backend, submitit's jobs Job(scan)
         set_backend(args.scan_backend)
     local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
-    args.workers = worker_gpus(args.gpus, args.runs_per_gpu) if local else []
+    opts = SweepOptions(args.runs, args.data_root, args.weights, args.prepare,
+                        args.logs or str(Path(args.runs).parent / "slurm-logs"), args.launcher, args.stage,
+                        tuple(sys.argv[1:] if argv is None else argv),
+                        tuple(worker_gpus(args.gpus, args.runs_per_gpu)) if local else (), slurm_params,
+                        args.runs_per_gpu, args.wait, args.scan_backend)
     stage1 = expand(rows, tasks, args.seeds, grid, settings, "val200" if args.protocol == "vtab" else "test",
-                    args.logs)
+                    opts.logs)
     def final():
         return [Point(f"{s.backbone} {s.method} {s.task} seed {s.seed} {s.options} eval test", s)
-                for s in best_on_val(stage1, args)]
+                for s in best_on_val(stage1, opts)]
 
     if args.status:
-        return report_status(stage1 + (final() if args.protocol == "vtab" else []), args)
+        return report_status(stage1 + (final() if args.protocol == "vtab" else []), opts)
     if args.dry_run:
         statuses = []
         for point in stage1:
-            status = dry_run_status(point, args)
+            status = dry_run_status(point, opts)
             print(f"{point.label}: {status}", flush=True)
             statuses.append(status)
         failed = sum(s.startswith("failed") for s in statuses)
@@ -580,14 +606,14 @@ def main(argv=None) -> int:
     statuses: list[str] = []
     try:
         if args.stage:  # a worker process of --gpus N: run its stage's list
-            launch(final() if args.stage == "final" else stage1, args, args.stage, statuses)
+            launch(final() if args.stage == "final" else stage1, opts, args.stage, statuses)
         else:
-            launch(stage1, args, "select" if args.protocol == "vtab" else "all", statuses)
+            launch(stage1, opts, "select" if args.protocol == "vtab" else "all", statuses)
             if args.protocol == "vtab" and any(s.startswith(("submitted", "busy")) for s in statuses):
                 print("--protocol vtab: the final stage (the best point on val200, retrained on train800val200) "
                       "is submitted by this same command once these runs are done (see --status)", flush=True)
             elif args.protocol == "vtab":
-                launch(final(), args, "final", statuses)
+                launch(final(), opts, "final", statuses)
     finally:  # also when interrupted: what ran so far is counted
         print(count_line(statuses), flush=True)
     return 1 if any(s.startswith("failed") for s in statuses) else 0
