@@ -1,28 +1,29 @@
 """Comparisons of a table's rows (`python -m vtab_lily.tables --table T --compare A B [C ...]`), on the records'
 per-example test predictions (vtab_lily/predictions.py) where they have them. docs/comparisons.md says what each
-number is and why it was chosen.
+number is, why it was chosen, and how well the intervals cover in simulation.
 
 Two rows, per task: the paired difference A - B (points) on the same test images and seeds, with a 95% interval
-and a p-value from one estimator. Its variance has two parts (the law of total variance: a new test set and new
-training seeds; Bouthillier et al. 2021, "Accounting for Variance in Machine Learning Benchmarks", MLSys):
-- the test images: the variance of the mean over images of the per-image difference averaged over seeds (the
-  images are resampled jointly across seeds, since every seed is evaluated on the same images). This is the
-  paired bootstrap's variance (Koehn 2004, Efron & Tibshirani 1993 §5.2) in closed form, with the n-1
-  correction: var(x, ddof=1) / N; a Monte Carlo bootstrap converges to it (tests/test_compare.py) and adds
-  only its own noise;
-- the seeds: the variance of the per-seed differences over the seeds, / S (0 with one seed).
-The interval is d ± t_{0.975, df} * se with Welch-Satterthwaite degrees of freedom (N - 1 for the images, S - 1
-for the seeds): with 3 seeds whose spread dominates, df is near 2 and the interval honest about it. The p-value
-is the two-sided test of the same t statistic, so p < 0.05 exactly when the interval excludes 0 (a `win` or
-`loss`; `tie` otherwise). With one seed it is the paired t-test on the images (scipy.stats.ttest_rel). The Mean
-difference (mean of the group means, as the tables' Mean) is the same weighted sum of the task differences,
-its variance the weighted sum of theirs (tasks are independent runs on disjoint test sets). Across tasks: the
-sign test (scipy.stats.binomtest) and the Wilcoxon signed-rank test (scipy.stats.wilcoxon) of the task
-differences (Demsar 2006, §3.1.3 and §3.1.2).
+and a p-value from one estimator. x[s, i] = 100 (A right - B right) on image i in seed s; d = mean of x. Its
+variance (a new test set and new seeds: the law of total variance, as Bouthillier et al. 2021, "Accounting for
+Variance in Machine Learning Benchmarks", MLSys) is estimated under the crossed random-effects model
+x = mu + seed + image + residual by the ANOVA mean squares (Searle, Casella & McCulloch 1992, Variance Components):
+var(d) = images + seeds - residual, where
+- images = var over i of the seed-averaged x / N: the paired bootstrap's variance over test images (Koehn 2004;
+  Efron & Tibshirani 1993), images resampled jointly across seeds since every seed sees the same images, in
+  closed form with the n-1 correction (no Monte Carlo noise; tests/test_compare.py checks a bootstrap against it);
+- seeds = var over s of the per-seed differences / S, less residual = the interaction mean square / (S N), which
+  the images' part already holds; both drop out where the seeds spread no more than the residuals explain.
+The interval is d ± t_{0.975, df} se with Welch-Satterthwaite df (Satterthwaite 1946); the p-value the two-sided
+test of the same t, so p < 0.05 exactly when the interval excludes 0 (`win`/`loss`; `tie` otherwise). With one
+seed it is the paired t-test on the images (scipy.stats.ttest_rel). The Mean difference (mean of the group means,
+as the tables' Mean) is the same weighted sum of the task differences, its variance components the weighted
+squares of theirs (tasks are separate runs on disjoint test sets). Across tasks: the sign test
+(scipy.stats.binomtest) and the Wilcoxon signed-rank test (scipy.stats.wilcoxon) of the task differences
+(Demsar 2006, "Statistical Comparisons of Classifiers over Multiple Data Sets", JMLR 7, §3.1.3-3.1.4).
 
 More rows: average ranks over the tasks where every row has a cell (rank 1 = best cell mean, ties averaged),
 the Friedman test (scipy.stats.friedmanchisquare) with Iman and Davenport's F, and the Nemenyi test: two rows
-differ when their average ranks differ by at least CD = q_alpha * sqrt(k (k + 1) / (6 N)) (Demsar 2006, §3.2.2,
+differ when their average ranks differ by at least CD = q_alpha sqrt(k (k + 1) / (6 N)) (Demsar 2006, §3.2.2;
 q_alpha = the studentized range quantile / sqrt(2)), drawn as Demsar's critical-difference diagram. These use
 cell means only, so they work on records without predictions too.
 """
@@ -211,8 +212,6 @@ def _num(v, sign=False) -> str:
 def two_markdown(cmp: dict, table: str, cells: str) -> str:
     a, b = cmp["names"]
     c, across = cmp["counts"], cmp["across"]
-    # PROTOCOL CARD (issue 21, section 4): both rows come from one table built from one record selection, so one
-    # card holds for both; print tables.protocol_card(result) here once it is on main.
     lines = [f"Table {table}: {a} (A) vs {b} (B), paired on the same test images and seeds. Cells: {cells}.",
              "diff = A - B (points); 95% interval and p: images (paired, closed-form bootstrap variance) plus seed "
              "spread, Welch-Satterthwaite t (docs/comparisons.md). win/loss: the interval excludes 0; tie: it "
@@ -367,6 +366,8 @@ def _slug(name: str) -> str:
 def write_comparison(result: dict, table: str, names: list[str], stem: Path, cells: str) -> tuple[str, list[Path]]:
     """Two rows: the paired comparison (<stem>_compare_<A>_vs_<B>.{md,csv,png}, the forest plot); more: the
     ranks (<stem>_ranks_<rows>.{md,csv,png}, the CD diagram). Returns the markdown and the paths written."""
+    # PROTOCOL CARD (issue 21, section 4): every compared row comes from one table built from one record selection
+    # under one protocol, so one card holds for all; put tables' protocol_card(result) above `text` once on main.
     if len(names) == 2:
         cmp = compare_two(result, (names[0], names[1]))
         text, frame = two_markdown(cmp, table, cells), pd.concat([cmp["tasks"], cmp["means"]], ignore_index=True)
