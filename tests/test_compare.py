@@ -215,6 +215,16 @@ def test_three_rows_rank_and_old_records_say_no_predictions(tmp_path, capsys):
     assert _not_blank(out / "tablemini_paper_ranks_vit-mini-fft_vit-mini-lily_vit-mini-lora.png")
 
 
+def test_a_task_pairs_the_seeds_both_rows_have(tmp_path):
+    def cells(accs):  # cell_results' frame of one task: records without predictions
+        return pd.DataFrame({"task": "dtd", "seed": list(accs), "acc": list(accs.values()), "epoch": 10,
+                             "path": [str(tmp_path / f"{s}.json") for s in accs]})
+    got = compare.paired_task(cells({1: 70.0, 2: 72.0, 3: 90.0}), cells({1: 60.0, 2: 66.0}), ("a", "b"), "dtd")
+    assert (got["seeds"], got["A"], got["B"], got["diff"], got["note"]) == (2, 71.0, 63.0, 8.0, "no predictions")
+    none = compare.paired_task(cells({3: 90.0}), cells({1: 60.0}), ("a", "b"), "dtd")
+    assert none["seeds"] == 0 and np.isnan(none["diff"]) and none["note"] == "no common seed"
+
+
 @pytest.mark.parametrize("case", ["unknown", "ambiguous", "all", "one", "images"])
 def test_compare_mistakes_are_one_error_line(tmp_path, capsys, case):
     runs = tmp_path / "runs"

@@ -129,6 +129,7 @@ def paired_task(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str], task: 
     out = {"task": task, "seeds": len(seeds), "A": a["acc"].mean(), "B": b["acc"].mean()}
     if not seeds:
         return {**out, "diff": np.nan, "note": "no common seed" if len(a) and len(b) else "no cell"}
+    out.update(A=a.loc[seeds, "acc"].mean(), B=b.loc[seeds, "acc"].mean())  # on the seeds compared
     out["diff"] = float(np.mean([a.loc[s, "acc"] - b.loc[s, "acc"] for s in seeds]))
     x, hashes = [], {}
     for seed in seeds:
