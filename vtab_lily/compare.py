@@ -250,7 +250,9 @@ def plot_forest(cmp: dict, table: str, path: Path) -> None:
             ax.plot(r["diff"], yi, "D" if mean else "o", color=colour, mfc=colour if filled else "white")
     ax.set_yticks(y, rows["task"])
     a, b = cmp["names"]
-    ax.set_xlabel(f"{a} - {b} (points), 95% interval")
+    hollow = rows["low"].isna() & rows["diff"].notna()
+    ax.set_xlabel(f"{a} - {b} (points), 95% interval" + ("; hollow: no interval (no predictions)" if hollow.any()
+                                                          else ""))
     ax.set_title(f"Table {table}: {a} vs {b}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
