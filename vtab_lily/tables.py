@@ -4,6 +4,7 @@ mini-benchmark's table.
     python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
         [--epoch best|final] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
+    python -m vtab_lily.tables --table T --compare A B [C ...]   # paired tests, ranks (docs/comparisons.md)
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
 (`Row.filters`) and whose recipe is the one its preset trains with (the backbone's recipe with the preset
@@ -551,11 +552,16 @@ def plot_difference(result: dict, table: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
-    """<out>/table<table>_<protocol>[_<epoch rule> where not the protocol's default][_<--recipe>].{md,tex,csv,png}"""
+def output_stem(result: dict, table: str, protocol: str, out: Path) -> Path:
+    """<out>/table<table>_<protocol>[_<epoch rule> where not the protocol's default][_<--recipe>]"""
     rule = "" if result["epoch"] == DEFAULT_EPOCH[protocol] else f"_{result['epoch']}"
     rule += f"_{result['recipe']}" if result.get("recipe") else ""
-    stem = out / (f"{table}_{protocol}{rule}" if table == RUNS_TABLE else f"table{table}_{protocol}{rule}")
+    return out / (f"{table}_{protocol}{rule}" if table == RUNS_TABLE else f"table{table}_{protocol}{rule}")
+
+
+def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
+    """output_stem(...).{md,tex,csv,png}"""
+    stem = output_stem(result, table, protocol, out)
     written = []
     for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
                          (".csv", result["mean"].to_csv(index_label="row"))):
@@ -620,8 +626,15 @@ def main(argv=None) -> int:
                              "write nothing")
     parser.add_argument("--select", action="append", default=[], metavar="COLUMN=PREFIX",
                         help="keep records whose weights_id, data_id or precision starts with PREFIX")
+    parser.add_argument("--compare", nargs="+", metavar="ROW", help="compare rows of --table instead of writing "
+                        "it: two (a row label, e.g. lily, or '<backbone> <label>' where the label is on several "
+                        "backbones): paired differences per task with intervals, tests across tasks, a forest plot; "
+                        "more: average ranks, Friedman and Nemenyi tests, a critical-difference diagram "
+                        "(docs/comparisons.md)")
     args = parser.parse_args(argv)
     names = list(TABLES) if args.table == "all" else [args.table]
+    if args.compare and (args.table == "all" or args.paper_only or len(args.compare) < 2):
+        raise UserError("--compare needs one --table (not all), no --paper-only, and two rows or more")
     missing = [p for p in args.paper or [] if not Path(p).is_file()]
     if missing:
         raise UserError(f"--paper {' '.join(missing)}: no such file; give CSV files of published numbers")
@@ -650,6 +663,15 @@ def main(argv=None) -> int:
     records = select(records, args.select)
     if records.empty:
         raise TableError(f"no records under {args.runs} match {' '.join(args.select)}")
+    if args.compare:
+        from .compare import resolve_rows, write_comparison
+        rows = resolve_rows(args.compare, [f"{r.backbone} {r.label}" for r in table_rows(args.table, records)],
+                            args.table)
+        result = build_table(args.table, records, args.protocol, paper, args.epoch, args.recipe)
+        text, paths = write_comparison(result, args.table, rows, output_stem(result, args.table, args.protocol,
+                                       Path(args.out)), PROTOCOLS[args.protocol, result["epoch"]])
+        print(text, *(f"wrote {p}" for p in paths), sep="\n")
+        return 0
     results = {table: build_table(table, records, args.protocol, paper, args.epoch, args.recipe) for table in names}
     out = Path(args.out)
     for table, result in results.items():
