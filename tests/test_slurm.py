@@ -247,7 +247,7 @@ def test_reproduce_submits_to_slurm_returns_and_its_tables_only_writes_the_table
     out = capsys.readouterr().out
     assert "table mini: preset mini, 1 rows (1 configurations) x 1 tasks x 1 seed(s) = 1 runs" in out
     assert "submitted 1 runs in 1 jobs to slurm: job ids 1000;" in out
-    assert out.splitlines()[-1].endswith(f": python -m vtab_lily.reproduce {shlex.join(argv)} --tables-only")
+    assert out.splitlines()[-1].endswith(f"--status): python -m vtab_lily.reproduce {shlex.join(argv)} --tables-only")
     script = (slurm / "1000.sh").read_text()
     assert "#SBATCH --account=proj7\n" in script and "#SBATCH --qos=high\n" in script
     assert f"export HF_HUB_CACHE={shlex.quote(str(constants.HF_HUB_CACHE))} HF_HUB_OFFLINE=1\n" in script

@@ -161,7 +161,13 @@ def main(argv=None) -> int:
     points, missing, fetch = plan(args, sweep_args)
     print(f"sweep: python -m vtab_lily.sweep {shlex.join(sweep_argv)}")
     print(f"table: python -m vtab_lily.tables {shlex.join(tables_argv(args))}")
+    later = sweep_args.launcher == "slurm" and not sweep_args.wait
+    come_back = ("the submission returns at once; once the jobs are done (follow them with the sweep command above "
+                 f"and --status): python -m vtab_lily.reproduce {shlex.join(a for a in argv if a != '--dry-run')} "
+                 "--tables-only")
     if args.dry_run:
+        if later:
+            print(come_back)
         return 0
     for task in missing:
         manifest = prepare_task(task, args.data_root, data_dir=args.data_dir)
@@ -169,9 +175,8 @@ def main(argv=None) -> int:
     for backbone in fetch:
         print(f"fetched the weights of {backbone}: {pretrained_file(backbone)[0]}", flush=True)
     code = sweep.main(sweep_argv)
-    if sweep_args.launcher == "slurm" and not sweep_args.wait:
-        print("when the jobs are done (follow them with the sweep command above and --status): python -m "
-              f"vtab_lily.reproduce {shlex.join(argv)} --tables-only")
+    if later:
+        print(come_back)
         return code
     return max(code, tables.main(tables_argv(args)))
 
