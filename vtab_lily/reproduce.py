@@ -109,8 +109,8 @@ def hub_weights(backbone: str, weights: str | None) -> tuple[str, tuple | None]:
     return f"to fetch into {constants.HF_HUB_CACHE} (hf download {hub[0]} {hub[1]})", hub
 
 
-def plan(args, sweep_args) -> tuple[list, list[str], list[str]]:
-    """Print what reproduce will do; return (the sweep's points, the tasks to prepare, the backbones to fetch).
+def plan(args, sweep_args) -> tuple[list[str], list[str]]:
+    """Print what reproduce will do; return (the tasks to prepare, the backbones whose weights to fetch).
     A manual download still to do is an OptionError here, unless --dry-run."""
     rows, tasks, settings, grid = sweep.plan(sweep_args)
     points = sweep.expand(rows, tasks, sweep_args.seeds, grid, settings,
@@ -145,7 +145,7 @@ def plan(args, sweep_args) -> tuple[list, list[str], list[str]]:
         seconds, lacking = doctor.runs_gpu_s([doctor.run_shape(p.spec) for p in points if p.spec], rates)
         print(f"projected GPU-hours: {seconds / 3600:.1f}" + (f" (without the runs of {', '.join(sorted(lacking))}: "
               "no rate for them)" if lacking else "") + f", from {source}")
-    return points, missing, fetch
+    return missing, fetch
 
 
 def tables_argv(args) -> list[str]:
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     args, sweep_args, sweep_argv = parse_args(argv)
     if args.tables_only and not args.dry_run:
         return tables.main(tables_argv(args))
-    points, missing, fetch = plan(args, sweep_args)
+    missing, fetch = plan(args, sweep_args)
     print(f"sweep: python -m vtab_lily.sweep {shlex.join(sweep_argv)}")
     print(f"table: python -m vtab_lily.tables {shlex.join(tables_argv(args))}")
     later = sweep_args.launcher == "slurm" and not sweep_args.wait
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     for backbone in fetch:
         print(f"fetched the weights of {backbone}: {pretrained_file(backbone)[0]}", flush=True)
     code = sweep.main(sweep_argv)
-    if later:
+    if later or code == 2:  # submitted (come back later), or the sweep stopped with an error line
         print(come_back)
         return code
     return max(code, tables.main(tables_argv(args)))
