@@ -3,6 +3,7 @@ scontrol (tests/fake_slurm.py) first on PATH; the jobs' command runs here, so ti
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import fake_slurm
 import pytest
@@ -152,3 +153,109 @@ def test_a_refused_submission_is_one_line(data_root, tmp_path, slurm, capsys, mo
                    "account/partition combination specified (check --partition and --slurm account / qos / the "
                    "resources asked)\n")
     assert not (tmp_path / "logs" / "submissions").exists()
+
+
+class RunsCode:
+    """A 'result' whose unpickling runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_status_never_unpickles_a_result_file_from_the_logs_folder(data_root, tmp_path, slurm, capsys):
+    import pickle
+
+    from submitit.slurm.slurm import SlurmJob
+    assert sweep(data_root, tmp_path, "--methods", "lora", "--seeds", "1") == 0  # submitted, not run
+    (job,) = json.loads((tmp_path / "logs" / "submissions" / "1000.json").read_text())["jobs"]
+    result = SlurmJob(folder=tmp_path / "logs", job_id=job["job_id"]).paths.result_pickle
+    result.write_bytes(pickle.dumps(("success", RunsCode(tmp_path / "marker"))))
+    fake_slurm.set_state(slurm, job["job_id"], "COMPLETED")
+    SlurmJob.watcher.clear()
+    capsys.readouterr()
+    assert sweep(data_root, tmp_path, "--methods", "lora", "--seeds", "1", "--status") == 1
+    out = capsys.readouterr().out
+    assert not (tmp_path / "marker").exists()
+    assert f"failed: job {job['job_id']} ended COMPLETED without finishing the run" in out.splitlines()[0]
+
+
+def test_a_run_killed_inside_a_multi_run_job_fails_alone_and_resumes_when_submitted_again(data_root, tmp_path, slurm,
+                                                                                         capsys, monkeypatch):
+    import glob
+    import os
+    import signal
+    import time
+
+    from submitit.slurm.slurm import SlurmJob
+
+    from vtab_lily.locks import RunLock
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+    argv = ["--methods", "linear", "--seeds", "1", "2", "--runs-per-gpu", "2"]
+    assert sweep(data_root, tmp_path, *argv, epochs=8) == 0
+    end, states = time.time() + 120, []
+    while not states and time.time() < end:  # the first run to save a state (after its first epoch) is killed
+        states = glob.glob(f"{tmp_path / 'runs'}/**/*.state.pt", recursive=True)
+        time.sleep(0.01)
+    lock = Path(states[0].removesuffix(".state.pt") + ".lock")
+    os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
+    fake_slurm.wait_all(slurm)
+    assert fake_slurm.history(slurm, "1000")[-1] == "COMPLETED"
+    df = load_records(tmp_path / "runs")
+    assert len(df) == 1 and df.iloc[0]["best_epoch"] == 8  # the other run finished and recorded
+    killed = 3 - int(df.iloc[0]["seed"])
+    assert lock.exists() and not RunLock(lock).live()  # left by the killed run, stale: the next holder takes it
+
+    SlurmJob.watcher.clear()
+    capsys.readouterr()
+    assert sweep(data_root, tmp_path, *argv, "--status", epochs=8) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "2 runs: 1 done, 0 running, 0 pending, 1 failed, 0 not submitted"
+    (line,) = [line for line in lines if f" seed {killed} " in line]
+    assert line.endswith(": failed: its run process ended with exit code -9 (killed: out of host memory? see the "
+                         f"job's log) (job 1000, log {tmp_path / 'logs'}/1000_0_log.err)"), line
+
+    assert sweep(data_root, tmp_path, *argv, epochs=8) == 0  # submitted again: only the killed run
+    assert "submitted 1 runs in 1 jobs to slurm: job ids 1001" in capsys.readouterr().out
+    fake_slurm.wait_all(slurm)
+    assert "resumed from " in (tmp_path / "logs" / "1001_0_log.out").read_text()
+    df = load_records(tmp_path / "runs")
+    assert sorted(df["seed"]) == [1, 2] and list(df["best_epoch"]) == [8, 8]
+    record = read_record(df[df["seed"] == killed].iloc[0]["path"])
+    assert len(record["train_losses"]) == 8
+    assert not list((tmp_path / "runs").rglob("*.lock")) and not list((tmp_path / "runs").rglob("*.state.pt"))
+    outcome = json.loads((tmp_path / "logs" / "submissions" / "outcomes" / "1000.json").read_text())
+    assert outcome["outcome"] == "done" and outcome["statuses"][killed - 1].startswith("failed: its run process")
+
+
+def test_reproduce_submits_to_slurm_returns_and_its_tables_only_writes_the_table(data_root, tmp_path, slurm, capsys,
+                                                                               monkeypatch):
+    import shlex
+
+    from huggingface_hub import constants
+
+    from vtab_lily import reproduce
+    from vtab_lily import tables as tables_cli
+    monkeypatch.setenv("FAKE_SLURM_RUN", "1")
+    argv = ["--table", "mini", "--tasks", "digits", "--backbones", "vit-mini", "--methods", "linear", "--seeds", "1",
+            "--data-root", str(data_root), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--logs",
+            str(tmp_path / "logs"), "--calibration", str(tmp_path / "none.json"), "--launcher", "slurm",
+            "--slurm", "account=proj7", "--slurm", "qos=high", "--slurm", "gpus_per_node=1"]
+    assert reproduce.main(argv) == 0  # returns at once
+    out = capsys.readouterr().out
+    assert "table mini: preset mini, 1 rows (1 configurations) x 1 tasks x 1 seed(s) = 1 runs" in out
+    assert "submitted 1 runs in 1 jobs to slurm: job ids 1000;" in out
+    assert out.splitlines()[-1].endswith(f"--status): python -m vtab_lily.reproduce {shlex.join(argv)} --tables-only")
+    script = (slurm / "1000.sh").read_text()
+    assert "#SBATCH --account=proj7\n" in script and "#SBATCH --qos=high\n" in script
+    assert f"export HF_HUB_CACHE={shlex.quote(str(constants.HF_HUB_CACHE))} HF_HUB_OFFLINE=1\n" in script
+    assert not (tmp_path / "out").exists()
+    fake_slurm.wait_all(slurm)
+    assert reproduce.main([*argv, "--tables-only"]) == 0
+    assert tables_cli.main(["--table", "mini", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 0
+    for name in ("tablemini_paper.md", "tablemini_paper.csv", "tablemini_paper.tex"):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "t" / name).read_text()
+    (record,) = load_records(tmp_path / "runs").itertuples()
+    assert f"{record.best_acc:.1f}" in (tmp_path / "out" / "tablemini_paper.md").read_text()

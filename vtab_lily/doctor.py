@@ -47,6 +47,7 @@ RUN_BAND = {"acc_points": 3.0, "loss_rel": 0.05}
 MINI_RUN = dict(backbone="vit-mini", task="digits", method="lily", recipe={"epochs": 3, "eval_every": 3})
 THROUGHPUT = {"vit-b": "lily", "vim-s": "lily"}  # backbone -> method timed; a preset row uses its family's line
 CPU_BATCH = 2  # the CPU times a smaller batch than the paper's, one step (said on its line)
+DEFAULT_CALIBRATION = "results/calibration.json"  # where `doctor --calibration` saves and `reproduce` reads
 HUB_BACKBONES = ("vit-b", "vit-b-in1k", "vim-s")  # the backbones of the paper's table presets
 
 
@@ -271,30 +272,39 @@ def projected_run_s(rate: dict, test_images: int, epochs: int = 100, eval_every:
     return epochs * trained / rate["train_ips"] + epochs // eval_every * test_images / rate["eval_ips"]
 
 
+def run_shape(spec) -> tuple:
+    """(backbone, task, epochs, eval_every, batch, drop_last): what the projection of a run needs."""
+    recipe = spec.full_recipe()
+    return spec.backbone, spec.task, recipe.epochs, recipe.eval_every, recipe.batch_size, recipe.drop_last
+
+
 @functools.cache
 def preset_runs(preset: str) -> tuple:
-    """(backbone, task, epochs, eval_every, batch, drop_last) of each run of the preset, as the sweep expands
-    it (its default tasks, one seed, paper protocol)."""
+    """The run_shape of each run of the preset, as the sweep expands it (its default tasks, one seed, paper
+    protocol)."""
     from .sweep import expand
-    runs = []
-    for p in expand(PRESETS[preset], list(TASK_SETS[PRESET_TASKS.get(preset, "all")]), [42], {}, {}):
-        recipe = p.spec.full_recipe()
-        runs.append((p.spec.backbone, p.spec.task, recipe.epochs, recipe.eval_every, recipe.batch_size,
-                     recipe.drop_last))
-    return tuple(runs)
+    return tuple(run_shape(p.spec) for p in expand(PRESETS[preset], list(TASK_SETS[PRESET_TASKS.get(preset, "all")]),
+                                                  [42], {}, {}))
 
 
-def preset_hours(preset: str, rates: dict, gpus: int) -> tuple[int, float | None, str]:
-    """(run count, projected wall hours on `gpus` GPUs or None, what it lacks): the preset's runs, each timed
-    by its backbone family's rate, packed perfectly on the GPUs."""
+def runs_gpu_s(runs, rates: dict) -> tuple[float, set[str]]:
+    """(GPU-seconds of `runs` (run_shape tuples), each timed by its backbone family's rate, the backbones
+    without a rate: the mini ones, or a family that `rates` lacks)."""
     sizes, total, lacking = test_split_sizes(), 0.0, set()
-    runs = preset_runs(preset)
     for backbone, task, epochs, eval_every, batch, drop_last in runs:
         kind = "vim-s" if family(backbone) == "vim" else "vit-b"
         if backbone.endswith("-mini") or task not in sizes or kind not in rates:
             lacking.add(backbone)
             continue
         total += projected_run_s(rates[kind], sizes[task], epochs, eval_every, batch, drop_last)
+    return total, lacking
+
+
+def preset_hours(preset: str, rates: dict, gpus: int) -> tuple[int, float | None, str]:
+    """(run count, projected wall hours on `gpus` GPUs or None, what it lacks): the preset's runs, each timed
+    by its backbone family's rate, packed perfectly on the GPUs."""
+    runs = preset_runs(preset)
+    total, lacking = runs_gpu_s(runs, rates)
     why = f"no rate for {', '.join(sorted(lacking))}" if lacking else ""
     return len(runs), None if lacking else total / gpus / 3600, why
 
@@ -488,7 +498,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=DEFAULT_DATA, help="the VTAB-1K folder whose tasks are checked")
     parser.add_argument("--gpus", type=int, default=1, metavar="N", help="project the presets' wall time on N GPUs")
     parser.add_argument("--quick", action="store_true", help="skip the throughput part (and the projections)")
-    parser.add_argument("--calibration", metavar="PATH", help="save the measured rates and projections (JSON)")
+    parser.add_argument("--calibration", metavar="PATH", nargs="?", const=DEFAULT_CALIBRATION,
+                        help="save the measured rates and projections (JSON); without PATH to "
+                        f"{DEFAULT_CALIBRATION}, where `reproduce` reads it")
     args = parser.parse_args(argv)
     if args.gpus < 1:
         raise OptionError(f"--gpus must be at least 1, got {args.gpus}")

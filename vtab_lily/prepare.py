@@ -50,7 +50,7 @@ def open_source(task: Task, split: str, data_dir: str | None = None, download: b
     except ImportError as e:
         raise PrepareError("preparing VTAB-1K needs tensorflow-datasets: pip install -e '.[data]'") from e
     name = f"{task.builder}:{task.version}"
-    tfds_dir = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    tfds_dir = tfds_data_dir(data_dir)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns of every folder it looks into
     try:
@@ -76,13 +76,25 @@ def open_source(task: Task, split: str, data_dir: str | None = None, download: b
         absl_logging.set_verbosity(verbosity)
 
 
+def tfds_data_dir(data_dir: str | None = None) -> Path:
+    """tfds' data dir: `data_dir` (--data-dir), else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def manual_download(task: Task, tfds_dir: Path) -> str | None:
+    """For a task that tfds cannot download by itself and whose manual folder is still empty: what to put
+    where; else None."""
+    manual_dir = tfds_dir / "downloads" / "manual"
+    if task.manual and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        return f"{task.name}: tfds cannot download {task.builder} by itself: {task.manual} (here: {manual_dir})"
+    return None
+
+
 def check_sources(task: Task, builder, tfds_dir: Path) -> None:
     """Before a download: a manual-download task has its files, and the download host answers."""
-    manual_dir = tfds_dir / "downloads" / "manual"
     if task.manual:
-        if not (manual_dir.is_dir() and any(manual_dir.iterdir())):
-            raise PrepareError(f"{task.name}: tfds cannot download {task.builder} by itself: {task.manual} "
-                               f"(here: {manual_dir}), then run again")
+        if (missing := manual_download(task, tfds_dir)) is not None:
+            raise PrepareError(f"{missing}, then run again")
         return
     urls = list(builder.url_infos or {})
     if urls and not reachable(urls[0]):

@@ -7,7 +7,9 @@ timeout). `setup`, `teardown` and `srun_args` take one line (argument) per `--sl
 `additional_parameters.NAME=VALUE` sets any other sbatch option (`#SBATCH --NAME=VALUE`).
 
 A submission writes <logs>/submissions/<job id>.json (atomically): for each Slurm job (array task), the
-runs it holds (their specs, and run ids where they resolve) and its log files; `--status` reads them back.
+runs it holds (their specs, and run ids where they resolve) and its log files; each job writes its outcome at
+its end to <logs>/submissions/outcomes/<job id>.json (write_outcome); `--status` reads them back, with sacct's
+states.
 """
 from __future__ import annotations
 
@@ -129,16 +131,36 @@ def job_states(logs: str | Path, job_ids) -> dict[str, str]:
     return {job.job_id: job.watcher.get_state(job.job_id, mode="cache").split()[0] for job in jobs}
 
 
+def outcome_path(logs: str | Path, job_id: str) -> Path:
+    """Where a job writes its outcome: <logs>/submissions/outcomes/<job id>.json."""
+    return Path(logs) / "submissions" / "outcomes" / f"{job_id}.json"
+
+
+def write_outcome(logs: str | Path, statuses: list[str] | None = None, reason: str | None = None) -> Path:
+    """In a job, at its end: {"job_id", "outcome": "done", "statuses": one per run} or {"job_id", "outcome":
+    "failed", "reason"}, written atomically (`--status` reads it, never submitit's result pickle)."""
+    import submitit
+    job_id = submitit.JobEnvironment().job_id
+    path = outcome_path(logs, job_id)
+    write_json(path, {"job_id": job_id, "outcome": "done", "statuses": statuses} if reason is None else
+               {"job_id": job_id, "outcome": "failed", "reason": reason})
+    return path
+
+
 def job_outcome(logs: str | Path, job: dict) -> str | None:
-    """A finished job's word on its run: the status it returned for it (e.g. 'failed: ...'), or the last
-    line of the exception it died with; None when it left no result."""
-    from submitit.core.utils import pickle_load
-    from submitit.slurm.slurm import SlurmJob
-    result = SlurmJob(folder=logs, job_id=job["job_id"]).paths.result_pickle
-    if not result.exists():
+    """A finished job's word on its run, read from the outcome file it wrote (JSON: data, never code): the
+    status it returned for the run (e.g. 'failed: ...'), or 'failed: <reason>' when the job itself raised;
+    None when it left no (readable) outcome."""
+    try:
+        outcome = json.loads(outcome_path(logs, job["job_id"]).read_text())
+    except (OSError, ValueError):
         return None
-    outcome, value = pickle_load(result)  # written by the job (submitit's own result file)
-    if outcome == "success":
-        return value[job["index"]]
-    lines = [line for line in str(value).splitlines() if line.strip()]
-    return f"failed: {lines[-1].strip() if lines else 'the job raised'}"
+    if not isinstance(outcome, dict):
+        return None
+    statuses, reason = outcome.get("statuses"), outcome.get("reason")
+    if outcome.get("outcome") == "done" and isinstance(statuses, list) and job["index"] < len(statuses):
+        status = statuses[job["index"]]
+        return status if isinstance(status, str) else None
+    if outcome.get("outcome") == "failed" and isinstance(reason, str):
+        return f"failed: {reason}"
+    return None

@@ -304,6 +304,18 @@ class Job:
         self.scan = scan
 
     def __call__(self, specs, runs, data_root, weights, prepare, logs) -> list[str]:
+        """The runs' statuses; the job's outcome file says them (or why the job itself failed)."""
+        try:
+            statuses = self.run_all(specs, runs, data_root, weights, prepare, logs)
+        except Exception as e:  # the job's own failure (a run's failure is that run's status)
+            import submitit
+            line = failure(e, f"submitit job {submitit.JobEnvironment().job_id}", logs)
+            slurm.write_outcome(logs, reason=line.removeprefix("failed: "))
+            raise
+        slurm.write_outcome(logs, statuses)
+        return statuses
+
+    def run_all(self, specs, runs, data_root, weights, prepare, logs) -> list[str]:
         calls = [(spec, runs, data_root, weights, prepare, logs) for spec in specs]
         if self.scan:
             set_backend(self.scan)
@@ -434,8 +446,7 @@ def submit(points: list[Point], opts: SweepOptions) -> list[str]:
                 lines[i] = f"submitted (job {job.job_id}, log {job.paths.stderr})"
         if opts.wait or cluster == "local":
             for job, chunk in zip(submitted, chunks):
-                results = job_status(job, opts)
-                for i, status in zip(chunk, results if isinstance(results, list) else [results] * len(chunk)):
+                for i, status in zip(chunk, job_status(job, opts, len(chunk))):
                     lines[i] = status
         else:
             print("they run on their own; follow them with: python -m vtab_lily.sweep "
@@ -465,13 +476,14 @@ def report_status(points: list[Point], opts: SweepOptions) -> int:
 STATES = ("done", "running", "pending", "failed", "not submitted")
 
 
-def job_status(job, opts: SweepOptions) -> str | list[str]:
-    """A submitted job's statuses (one per run); a job that died (killed, node lost) is a failed point, not a
-    dead sweep."""
-    try:
-        return job.result()
-    except Exception as e:
-        return failure(e, f"submitit job {job.job_id}", opts.logs)
+def job_status(job, opts: SweepOptions, count: int) -> list[str]:
+    """A submitted job's statuses (one per run) once it ended, from the outcome file it wrote (never from
+    submitit's result pickle); a job that died (killed, node lost) left none: its runs are failed points, not
+    a dead sweep."""
+    job.wait()
+    statuses = [slurm.job_outcome(opts.logs, {"job_id": job.job_id, "index": i}) for i in range(count)]
+    return [status or f"failed: job {job.job_id} ended {job.state} without finishing the run (log "
+            f"{job.paths.stderr})" for status in statuses]
 
 
 def select_rows(args) -> list:
@@ -521,8 +533,9 @@ def count_line(statuses: list[str]) -> str:
             f"run elsewhere, {failed} failed" + (f", {submitted} submitted" if submitted else ""))
 
 
-@cli
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
+    """The sweep's options and submitit's parameters, the launcher's checked (an OptionError names a wrong
+    one)."""
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows of a paper table (only those of "
@@ -564,7 +577,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
     parser.add_argument("--stage", choices=["all", "select", "final"], help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
-    slurm_params = check_launcher(args)
+    return args, check_launcher(args)
+
+
+def plan(args) -> tuple[list, list[str], dict, dict]:
+    """The sweep's rows, tasks, --set settings and --grid, checked (an OptionError names a wrong one)."""
     rows = select_rows(args)
     tasks = args.tasks or [PRESET_TASKS.get(args.preset, "all")]
     tasks = list(TASK_SETS[tasks[0]]) if len(tasks) == 1 and tasks[0] in TASK_SETS else tasks
@@ -576,6 +593,13 @@ def main(argv=None) -> int:
     grid = parse_grid(args.grid)
     check_keys(rows, settings, "--set")
     check_keys(rows, grid, "--grid")
+    return rows, tasks, settings, grid
+
+
+@cli
+def main(argv=None) -> int:
+    args, slurm_params = parse_args(argv)
+    rows, tasks, settings, grid = plan(args)
     if args.scan_backend:  # this process's runs; worker processes get --scan-backend, submitit's jobs Job(scan)
         set_backend(args.scan_backend)
     local = args.launcher == "local" and not args.stage  # a worker (--stage) runs in this process
