@@ -162,7 +162,8 @@ def test_a_sweep_leaves_the_environment_as_it_was_and_hands_its_scan_backend_to_
                        str(data_root), "--runs", str(tmp_path), "--scan-backend", "torch", "--dry-run"]) == 0
     assert dict(os.environ) == before and ssm._requested["name"] == "torch"  # set for this process's runs
     ssm.set_backend("auto")
-    assert sweep.Job("torch")([], tmp_path, data_root, None, False, None) == [] and ssm._requested["name"] == "torch"
+    assert sweep.Job("torch").run_all([], tmp_path, data_root, None, False, None) == []
+    assert ssm._requested["name"] == "torch"
 
 
 @pytest.mark.parametrize("module", ["vtab_lily.tasks", "vtab_lily.records", "vtab_lily.tables"])
