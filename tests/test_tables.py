@@ -202,7 +202,7 @@ def test_cli_writes_every_output_with_table_4_layout(tmp_path, capsys):
         for suffix in ("md", "tex", "csv", "png"):
             assert (tmp_path / "out" / f"table{t}_paper.{suffix}").stat().st_size > 0
     assert "Table 5 vit-b-in1k linear: printed 66.4, recomputed 57.23" in out and "not in any row" not in out
-    md = (tmp_path / "out" / "table4_paper.md").read_text().splitlines()
+    md = (tmp_path / "out" / "table4_paper.md").read_text().split("\n\n", 1)[1].splitlines()  # below the card
     header = md[3].split(" | ")
     assert header[1:4] == ["params (M)", "storage (KB)", "cifar100"]
     assert header[-7:-4] == ["Natural", "Specialized", "Structured"]
@@ -237,7 +237,7 @@ def test_mini_table_group_means_plain_mean_and_outputs(tmp_path):
     assert row["Mean"] == pytest.approx(np.mean(group_means))
     assert row[f"Mean{len(MINI_TASKS)}"] == pytest.approx(np.mean(list(accs.values())))
     assert np.isnan(result["mean"].loc["vim-mini fft", "Mean"]) and np.isnan(row["paper_Mean"])
-    md, tex, csv, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
+    md, tex, csv, meta, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
     assert "| vit-mini lily |" in md.read_text() and "mini\\_ori" in tex.read_text()
     assert png.stat().st_size > 5_000
 

@@ -82,7 +82,7 @@ def cell_correct(cell: pd.DataFrame) -> np.ndarray | None:
     rows = []
     for r in cell.sort_values("seed").itertuples(index=False):
         p = read_predictions(r.path)
-        if p is None:
+        if p is None or pd.isna(r.epoch):  # no predictions; a record without evaluations names no epoch
             return None
         try:
             right = p.correct(int(r.epoch))
