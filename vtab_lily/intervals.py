@@ -58,7 +58,11 @@ def bootstrap(correct: np.ndarray, key: str = "", draws: int = DRAWS, seed: int 
     images' generator with `seed`."""
     correct = np.asarray(correct, dtype=bool)
     n_seeds, n = correct.shape
-    patterns, counts = np.unique(correct.T, axis=0, return_counts=True)  # [K, S], [K]
+    if n_seeds <= 62:  # a pattern as the bits of one integer: a hundred times faster than unique rows
+        codes, counts = np.unique((1 << np.arange(n_seeds)) @ correct, return_counts=True)
+        patterns = (codes[:, None] >> np.arange(n_seeds)) & 1  # [K, S], [K]
+    else:
+        patterns, counts = np.unique(correct.T, axis=0, return_counts=True)
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     resampled = rng.multinomial(n, counts / n, size=draws)  # [draws, K] images of each pattern
     acc = resampled @ patterns.astype(np.float64) / n  # [draws, S] per-seed accuracy on the resampled images

@@ -528,6 +528,16 @@ def _sorted(values) -> list:
     return sorted({v for v in values if not pd.isna(v)})
 
 
+def aggregation(tasks) -> dict:
+    """What each summary column (summary_columns) is the mean of."""
+    out = {}
+    for prefix, members in benchmarks(tasks):
+        out.update({prefix + g: "mean of the group's tasks" for g, ts in _groups(members) if ts})
+        out[f"{prefix}Mean"] = "mean of the group means"
+        out[f"{prefix}Mean{len(members)}"] = "plain mean of the tasks"
+    return out
+
+
 def protocol_card(result: dict) -> dict:
     """What a table's numbers mean and rest on (build_table's result): the table, protocol, selection split,
     epoch rule, aggregation, input normalisation, image size, epochs, recipe names, seeds, n per cell (min,
@@ -546,9 +556,7 @@ def protocol_card(result: dict) -> dict:
         "table": result["table"], "protocol": protocol,
         "selection_split": "test" if protocol == "paper" else "val200",
         "epoch_rule": epoch, "cells": PROTOCOLS[protocol, epoch],
-        "aggregation": {name: ("mean of the group means" if name.endswith("Mean") else "mean of the group's tasks"
-                               if not name.removeprefix("mini ").startswith("Mean") else "plain mean of the tasks")
-                        for name in summary_columns(result["tasks"])},
+        "aggregation": aggregation(result["tasks"]),
         "normalization": ["ImageNet mean/std" if v else "none (pixels in [0, 1])" for v in field_of("normalize")],
         "image_size": field_of("image_size"), "epochs": field_of("epochs"),
         "recipes": _sorted((r.get("recipe") or family(b)) + ("-mini" if b in MINI_BACKBONES else "")
