@@ -606,7 +606,7 @@ def to_markdown(result: dict, table: str, protocol: str, ci: str = DEFAULT_CI) -
     kind = "published" if protocol == "published" else f"{protocol} protocol"
     lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
              "record.", f"Cells: {PROTOCOLS[protocol, result.get('epoch')]}.",
-             *([f"Intervals: [lo, hi] = 95% interval ({intervals.ESTIMATOR}); {NO_CI} = records without "
+             *([f"Intervals: [lo, hi] = {intervals.LEVEL:.0%} interval (the card's ci); {NO_CI} = records without "
                 "per-example predictions."] if ci == "ci95" else []), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(header) - 3 - len(tasks))])
