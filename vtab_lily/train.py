@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler.cosine_lr import CosineLRScheduler
@@ -132,8 +133,8 @@ def evaluate(model: nn.Module, batches: Batches, recipe: Recipe) -> Evaluation:
     predicted = torch.cat(preds)
     n = len(predicted)
     host = torch.cat([(predicted == torch.cat(labels)).sum(dtype=torch.float64).view(1), loss,
-                      predicted.to(torch.float64)]).cpu()  # labels < 2^53: exact in float64
-    return Evaluation(100.0 * host[0].item() / n, host[1].item() / n, host[2:].to(torch.int64))
+                      predicted.to(torch.float64)]).cpu().numpy()  # labels < 2^53: exact in float64
+    return Evaluation(100.0 * float(host[0]) / n, float(host[1]) / n, torch.from_numpy(host[2:].astype(np.int64)))
 
 
 @dataclass
