@@ -2,7 +2,7 @@
 mini-benchmark's table.
 
     python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
-        [--epoch best|final] [--runs DIR] [--out DIR]
+        [--epoch best|final] [--ci none|std|ci95] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
@@ -12,7 +12,9 @@ row are listed ("not in any row"), never pooled. `--table runs` has one row per 
 and recipe found in the records (built-in, peft:<tuner> and your own methods), and one column per task
 present in them, grouped by benchmark (VTAB-1K, mini); it has no paper numbers to compare with.
 
-One cell per (row, task): the mean over seeds (+- std and n when there are several). `paper` protocol:
+One cell per (row, task): the mean over seeds, with its 95% interval from the runs' test predictions (a
+two-way bootstrap over test images and seeds, vtab_lily/intervals.py; `--ci std`: +- std and n; a table
+whose records have no predictions prints that), a protocol card above the table. `paper` protocol:
 per seed, the best test accuracy of the best configuration (selected on the test set, as the paper).
 `vtab` protocol: per seed, the configuration with the best final val200 accuracy (records.VAL_SELECTION;
 ties: the smaller run id), and the final test accuracy of its retrain on train800val200 (the record with
