@@ -192,7 +192,7 @@ def test_random_init_adapter_loads_the_backbone_it_was_trained_with(trained):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     split = load_split(data, "digits", "test", size=32, progress=False)
     spec, record = specs[0]
-    acc, _ = evaluate(a, Batches(split, 256), spec.full_recipe())
+    acc = evaluate(a, Batches(split, 256), spec.full_recipe()).acc
     assert acc == pytest.approx(read_record(record)["final_acc"], abs=1e-6)
 
 

@@ -169,8 +169,8 @@ def test_evaluate_is_the_mean_over_the_split_of_a_naive_loop(n, batch):
     reference = copy.deepcopy(model).double()
     seen = []
     record_inputs(model, seen)
-    acc, loss = train_module.evaluate(model, Batches(split, batch), Recipe())
-    losses, correct = [], 0
+    acc, loss, preds = train_module.evaluate(model, Batches(split, batch), Recipe())
+    losses, correct, predicted = [], 0, []
     with torch.no_grad():
         for image, label in zip(split.images, split.labels):  # one image at a time, in float64
             logits = reference(torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255)
@@ -178,7 +178,9 @@ def test_evaluate_is_the_mean_over_the_split_of_a_naive_loop(n, batch):
             assert top2[0] - top2[1] > 1e-4  # no near-tie: fp32 and float64 pick the same class
             losses.append(F.cross_entropy(logits, torch.tensor([label])).item())
             correct += int(logits.argmax() == label)
+            predicted.append(int(logits.argmax()))
     assert acc == pytest.approx(100 * correct / n, rel=1e-12) and 0 < correct < n
+    assert preds.tolist() == predicted  # the predicted label of every image, in the split's order
     assert loss == pytest.approx(sum(losses) / n, rel=1e-5)
     assert [len(keys) for _, keys in seen] == [batch] * (n // batch) + ([n % batch] if n % batch else [])
     assert not any(training for training, _ in seen)

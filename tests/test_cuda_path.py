@@ -124,12 +124,12 @@ def test_one_host_sync_per_training_step_and_per_evaluation(monkeypatch):
     for name in ("item", "tolist", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     evaluate(model, test, recipe)  # 3 batches
-    assert syncs == ["tolist"]
+    assert syncs == ["cpu"]  # the sums and the predictions together
     syncs.clear()
     test.split = tiny_split(n=5, seed=1)
     test.labels = test.labels[:5]
     fit(model, train, test, recipe, progress=False)  # 4 steps, then a one-batch test
-    assert syncs == ["item"] * 4 + ["tolist"]
+    assert syncs == ["item"] * 4 + ["cpu"]
 
 
 def test_bf16_autocast_keeps_the_dt_bias_and_the_torch_scan_in_fp32(monkeypatch, scan_backend):

@@ -24,12 +24,14 @@ import torch
 from PIL import Image
 
 from analysis import attention, features, granularity, rank, routers
-from vtab_lily import load_model
+from vtab_lily import intervals, load_model
 from vtab_lily import prepare as prepare_cli
 from vtab_lily import run as run_cli
 from vtab_lily import sweep as sweep_cli
 from vtab_lily import tables as tables_cli
 from vtab_lily.data import Batches, load_split
+from vtab_lily.intervals import bootstrap
+from vtab_lily.predictions import read_predictions
 from vtab_lily.recipes import PRESETS, PerTask, recipe_for
 from vtab_lily.records import load_records, read_record
 from vtab_lily.tables import TABLES, Row
@@ -298,7 +300,7 @@ def test_vtab_sweep_selects_per_seed_on_val200_and_retrains(vtab):
 
 def test_mini_table_cells_are_the_paper_protocol_choice_per_seed(paper, tmp_path):
     runs, _ = paper
-    out = ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])
+    out = ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path, "--ci", "std"])
     df = load_records(runs)
     table, md = csv_table(tmp_path, "tablemini_paper"), md_cells(tmp_path, "tablemini_paper")
     assert "| vit-mini lily |" in out
@@ -320,6 +322,23 @@ def test_mini_table_cells_are_the_paper_protocol_choice_per_seed(paper, tmp_path
     assert (tmp_path / "tablemini_paper.tex").read_text().count(r"\\") >= 13 + 2
 
 
+def test_mini_table_intervals_are_the_bootstrap_of_the_chosen_runs_predictions(paper, tmp_path):
+    runs, _ = paper
+    ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])  # --ci ci95, the default
+    table, md = csv_table(tmp_path, "tablemini_paper"), md_cells(tmp_path, "tablemini_paper")
+    test = load_records(runs).query("method == 'lily' and eval_split == 'test'")
+    chosen = test.loc[test.groupby(["task", "seed"])["best_acc"].idxmax()]
+    for task, group in chosen.groupby("task"):
+        correct = np.stack([read_predictions(r.path).correct(r.best_epoch)
+                            for r in group.sort_values("seed").itertuples()])
+        lo, hi = np.quantile(bootstrap(correct, task), [0.025, 0.975])
+        assert (table.loc["vit-mini lily", f"{task}_lo"], table.loc["vit-mini lily", f"{task}_hi"]) == \
+            pytest.approx((lo, hi), rel=1e-12)
+        assert md["vit-mini lily"][task] == f"{group.best_acc.mean():.1f} [{lo:.1f}, {hi:.1f}] (n={len(group)})"
+    card = json.loads((tmp_path / "tablemini_paper.json").read_text())["protocol_card"]
+    assert card["seeds"] == SEEDS and card["image_size"] == [32] and card["ci"] == intervals.ESTIMATOR
+
+
 def test_mini_table_row_takes_only_its_recipe(smoke, tmp_path):
     path, _ = smoke
     code, out, err = call(tables_cli.main, ["--table", "mini", "--runs", path.parents[3], "--out", tmp_path])
@@ -333,7 +352,7 @@ def test_vtab_tables_use_the_per_seed_choice_and_its_retrain(vtab, tmp_path):
     chosen = vtab_choices(out)
     df = load_records(runs)
     test = df[df.eval_split == "test"]
-    ok(tables_cli.main, ["--table", "mini", "--protocol", "vtab", "--runs", runs, "--out", tmp_path])
+    ok(tables_cli.main, ["--table", "mini", "--protocol", "vtab", "--runs", runs, "--out", tmp_path, "--ci", "std"])
     table, md = csv_table(tmp_path, "tablemini_vtab"), md_cells(tmp_path, "tablemini_vtab")
     for row, method in (("vit-mini lily", "lily"), ("vit-mini lora", "lora")):
         for task in TASKS:
@@ -376,7 +395,7 @@ def test_table4_with_a_paper_file_made_here(paper, tmp_path):
 
 def test_runs_table_has_a_column_per_task_present(paper, tmp_path):
     runs, _ = paper
-    ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path])
+    ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path, "--ci", "std"])
     table, md = csv_table(tmp_path, "runs_paper"), md_cells(tmp_path, "runs_paper")
     tasks = [c for c in next(iter(md.values())) if c in MINI_TASKS or c in VTAB_TASKS]
     assert tasks == TASKS  # the mini tasks present, in the mini benchmark's order, and no others
@@ -524,7 +543,7 @@ def test_plugin_and_peft_tuner_through_run_and_sweep(outside):
 
 def test_plugin_and_peft_tuner_in_the_runs_table(outside, tmp_path):
     runs, _, _ = outside
-    ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path])
+    ok(tables_cli.main, ["--table", "runs", "--runs", runs, "--out", tmp_path, "--ci", "std"])
     table, md = csv_table(tmp_path, "runs_paper"), md_cells(tmp_path, "runs_paper")
     df = load_records(runs)
     for method in (TIED, "peft:lora"):
@@ -567,7 +586,7 @@ def test_vim_methods_sweep_runs_every_row_of_the_vim_section(vim_methods):
 
 def test_vim_methods_in_the_mini_table(vim_methods, tmp_path):
     runs, _ = vim_methods
-    ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])
+    ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path, "--ci", "std"])
     md, table = md_cells(tmp_path, "tablemini_paper"), csv_table(tmp_path, "tablemini_paper")
     rows = {r.label: r for r in TABLES["mini"] if r.backbone == "vim-mini"}
     df = load_records(runs)

@@ -132,7 +132,7 @@ def test_load_model_follows_the_runs_weights_and_image_size(tmp_path):
         model = load_model(path.with_suffix(".safetensors"))
         assert model.patch_embed.img_size == (32, 32)
         split = split or load_split(data, "digits", "test", size=32, progress=False)
-        acc, _ = evaluate(model, Batches(split, 256), spec.full_recipe())
+        acc = evaluate(model, Batches(split, 256), spec.full_recipe()).acc
         assert acc == pytest.approx(record["final_acc"], abs=1e-9)
         with pytest.raises(ProvenanceError, match="trained with backbone options"):
             load_model(path.with_suffix(".safetensors"), backbone_options={"img_size": 224})

@@ -172,7 +172,8 @@ def test_vtab_sweep_folder_tabulates_with_both_protocols(tmp_path, capsys):
                             str(tmp_path / "out")]) == 0
         md = (tmp_path / "out" / f"table4_{protocol}.md").read_text()
         assert f"| vit-b lora | 0.001 | 4 |  |  | {want} |" in md
-    caption = (tmp_path / "out" / "table4_vtab.md").read_text().splitlines()[1]
+    caption = next(line for line in (tmp_path / "out" / "table4_vtab.md").read_text().splitlines()
+                   if line.startswith("Cells: "))
     assert "the configuration with the best final val200 accuracy" in caption  # the field it selects by
 
 
@@ -202,7 +203,7 @@ def test_cli_writes_every_output_with_table_4_layout(tmp_path, capsys):
         for suffix in ("md", "tex", "csv", "png"):
             assert (tmp_path / "out" / f"table{t}_paper.{suffix}").stat().st_size > 0
     assert "Table 5 vit-b-in1k linear: printed 66.4, recomputed 57.23" in out and "not in any row" not in out
-    md = (tmp_path / "out" / "table4_paper.md").read_text().splitlines()
+    md = (tmp_path / "out" / "table4_paper.md").read_text().split("\n\n", 1)[1].splitlines()  # below the card
     header = md[3].split(" | ")
     assert header[1:4] == ["params (M)", "storage (KB)", "cifar100"]
     assert header[-7:-4] == ["Natural", "Specialized", "Structured"]
@@ -237,7 +238,7 @@ def test_mini_table_group_means_plain_mean_and_outputs(tmp_path):
     assert row["Mean"] == pytest.approx(np.mean(group_means))
     assert row[f"Mean{len(MINI_TASKS)}"] == pytest.approx(np.mean(list(accs.values())))
     assert np.isnan(result["mean"].loc["vim-mini fft", "Mean"]) and np.isnan(row["paper_Mean"])
-    md, tex, csv, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
+    md, tex, csv, meta, png = tables.write_outputs(result, "mini", "paper", tmp_path / "out")
     assert "| vit-mini lily |" in md.read_text() and "mini\\_ori" in tex.read_text()
     assert png.stat().st_size > 5_000
 
@@ -287,7 +288,7 @@ def test_runs_table_has_a_column_per_recorded_task_grouped_by_benchmark(tmp_path
     assert tables.main(["--table", "runs", "--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "Paper check" not in out and not list((tmp_path / "out").glob("paper_check*"))
-    md = (tmp_path / "out" / "runs_paper.md").read_text().splitlines()
+    md = (tmp_path / "out" / "runs_paper.md").read_text().split("\n\n", 1)[1].splitlines()  # below the card
     header = md[3].strip("| ").split(" | ")
     assert header[3:] == ["dtd", "digits", "mini_count", "VTAB-1K Natural", "VTAB-1K Mean", "VTAB-1K Mean1",
                           "mini Natural", "mini Structured", "mini Mean", "mini Mean2"]  # no paper: no paper columns

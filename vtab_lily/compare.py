@@ -39,7 +39,7 @@ from scipy import stats
 
 from .fileio import atomic_path
 from .predictions import read_predictions
-from .tables import TableError, _groups, benchmarks
+from .tables import TableError, _groups, benchmarks, card_lines, protocol_card
 
 LEVEL = 0.95  # the intervals' coverage; the tests' alpha is 1 - LEVEL
 ACC_TOLERANCE = 1e-3  # points between a record's accuracy and the one its predictions give
@@ -369,8 +369,8 @@ def _slug(name: str) -> str:
 def write_comparison(result: dict, table: str, names: list[str], stem: Path, cells: str) -> tuple[str, list[Path]]:
     """Two rows: the paired comparison (<stem>_compare_<A>_vs_<B>.{md,csv,png}, the forest plot); more: the
     ranks (<stem>_ranks_<rows>.{md,csv,png}, the CD diagram). Returns the markdown and the paths written."""
-    # PROTOCOL CARD (issue 21, section 4): every compared row comes from one table built from one record selection
-    # under one protocol, so one card holds for all; put tables' protocol_card(result) above `text` once on main.
+    # every compared row comes from one table built from one record selection under one protocol: one card
+    card = "\n".join(["Protocol card:", *(f"- {line}" for line in card_lines(protocol_card(result))), "", ""])
     if len(names) == 2:
         cmp = compare_two(result, (names[0], names[1]))
         text, frame = two_markdown(cmp, table, cells), pd.concat([cmp["tasks"], cmp["means"]], ignore_index=True)
@@ -380,6 +380,7 @@ def write_comparison(result: dict, table: str, names: list[str], stem: Path, cel
         text = ranks_markdown(rk, table, cells)
         frame = rk.ranks.T.assign(average_rank=rk.ranks.mean()).loc[rk.average.index]
         base = f"{stem.name}_ranks_{'_'.join(_slug(n) for n in names)}"
+    text = card + text
     paths = [stem.parent / f"{base}{suffix}" for suffix in (".md", ".csv", ".png")]
     for path, content in zip(paths, (text, frame.to_csv(index=len(names) > 2, index_label="row"))):
         with atomic_path(path) as tmp:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backbones import family
@@ -31,8 +32,9 @@ from .errors import UnknownName, UserError, cli
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
 from .options import OptionError, check_device, check_image_size, check_seed, check_writable_folder
+from .predictions import Predictions, predictions_path, write_predictions
 from .prepare import ensure_prepared
-from .provenance import data_provenance, weights_provenance
+from .provenance import data_provenance, file_sha256, weights_provenance
 from .recipes import RECIPE_FIELDS, effective_precision
 from .records import RunSpec, environment, finished, read_record, write_record
 from .tasks import get_task
@@ -213,6 +215,7 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
                             provenance=spec.provenance["weights"], **spec.options).to(device)
         for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
             tmp.unlink(missing_ok=True)  # left by a killed process
+        predictions_path(record_path).unlink(missing_ok=True)  # a done run's are written with its record
         state_path = spec.path(runs, ".state.pt")
         if o.force:
             state_path.unlink(missing_ok=True)
@@ -239,6 +242,10 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
             raise
         lock.check()
         save_adapter(model, spec.path(runs, ".safetensors"))
+        write_predictions(record_path, Predictions(
+            labels=eval_split.labels, epochs=np.array([e["epoch"] for e in history.evaluations]),
+            preds=torch.stack(history.predictions).numpy(),
+            eval_sha256=file_sha256(task_dir(data_root, task) / f"{spec.eval_split}.txt")))
         path = write_record(spec, runs, status="done", **common, **history.summary())
         state_path.unlink(missing_ok=True)
         return path

@@ -2,7 +2,7 @@
 mini-benchmark's table.
 
     python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
-        [--epoch best|final] [--runs DIR] [--out DIR]
+        [--epoch best|final] [--ci none|std|ci95] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
     python -m vtab_lily.tables --table T --compare A B [C ...]   # paired tests, ranks (docs/comparisons.md)
 
@@ -13,7 +13,9 @@ row are listed ("not in any row"), never pooled. `--table runs` has one row per 
 and recipe found in the records (built-in, peft:<tuner> and your own methods), and one column per task
 present in them, grouped by benchmark (VTAB-1K, mini); it has no paper numbers to compare with.
 
-One cell per (row, task): the mean over seeds (+- std and n when there are several). `paper` protocol:
+One cell per (row, task): the mean over seeds, with its 95% interval from the runs' test predictions (a
+two-way bootstrap over test images and seeds, vtab_lily/intervals.py; `--ci std`: +- std and n; a table
+whose records have no predictions prints that), a protocol card above the table. `paper` protocol:
 per seed, the best test accuracy of the best configuration (selected on the test set, as the paper).
 `vtab` protocol: per seed, the configuration with the best final val200 accuracy (records.VAL_SELECTION;
 ties: the smaller run id), and the final test accuracy of its retrain on train800val200 (the record with
@@ -34,6 +36,7 @@ Vim method of the suite under the recipe its sweep named. The published numbers 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -43,10 +46,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from backbones import family
+
+from . import intervals
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .recipes import MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, for_task
+from .recipes import MINI_BACKBONES, MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, Recipe, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
@@ -357,7 +363,7 @@ def select(records: pd.DataFrame, selections: list[str]) -> pd.DataFrame:
     return records
 
 
-CELL = ["task", "seed", "acc", "epoch", "params", "storage_bytes", *PROVENANCE, "path"]
+CELL = ["task", "seed", "acc", "epoch", "params", "storage_bytes", *PROVENANCE, "backbone", "recipe", "path"]
 
 
 EPOCH_RULES = ("best", "final")  # tables --epoch: which evaluation of a run a cell reports
@@ -395,11 +401,14 @@ def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epo
 
 def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.DataFrame,
                 epoch: str | None = None, recipe: str | None = None) -> dict:
-    """Returns mean, std and n frames (rows x tasks + means), params (M), the paper's printed Mean, the
-    reported records per row (`cells`), the paths of the records in some row (`used`) and the epoch rule."""
+    """Returns mean, std and n frames (rows x tasks + means), the 95% intervals' bounds (`lo`, `hi`: rows x
+    tasks + means, NaN where a cell has no CI) and their bootstrap draws per row (`draws`: draws x tasks +
+    means, vtab_lily/intervals.py), params (M), the paper's printed Mean, the reported records per row
+    (`cells`), the paths of the records in some row (`used`), the table, protocol and epoch rule."""
     epoch = epoch or DEFAULT_EPOCH[protocol]
     tasks = table_tasks(table, records)
     means, stds, counts, params, storage, prov, cells, used = {}, {}, {}, {}, {}, {}, {}, set()
+    lows, highs, draws = {}, {}, {}
     rows = table_rows(table, records)
     for row in rows:
         res, rec = cell_results(records, table, row, protocol, epoch, recipe)
@@ -410,6 +419,8 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
         means[name] = {t: agg["mean"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
         stds[name] = {t: agg["std"].get(t, np.nan) if agg is not None else np.nan for t in tasks}
         counts[name] = {t: int(agg["count"].get(t, 0)) if agg is not None else 0 for t in tasks}
+        draws[name] = add_means(pd.DataFrame({t: cell_draws(res[res["task"] == t], t) for t in tasks}), tasks)
+        lows[name], highs[name] = intervals.bounds(draws[name])
         params[name] = res["params"].mean() / 1e6 if len(res) else np.nan
         storage[name] = res["storage_bytes"].astype(float).mean() / 1024 if len(res) else np.nan
         prov[name] = {"weights_id": "|".join(sorted(set(res["weights_id"]))), "precision": "|".join(
@@ -428,7 +439,15 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"] if "Mean19" in mean else np.nan
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"), "tasks": tasks,
             "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used,
-            "epoch": epoch, "recipe": recipe}
+            "epoch": epoch, "recipe": recipe, "table": table, "protocol": protocol,
+            "lo": pd.DataFrame.from_dict(lows, orient="index"), "hi": pd.DataFrame.from_dict(highs, orient="index"),
+            "draws": draws}
+
+
+def cell_draws(cell: pd.DataFrame, task: str) -> np.ndarray:
+    """The bootstrap draws of one cell (its rows of cell_results); NaN draws where it has no CI."""
+    correct = intervals.cell_correct(cell) if len(cell) else None
+    return intervals.bootstrap(correct, task) if correct is not None else np.full(intervals.DRAWS, np.nan)
 
 
 def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
@@ -476,13 +495,110 @@ def _fmt(value, std=np.nan, n=1, digits=1) -> str:
     return f"{text} ± {std:.1f} (n={n})" if n > 1 and not pd.isna(std) else text
 
 
+CI_CHOICES = ("none", "std", "ci95")  # tables --ci: what a cell prints beside its mean
+DEFAULT_CI = "ci95"  # a table whose records have no predictions prints today's mean +- std (ci_shown)
+NO_CI = "no CI"
+
+
+def ci_shown(result: dict, ci: str) -> str:
+    """The --ci a table prints: ci95 falls back to std when none of its cells has an interval (records
+    made before predictions were kept, or the published numbers)."""
+    lo = result.get("lo")
+    return "std" if ci == "ci95" and (lo is None or not lo.notna().any().any()) else ci
+
+
+def _bound(result: dict, name: str, column: str) -> tuple[float, float]:
+    lo, hi = result.get("lo"), result.get("hi")
+    if lo is None or name not in lo.index or column not in lo:
+        return np.nan, np.nan
+    return lo.loc[name, column], hi.loc[name, column]
+
+
+def _cell(value, std, n, bound: tuple[float, float], ci: str, digits: int = 1) -> str:
+    """A cell's text under `ci`: the mean; with ± std (n) (std); with [lo, hi] (n) (ci95; 'no CI' where the
+    cell has no interval)."""
+    if pd.isna(value) or ci == "none":
+        return _fmt(value, digits=digits)
+    if ci == "std":
+        return _fmt(value, std, n, digits)
+    lo, hi = bound
+    if pd.isna(lo):
+        return f"{_fmt(value, std, n, digits)} {NO_CI}"
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" + (f" (n={n})" if n > 1 else "")
+
+
+def _sorted(values) -> list:
+    return sorted({v for v in values if not pd.isna(v)})
+
+
+def aggregation(tasks) -> dict:
+    """What each summary column (summary_columns) is the mean of."""
+    out = {}
+    for prefix, members in benchmarks(tasks):
+        out.update({prefix + g: "mean of the group's tasks" for g, ts in _groups(members) if ts})
+        out[f"{prefix}Mean"] = "mean of the group means"
+        out[f"{prefix}Mean{len(members)}"] = "plain mean of the tasks"
+    return out
+
+
+def protocol_card(result: dict) -> dict:
+    """What a table's numbers mean and rest on (build_table's result): the table, protocol, selection split,
+    epoch rule, aggregation, input normalisation, image size, epochs, recipe names, seeds, n per cell (min,
+    max, over the cells with records), precision, weights ids per backbone, data ids per task, the interval
+    estimator. Two tables whose cards differ (card_differences) do not measure the same thing."""
+    cells = pd.concat([c for c in result["cells"].values() if len(c)] or [pd.DataFrame(columns=CELL)])
+    recipes = [(b, json.loads(r)) for b, r in zip(cells["backbone"], cells["recipe"])]
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+
+    def field_of(key: str) -> list:  # a recipe field's values over the cells (a field at its default is absent)
+        return _sorted(r.get(key, defaults[key]) for _, r in recipes)
+
+    n = result["n"].values
+    protocol, epoch = result["protocol"], result["epoch"]
+    return {
+        "table": result["table"], "protocol": protocol,
+        "selection_split": "test" if protocol == "paper" else "val200",
+        "epoch_rule": epoch, "cells": PROTOCOLS[protocol, epoch],
+        "aggregation": aggregation(result["tasks"]),
+        "normalization": ["ImageNet mean/std" if v else "none (pixels in [0, 1])" for v in field_of("normalize")],
+        "image_size": field_of("image_size"), "epochs": field_of("epochs"),
+        "recipes": _sorted((r.get("recipe") or family(b)) + ("-mini" if b in MINI_BACKBONES else "")
+                           for b, r in recipes),
+        "seeds": [int(v) for v in _sorted(cells["seed"])],
+        "n_per_cell": {"min": int(n[n > 0].min()), "max": int(n.max())} if (n > 0).any() else {},
+        "precision": _sorted(cells["precision"]),
+        "weights_ids": {b: _sorted(g["weights_id"]) for b, g in cells.groupby("backbone")},
+        "data_ids": {t: _sorted(g["data_id"]) for t, g in cells.groupby("task")},
+        "ci": intervals.ESTIMATOR if ci_shown(result, "ci95") == "ci95" else f"{NO_CI}: the records have no "
+              "per-example predictions (made before they were kept)",
+    }
+
+
+def card_differences(a: dict, b: dict) -> list[str]:
+    """'key: A vs B' for each field (but the table's name) where two protocol cards differ."""
+    return [f"{k}: {a.get(k)} vs {b.get(k)}" for k in dict.fromkeys([*a, *b]) if k != "table" and a.get(k) != b.get(k)]
+
+
+def _card_text(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_card_text(v)}" for k, v in value.items())
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def card_lines(card: dict) -> list[str]:
+    """The card as 'key: value' lines (printed above a table, LaTeX comments)."""
+    return [f"{key}: {_card_text(value)}" for key, value in card.items()]
+
+
 def _group_label(tasks) -> dict:
     """task -> its group, prefixed with the benchmark when the table spans several."""
     return {t: prefix + TASKS[t].group for prefix, members in benchmarks(tasks) for t in members}
 
 
-def to_markdown(result: dict, table: str, protocol: str) -> str:
+def to_markdown(result: dict, table: str, protocol: str, ci: str = DEFAULT_CI) -> str:
+    """The table in Markdown: its protocol card (not for the published numbers) above it, cells by `ci`."""
     mean, std, n, tasks = result["mean"], result["std"], result["n"], result["tasks"]
+    ci = ci_shown(result, ci)
     summary = summary_columns(tasks)
     plain = ", ".join(f"{prefix}Mean{len(ts)} = mean over {len(ts)} tasks" for prefix, ts in benchmarks(tasks))
     paper = bool(mean["paper_Mean"].notna().any())  # columns of published Means only where there are some
@@ -492,34 +608,45 @@ def to_markdown(result: dict, table: str, protocol: str) -> str:
     groups = _group_label(tasks)
     kind = "published" if protocol == "published" else f"{protocol} protocol"
     lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
-             "record.", f"Cells: {PROTOCOLS[protocol, result.get('epoch')]}.", "",
+             "record.", f"Cells: {PROTOCOLS[protocol, result.get('epoch')]}.",
+             *([f"Intervals: [lo, hi] = {intervals.LEVEL:.0%} interval (the card's ci); {NO_CI} = records without "
+                "per-example predictions."] if ci == "ci95" else []), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              "| " + " | ".join(["", "", "", *(groups[t] for t in tasks), *[""] * (len(header) - 3 - len(tasks))])
              + " |"]
     for name, r in mean.iterrows():
         cells = [name, _fmt(r["params_m"], digits=3), _fmt(r["storage_kb"], digits=0)]
-        cells += [_fmt(r[t], std.loc[name, t], n.loc[name, t]) for t in tasks]
-        cells += [_fmt(r[c]) for c in summary]
+        cells += [_cell(r[t], std.loc[name, t], n.loc[name, t], _bound(result, name, t), ci) for t in tasks]
+        cells += [_cell(r[c], np.nan, 1, _bound(result, name, c), ci) for c in summary]
         if paper:
             cells += [_fmt(r["paper_Mean"]), "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"]
         if paper19:
             cells += [_fmt(r["paper_Mean19"]), "" if pd.isna(r["diff_Mean19"]) else f"{r['diff_Mean19']:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    card = [] if protocol == "published" else ["Protocol card:", *(f"- {line}" for line in card_lines(
+        protocol_card(result))), ""]
+    return "\n".join(card + lines) + "\n"
 
 
-def to_latex(result: dict) -> str:
+def to_latex(result: dict, ci: str = DEFAULT_CI) -> str:
+    """The table in LaTeX (booktabs), its protocol card as comments above it; with ci95, each cell's interval
+    in small type after its mean (a cell without one: the mean alone, see the card's `ci`)."""
     mean, tasks = result["mean"], result["tasks"]
+    ci = ci_shown(result, ci)
     means = [c for c in summary_columns(tasks) if c.endswith("Mean")]
     cols = ["params_m", *tasks, *means]
     groups = _group_label(tasks)
     spans = [(g, sum(groups[t] == g for t in tasks)) for g in dict.fromkeys(groups[t] for t in tasks)]
-    lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+    lines = [f"% {line}" for line in ["protocol card", *card_lines(protocol_card(result))]]
+    lines += [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
              " & & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{g}}}" for g, k in spans) + " & " * len(means) + r"\\",
              "Method & Params (M) & " + " & ".join(t.replace("_", r"\_") for t in (*tasks, *means)) + r" \\",
              r"\midrule"]
     for name, r in mean.iterrows():
         vals = [_fmt(r[c], digits=3 if c == "params_m" else 1) or "--" for c in cols]
+        if ci == "ci95":
+            vals = [v + (rf" {{\scriptsize[{lo:.1f}, {hi:.1f}]}}" if not pd.isna(lo) else "")
+                    for v, (lo, hi) in zip(vals, (_bound(result, name, c) for c in cols))]
         lines.append(name.replace("_", r"\_") + " & " + " & ".join(vals) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -559,12 +686,24 @@ def output_stem(result: dict, table: str, protocol: str, out: Path) -> Path:
     return out / (f"{table}_{protocol}{rule}" if table == RUNS_TABLE else f"table{table}_{protocol}{rule}")
 
 
-def write_outputs(result: dict, table: str, protocol: str, out: Path) -> list[Path]:
-    """output_stem(...).{md,tex,csv,png}"""
+def to_csv(result: dict) -> str:
+    """The mean frame, then the 95% interval's bounds of every task and mean: columns <column>_lo and
+    <column>_hi (empty: no CI, whatever --ci prints)."""
+    columns = [*result["tasks"], *summary_columns(result["tasks"])]
+    bounds = [result[side][columns].add_suffix(f"_{side}") for side in ("lo", "hi")]
+    order = [f"{c}_{side}" for c in columns for side in ("lo", "hi")]
+    return pd.concat([result["mean"], *bounds], axis=1)[[*result["mean"].columns, *order]].to_csv(index_label="row")
+
+
+def write_outputs(result: dict, table: str, protocol: str, out: Path, ci: str = DEFAULT_CI) -> list[Path]:
+    """output_stem(...).{md,tex,csv,json,png}: the .json is the CSV's metadata, {"protocol_card":
+    protocol_card(result), "bounds": ...}."""
     stem = output_stem(result, table, protocol, out)
     written = []
-    for suffix, text in ((".md", to_markdown(result, table, protocol)), (".tex", to_latex(result)),
-                         (".csv", result["mean"].to_csv(index_label="row"))):
+    meta = {"protocol_card": protocol_card(result), "bounds": f"<column>_lo, <column>_hi in {stem.name}.csv: "
+            f"the {intervals.LEVEL:.0%} interval of the column's mean; empty: {NO_CI}"}
+    for suffix, text in ((".md", to_markdown(result, table, protocol, ci)), (".tex", to_latex(result, ci)),
+                         (".csv", to_csv(result)), (".json", json.dumps(meta, indent=1) + "\n")):
         with atomic_path(stem.with_suffix(suffix)) as tmp:
             tmp.write_text(text)
         written.append(stem.with_suffix(suffix))
@@ -617,6 +756,10 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", choices=RECIPE_NAMES, help="the named recipe the rows take where their preset "
                         "names none (e.g. --table vim --recipe mambapeft after sweep --preset vim --set "
                         "recipe=mambapeft); default: the backbone's own")
+    parser.add_argument("--ci", default=DEFAULT_CI, choices=CI_CHOICES, help="what a cell prints beside its mean: "
+                        "none; std = +- the std over seeds (n); ci95 = the 95%% interval [lo, hi] of a bootstrap over "
+                        "test images and seeds (docs/statistics.md); default ci95 (a table whose records have no "
+                        "predictions prints std); the CSV carries the bounds whatever it prints")
     parser.add_argument("--runs", default="results/runs")
     parser.add_argument("--out", default="results/tables")
     parser.add_argument("--paper", nargs="+", help="the published numbers (CSV files; default: the package's "
@@ -675,8 +818,8 @@ def main(argv=None) -> int:
     results = {table: build_table(table, records, args.protocol, paper, args.epoch, args.recipe) for table in names}
     out = Path(args.out)
     for table, result in results.items():
-        print(to_markdown(result, table, args.protocol))
-        for path in write_outputs(result, table, args.protocol, out):
+        print(to_markdown(result, table, args.protocol, args.ci))
+        for path in write_outputs(result, table, args.protocol, out, args.ci):
             print(f"wrote {path}")
         print()
     lines = not_in_rows(records, set().union(*(r["used"] for r in results.values())))

@@ -17,7 +17,9 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler.cosine_lr import CosineLRScheduler
@@ -110,24 +112,35 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+class Evaluation(NamedTuple):
+    acc: float  # top-1 accuracy (percent)
+    loss: float  # mean cross-entropy
+    preds: torch.Tensor  # [N] int64 on the CPU: the predicted label of each image, in the split's order
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, recipe: Recipe) -> tuple[float, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy; sums stay on the device: one host sync in all."""
+def evaluate(model: nn.Module, batches: Batches, recipe: Recipe) -> Evaluation:
+    """Top-1 accuracy, mean cross-entropy and the predicted labels (the batches in the split's order); sums and
+    predictions stay on the device until one host transfer at the end."""
     model.eval()
-    totals, n = torch.zeros(2, dtype=torch.float64, device=batches.device), 0  # correct, loss
+    loss, preds, labels = torch.zeros(1, dtype=torch.float64, device=batches.device), [], []
     for x, y in batches:
         with _autocast(batches.device, recipe.precision):
             logits = model(to_float(x, recipe.normalize)).float()
-        totals[0] += (logits.argmax(-1) == y).sum()
-        totals[1] += F.cross_entropy(logits, y, reduction="sum")
-        n += len(y)
-    correct, loss = totals.tolist()
-    return 100.0 * correct / n, loss / n
+        preds.append(logits.argmax(-1))
+        labels.append(y)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+    predicted = torch.cat(preds)
+    n = len(predicted)
+    host = torch.cat([(predicted == torch.cat(labels)).sum(dtype=torch.float64).view(1), loss,
+                      predicted.to(torch.float64)]).cpu().numpy()  # labels < 2^53: exact in float64
+    return Evaluation(100.0 * float(host[0]) / n, float(host[1]) / n, torch.from_numpy(host[2:].astype(np.int64)))
 
 
 @dataclass
 class History:
     evaluations: list = field(default_factory=list)  # {"epoch", "acc", "loss"}
+    predictions: list = field(default_factory=list)  # per evaluation: [N] int tensor, the predicted labels
     lrs: list = field(default_factory=list)  # lr used in each epoch
     train_losses: list = field(default_factory=list)  # mean training loss per epoch
     train_time_s: float = 0.0
@@ -197,7 +210,12 @@ def _check_state(state, model: nn.Module) -> None:
     names = {f.name for f in dataclasses.fields(History)}
     if not (isinstance(state["history"], dict) and set(state["history"]) == names
             and isinstance(state["history"]["lrs"], list)):
-        raise DamagedState("its history does not have the fields of History")
+        raise DamagedState("its history does not have the fields of History (a state saved before the history "
+                           "kept its predictions is one)")
+    preds = state["history"]["predictions"]
+    if not (isinstance(preds, list) and len(preds) == len(state["history"]["evaluations"])
+            and all(isinstance(p, torch.Tensor) and p.dim() == 1 for p in preds)):
+        raise DamagedState("its predictions do not match its evaluations")
     if not (isinstance(state["epoch"], int) and 0 < state["epoch"] == len(state["history"]["lrs"])):
         raise DamagedState(f"its epoch {state['epoch']!r} does not match its history")
 
@@ -285,8 +303,9 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
             done = epoch + 1
             metrics = {"epoch": done, "lr": lr, "train_loss": history.train_losses[-1]}
             if done % recipe.eval_every == 0 or done == recipe.epochs:
-                acc, test_loss = evaluate(model, test, recipe)
+                acc, test_loss, preds = evaluate(model, test, recipe)
                 history.evaluations.append({"epoch": done, "acc": acc, "loss": test_loss})
+                history.predictions.append(preds.to(torch.int32))
                 metrics.update(acc=acc, loss=test_loss)
             for callback in on_epoch:
                 callback(metrics)
