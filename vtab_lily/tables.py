@@ -46,8 +46,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from backbones import family
-
 from . import intervals
 from .errors import UserError, cli
 from .fileio import atomic_path
@@ -546,6 +544,7 @@ def protocol_card(result: dict) -> dict:
     epoch rule, aggregation, input normalisation, image size, epochs, recipe names, seeds, n per cell (min,
     max, over the cells with records), precision, weights ids per backbone, data ids per task, the interval
     estimator. Two tables whose cards differ (card_differences) do not measure the same thing."""
+    from backbones import family  # here: importing the tables does not import torch (backbones does)
     cells = pd.concat([c for c in result["cells"].values() if len(c)] or [pd.DataFrame(columns=CELL)])
     recipes = [(b, json.loads(r)) for b, r in zip(cells["backbone"], cells["recipe"])]
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
