@@ -365,11 +365,12 @@ DEFAULT_EPOCH = {"paper": "best", "vtab": "final"}  # the Lily paper's rule; VTA
 
 def cell_results(records: pd.DataFrame, table: str, row: Row, protocol: str, epoch: str | None = None,
                  recipe: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per (task, seed): the reported accuracy, the epoch of the evaluation it comes from, params and record
-    of the chosen configuration; the row's records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the configuration with the highest
-    test accuracy by that rule (best: over its evaluations; final: after the last epoch), its accuracy by the
-    rule; `vtab` protocol, the configuration the sweep retrained (best final val200 accuracy), and of its
-    retrain the final test accuracy, or (best) the test accuracy at the epoch where its val200 run peaked."""
+    """(per (task, seed): the reported accuracy, the epoch of the evaluation it comes from, params and record of the
+    chosen configuration; the row's records). `epoch` (default DEFAULT_EPOCH[protocol]): `paper` protocol, the
+    configuration with the highest test accuracy by that rule (best: over its evaluations; final: after the last
+    epoch), its accuracy by the rule; `vtab` protocol, the configuration the sweep retrained (best final val200
+    accuracy), and of its retrain the final test accuracy, or (best) the test accuracy at the epoch where its val200
+    run peaked."""
     epoch = epoch or DEFAULT_EPOCH[protocol]
     rec = _matching(records, table, row, recipe)
     if rec.empty:

@@ -220,13 +220,17 @@ def adapted_modules(model: nn.Module) -> list[Switch]:
 class Method:
     """A PEFT method: its config dataclass, the function that attaches it, whether the backbone's own
     weights train (full fine-tuning), and the module that defines it (its origin in run records).
-    A composition (`a+b`, adapters/compose.py) names its methods in `parts`."""
+    A composition (`a+b`, adapters/compose.py) names its methods in `parts`. `merge(model)`, for the methods
+    whose papers fold them into the backbone for inference (registered with `merges`): folds the method's
+    trained tensors into the frozen weights in place, so the model computes the same outputs with the plain
+    backbone's modules; None for the others."""
 
     config: type
     attach: Callable[[nn.Module, Any], None]
     trains_backbone: bool = False
     module: str = __name__
     parts: tuple[str, ...] = ()
+    merge: Callable[[nn.Module], Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -246,6 +250,38 @@ def register(name: str, config: type, trains_backbone: bool = False):
         METHODS[name] = Method(config, guarded(name, attach), trains_backbone, attach.__module__)
         return attach
     return wrap
+
+
+def merges(name: str):
+    """Decorator: register `merge(model)` as the inference form of the registered method `name` (Method.merge)."""
+    def wrap(merge):
+        METHODS[name] = dataclasses.replace(METHODS[name], merge=merge)
+        return merge
+    return wrap
+
+
+def fold_linear(model: nn.Module, kinds: tuple[type, ...]) -> int:
+    """Fold every parallel branch of the given kinds into the nn.Linear it adapts and unwrap it, for branches
+    that are linear maps without bias (LoRA, FacT): in eval mode the branch applied to the identity is its
+    increment's transpose, so W[out] += branch(I).T. Only wrappers whose branches are all of `kinds` are folded
+    (another method's branch on the same module keeps the wrapper). Returns how many modules were folded."""
+    folded = 0
+    for parent in list(model.modules()):
+        for name, wrapper in list(parent.named_children()):
+            if not (isinstance(wrapper, Adapted) and not wrapper.serial and wrapper.tap is None
+                    and isinstance(wrapper.base, nn.Linear) and wrapper.branches
+                    and all(isinstance(b, kinds) for b in wrapper.branches)):
+                continue
+            base, training = wrapper.base, wrapper.training
+            wrapper.eval()
+            with torch.no_grad():
+                eye = torch.eye(base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+                for out, branch in zip(wrapper.slices, wrapper.branches):
+                    base.weight[out] += branch(eye).t().to(base.weight.dtype)
+            wrapper.train(training)
+            setattr(parent, name, base)
+            folded += 1
+    return folded
 
 
 def guarded(name: str, attach: Callable) -> Callable:
