@@ -616,7 +616,8 @@ def cost_table(cost: pd.DataFrame, records: pd.DataFrame, protocol: str, paper: 
             for i, r in out.iterrows():
                 name = f"{r['backbone']} {r['method']}"
                 if name in means.index:
-                    out.loc[i, ["Mean", "mean_plain"]] = means.loc[name, [f"{prefix}Mean", f"{prefix}Mean{len(tasks)}"]]
+                    columns = [f"{prefix}Mean", f"{prefix}Mean{len(tasks)}"]
+                    out.loc[i, ["Mean", "mean_plain"]] = means.loc[name, columns].to_numpy(dtype=float)
     out["ppt"] = ppt(out["mean_plain"], out["params"])
     return out
 
