@@ -173,3 +173,15 @@ def test_cost_table_sets_the_records_mean_and_ppt_beside_the_costs(tmp_path, cap
     assert "| vit-tiny | lora |" in (tmp_path / "out" / "cost.md").read_text()
     assert tables.main(["--table", "cost", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("error:") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_memory_of_a_method_does_not_count_the_other_methods_models():
+    alone = cost_cli.Measured("vit-tiny", "lora", {}, 2, 32, "cuda")
+    alone.step()
+    figure = alone.memory_bytes()
+    others = [cost_cli.Measured("vit-tiny", m, {}, 2, 32, "cuda") for m in ("bitfit", "ssf")]
+    for run in others:
+        run.step()
+    weights = sum(p.numel() * 4 for p in alone.model.parameters())
+    assert weights < figure and abs(alone.memory_bytes() - figure) <= 0.05 * figure

@@ -6,8 +6,8 @@ merged), trainable parameters and storage, per backbone, in one process.
 
 Per backbone every method's model is built once (random weights, `--image-size` default the backbone's
 recipe's, 100 classes), and the timed calls of all methods run round robin, `--rounds` times after one warm-up
-round, so that machine drift hits all alike (benchmarks/common.py's interleaved_medians); each figure is the
-median. `linear` (the frozen backbone, only the head trains) is always measured: the ratios are over it.
+round, so that machine drift hits all alike (interleaved_medians, which benchmarks/common.py re-exports); each
+figure is the median. `linear` (the frozen backbone, only the head trains) is always measured: the ratios are over it.
 
 - step_ms: one training step on a fixed random batch: zero_grad, forward, cross-entropy, backward, AdamW step
   (synchronised on CUDA). step_ratio = step_ms / linear's step_ms (the frozen backbone's forward plus the head's
