@@ -4,6 +4,7 @@ mini-benchmark's table.
     python -m vtab_lily.tables [--table 4|5|15|extended|mambapeft|vim|mini|all|runs] [--protocol paper|vtab]
         [--epoch best|final] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
+    python -m vtab_lily.tables --table cost --cost FILE.csv [--runs DIR]       # python -m vtab_lily.cost's CSV
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
 (`Row.filters`) and whose recipe is the one its preset trains with (the backbone's recipe with the preset
@@ -27,8 +28,9 @@ no paper numbers, so its heat map shows our accuracies; its vim section adds Bit
 vim-mini. `--epoch final` reports the accuracy after the last epoch instead of the best evaluation (the
 `vtab` protocol's default; `cell_results` says what each rule means under each protocol). Table `mambapeft`:
 MambaPEFT's Vim-S rows beside their published group means and 19-task Avg (no per-task numbers); `vim`: every
-Vim method of the suite under the recipe its sweep named. The published numbers are package data
-(vtab_lily/paper/).
+Vim method of the suite under the recipe its sweep named. Table `vpetl`: V-PETL Bench's VTAB-1K rows of the
+methods the suite has beside theirs, with PPT (`ppt`); `cost`: the cost CSV beside the records' Means and PPT
+(docs/cost.md). The published numbers are package data (vtab_lily/paper/).
 """
 from __future__ import annotations
 
