@@ -185,3 +185,29 @@ def test_cuda_memory_of_a_method_does_not_count_the_other_methods_models():
         run.step()
     weights = sum(p.numel() * 4 for p in alone.model.parameters())
     assert weights < figure and abs(alone.memory_bytes() - figure) <= 0.05 * figure
+
+
+def test_vpetl_recipe_smooths_the_training_labels_as_timm(monkeypatch):
+    """V-PETL Bench's trainers use timm's LabelSmoothingCrossEntropy(0.1) (train/train_model_lora.py L188-190):
+    the recipe's label_smoothing reaches the training loss, equal to timm's; the default recipe's run ids keep
+    no label_smoothing (Recipe.ID_IF_SET)."""
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    from vtab_lily import train as train_mod
+    from vtab_lily.data import Batches, Split
+    from vtab_lily.recipes import VPETL_LORA, recipe_for
+    from vtab_lily.records import recipe_identity
+    logits, y = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 0])
+    assert torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1) == pytest.approx(
+        float(LabelSmoothingCrossEntropy(0.1)(logits, y)), rel=1e-6)
+    recipe = recipe_for("vit-tiny", "vpetl", epochs=1, warmup_epochs=0, batch_size=10, eval_every=1, image_size=32)
+    assert recipe.label_smoothing == 0.1 and "label_smoothing" not in recipe_identity("vit-b", {})
+    assert VPETL_LORA["lr"]["cifar100"] == 0.005 and VPETL_LORA["weight_decay"]["caltech101"] == 0.35
+    seen, original = [], torch.nn.functional.cross_entropy
+    monkeypatch.setattr(train_mod.F, "cross_entropy", lambda *a, **k: seen.append(k.get("label_smoothing"))
+                        or original(*a, **k))
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), rng.integers(0, 5, 10), cache=None)
+    train_mod.fit(tiny("lora"), Batches(split, 10, shuffle=True, drop_last=True), Batches(split, 10), recipe,
+                  progress=False)
+    assert 0.1 in seen
