@@ -1,6 +1,9 @@
-"""Timing helper shared by the benchmarks: median wall time of repeated calls after warm-up."""
+"""Timing helpers shared by the benchmarks: median wall time of repeated calls after warm-up; the interleaved
+medians are the package's (vtab_lily.cost), so the cost table and the benchmarks time alike."""
 import statistics
 import time
+
+from vtab_lily.cost import interleaved_medians  # noqa: F401 (the benchmarks import it from here)
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
@@ -12,14 +15,3 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def interleaved_medians(steps, repeats: int) -> list[float]:
-    """Median time of each function, timed in alternation so that machine drift hits all alike."""
-    times = [[] for _ in steps]
-    for step in steps:
-        step()  # warm-up
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            times[i].append(median_seconds(step, repeats=1, warmup=0))
-    return [statistics.median(t) for t in times]

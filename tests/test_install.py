@@ -42,7 +42,7 @@ def test_wheel_installed_into_a_fresh_target_prints_the_paper_tables(tmp_path):
     lines = out.stdout.splitlines()
     lily = next(line for line in lines if line.startswith("| vit-b lily |"))  # Table 4's Lily row, as published
     assert lily.split(" | ")[3:6] == ["73.9", "93.0", "72.9"] and lily.endswith("| 77.3 | 75.2 | 77.3 | +0.0 |")
-    assert ("Paper check: 55 printed Means recomputed from their per-task numbers (or group means); 2 differ by more "
-            "than 0.1:") in lines  # 27 with per-task numbers, 28 of MambaPEFT with group means only
+    assert ("Paper check: 76 printed Means recomputed from their per-task numbers (or group means); 2 differ by more "
+            "than 0.1:") in lines  # 27 + 21 (vpetl.csv) with per-task numbers, 28 of MambaPEFT with group means only
     assert "  Table 5 vit-b-in1k linear: printed 66.4, recomputed 57.23" in lines
     assert not list(elsewhere.iterdir())  # --paper-only writes nothing

@@ -52,7 +52,7 @@ def test_unknown_recipe_is_one_error_line(capsys, tmp_path):
     code = run_cli.main(["--backbone", "vim-tiny-test", "--task", "digits", "--method", "linear", "--set",
                          "recipe=mamba", "--runs", str(tmp_path), "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: recipe must be one of ('vit', 'vim', 'mambapeft')")
+    assert code == 2 and err.startswith("error: recipe must be one of ('vit', 'vim', 'mambapeft', 'vpetl')")
     assert err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 

@@ -130,7 +130,7 @@ def test_paper_recipes_are_the_official_values():
         lr=1e-3, weight_decay=1e-4, no_decay_1d=False, batch_size=64, epochs=100, warmup_epochs=10,
         warmup_lr_init=1e-6, lr_min=1e-5, drop_path=0.1, normalize=False, eval_every=10, eval_batch_size=256,
         image_size=224, interpolation="bicubic", precision="fp32", checkpoint_every=10, recipe=None,
-        lr_schedule="timm", clip_grad=None, no_decay=(), drop_last=True)
+        lr_schedule="timm", clip_grad=None, no_decay=(), drop_last=True, label_smoothing=0.0)
     assert RECIPES["vit"] == Recipe()
     assert dataclasses.asdict(RECIPES["vim"]) == {**dataclasses.asdict(Recipe()), "lr": 1e-2 * 64 / 512,
                                                   "weight_decay": 1e-3, "no_decay_1d": True, "warmup_epochs": 5,

@@ -5,6 +5,7 @@ mini-benchmark's table.
         [--epoch best|final] [--ci none|std|ci95] [--runs DIR] [--out DIR]
     python -m vtab_lily.tables --paper-only [--table 4|5|15|extended|all]     # the published numbers only
     python -m vtab_lily.tables --table T --compare A B [C ...]   # paired tests, ranks (docs/comparisons.md)
+    python -m vtab_lily.tables --table cost --cost FILE.csv [--runs DIR]       # python -m vtab_lily.cost's CSV
 
 A paper table's row takes the records of its backbone and method whose config has the row's values
 (`Row.filters`) and whose recipe is the one its preset trains with (the backbone's recipe with the preset
@@ -30,8 +31,9 @@ no paper numbers, so its heat map shows our accuracies; its vim section adds Bit
 vim-mini. `--epoch final` reports the accuracy after the last epoch instead of the best evaluation (the
 `vtab` protocol's default; `cell_results` says what each rule means under each protocol). Table `mambapeft`:
 MambaPEFT's Vim-S rows beside their published group means and 19-task Avg (no per-task numbers); `vim`: every
-Vim method of the suite under the recipe its sweep named. The published numbers are package data
-(vtab_lily/paper/).
+Vim method of the suite under the recipe its sweep named. Table `vpetl`: V-PETL Bench's VTAB-1K rows of the
+methods the suite has beside theirs, with PPT (`ppt`); `cost`: the cost CSV beside the records' Means and PPT
+(docs/cost.md). The published numbers are package data (vtab_lily/paper/).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 # vtab_lily/paper/ (package data): the Lily paper's Tables 4, 5 and 15, and the classic baselines' own
 # published numbers (the `extended` table)
-PAPER_FILES = ("paper_tables.csv", "extended.csv", "mambapeft.csv")
+PAPER_FILES = ("paper_tables.csv", "extended.csv", "mambapeft.csv", "vpetl.csv")
 PAPER_TOLERANCE = 0.1  # points between a printed Mean and the Mean recomputed from its row (inclusive)
 
 
@@ -133,6 +135,27 @@ def preset_rows(rows) -> list[Row]:
             for (backbone, method, fixed, _), label in zip(rows, labels)]
 
 
+# V-PETL Bench's VTAB-1K table (vtab_lily/paper/vpetl.csv): its methods the suite has, at the sizes its
+# Params column prints (LoRA 0.29M: r 8 on q, v; AdaptFormer 0.16M: width 8; FacT 0.07M: TK); one line per row
+TABLES["vpetl"] = [Row("vit-b", "fft", "fft"), Row("vit-b", "linear", "linear"),
+                   Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "trunc_normal"}),
+                   Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
+                   Row("vit-b", "bitfit", "bitfit"), Row("vit-b", "lora", "lora", {"r": 8}),
+                   Row("vit-b", "adaptformer", "adaptformer", {"width": 8}),
+                   Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact", "fact", {"type": "tk"})]
+PPT_C = 1e7  # V-PETL Bench's normalisation constant C of PPT (ppt)
+
+
+def ppt(acc, params):
+    """V-PETL Bench's Performance-Parameter Trade-off, PPT = M / 100 * exp(-log10(P / C + 1)): M the plain 19-task
+    mean accuracy (%), P the trainable parameters without the head, C = 10^7 (PPT_C). The formula is the V-PETL
+    Bench paper's (Xin et al., NeurIPS 2024 Datasets and Benchmarks; its text is not stored here); C is the one
+    constant among 10^6 ... 10^8 that reproduces the PPT column of its README's VTAB table (github
+    synbol/Parameter-Efficient-Transfer-Learning-Benchmark README.md L415-434, commit c188fad): 16 of its 19
+    printed values to two decimals, BitFit, RepAdapter and DTL 0.01 off (docs/cost.md)."""
+    return np.asarray(acc, dtype=float) / 100 * np.exp(-np.log10(np.asarray(params, dtype=float) / PPT_C + 1))
+
+
 # MambaPEFT's Vim-S rows beside their published numbers (vtab_lily/paper/mambapeft.csv), and every Vim method
 # of the suite under one recipe (`sweep --preset vim --set recipe=...`)
 TABLES["mambapeft"] = preset_rows(PRESETS["mambapeft"])
@@ -142,7 +165,7 @@ RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin a
 
 
 TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini",
-                "mambapeft": "mambapeft", "vim": "vim"}
+                "mambapeft": "mambapeft", "vim": "vim", "vpetl": "vpetl"}
 BENCHMARKS = {"VTAB-1K": VTAB_TASKS, "mini": MINI_TASKS}  # a table's columns are grouped by these
 
 
@@ -435,6 +458,10 @@ def build_table(table: str, records: pd.DataFrame, protocol: str, paper: pd.Data
     mean["diff_Mean"] = mean["Mean"] - mean["paper_Mean"] if "Mean" in mean else np.nan
     mean["paper_Mean19"] = published_mean19(paper, [(table, r.backbone, r.label) for r in rows])
     mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"] if "Mean19" in mean else np.nan
+    if table == "vpetl":
+        mean["ppt"] = ppt(mean["Mean19"], mean["params_m"] * 1e6)
+        keys = [(table, r.backbone, r.label) for r in rows]
+        mean["paper_ppt"] = [float(paper.loc[k, "ppt"]) if k in paper.index else np.nan for k in keys]
     return {"mean": mean, "std": pd.DataFrame.from_dict(stds, orient="index"), "tasks": tasks,
             "n": pd.DataFrame.from_dict(counts, orient="index"), "paper": paper_tasks, "cells": cells, "used": used,
             "epoch": epoch, "recipe": recipe, "table": table, "protocol": protocol,
@@ -468,6 +495,9 @@ def paper_result(table: str, paper: pd.DataFrame) -> dict | None:
     mean["paper_Mean19"] = published_mean19(paper, keys)
     mean["Mean19"] = mean["Mean19"].fillna(mean["paper_Mean19"])
     mean["diff_Mean19"] = mean["Mean19"] - mean["paper_Mean19"]
+    printed_ppt = pd.to_numeric(paper.loc[keys, "ppt"], errors="coerce").values if "ppt" in paper else []
+    if np.isfinite(printed_ppt).any():  # V-PETL Bench's, as printed
+        mean["ppt"] = printed_ppt
     return {"mean": mean, "std": cells * np.nan, "n": cells.notna().astype(int), "paper": cells, "tasks": tasks}
 
 
@@ -603,7 +633,7 @@ def to_markdown(result: dict, table: str, protocol: str, ci: str = DEFAULT_CI) -
     paper = bool(mean["paper_Mean"].notna().any())  # columns of published Means only where there are some
     paper19 = bool(mean.get("paper_Mean19", pd.Series(dtype=float)).notna().any())
     header = ["row", "params (M)", "storage (KB)", *tasks, *summary, *(["paper Mean", "diff"] if paper else []),
-              *(["paper Mean19", "diff19"] if paper19 else [])]
+              *(["paper Mean19", "diff19"] if paper19 else []), *(["PPT"] if "ppt" in mean else [])]
     groups = _group_label(tasks)
     kind = "published" if protocol == "published" else f"{protocol} protocol"
     lines = [f"Table {table} ({kind}): top-1 accuracy (%). Mean = mean of the group means; {plain}; empty = no "
@@ -621,6 +651,8 @@ def to_markdown(result: dict, table: str, protocol: str, ci: str = DEFAULT_CI) -
             cells += [_fmt(r["paper_Mean"]), "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"]
         if paper19:
             cells += [_fmt(r["paper_Mean19"]), "" if pd.isna(r["diff_Mean19"]) else f"{r['diff_Mean19']:+.1f}"]
+        if "ppt" in mean:
+            cells.append(_fmt(r["ppt"], digits=2))
         lines.append("| " + " | ".join(cells) + " |")
     card = [] if protocol == "published" else ["Protocol card:", *(f"- {line}" for line in card_lines(
         protocol_card(result))), ""]
@@ -710,6 +742,66 @@ def write_outputs(result: dict, table: str, protocol: str, out: Path, ci: str = 
     return [*written, stem.with_suffix(".png")]
 
 
+COST_TABLE = "cost"  # the measured costs (python -m vtab_lily.cost --out FILE) beside the accuracy Means
+COST_SHOWN = ["params", "storage_bytes", "step_ms", "step_ratio", "memory_mb", "latency_ratio", "merges",
+              "merged_latency_ratio"]
+
+
+def cost_table(cost: pd.DataFrame, records: pd.DataFrame, protocol: str, paper: pd.DataFrame,
+               epoch: str | None = None) -> pd.DataFrame:
+    """The cost CSV's rows with the accuracy of the `runs` table's row of the same backbone and method (the one
+    labelled with the method: a single origin and recipe), its Mean (of the group means) and plain mean, and
+    V-PETL Bench's PPT from that plain mean and the cost row's trainable parameters."""
+    out = cost.copy()
+    out["Mean"] = out["mean_plain"] = np.nan
+    if not records.empty:
+        result = build_table(RUNS_TABLE, records, protocol, paper, epoch)
+        members = benchmarks(result["tasks"])
+        if members:
+            prefix, tasks = members[0]
+            means = result["mean"]
+            for i, r in out.iterrows():
+                name = f"{r['backbone']} {r['method']}"
+                if name in means.index:
+                    columns = [f"{prefix}Mean", f"{prefix}Mean{len(tasks)}"]
+                    out.loc[i, ["Mean", "mean_plain"]] = means.loc[name, columns].to_numpy(dtype=float)
+    out["ppt"] = ppt(out["mean_plain"], out["params"])
+    return out
+
+
+def cost_markdown(table: pd.DataFrame, meta: dict | None) -> str:
+    header = ["backbone", "method", "options", *COST_SHOWN, "Mean", "plain mean", "PPT"]
+    lines = ["Cost (python -m vtab_lily.cost): step_ratio and latency ratios over `linear` (the frozen backbone); "
+             "memory: " + (meta or {}).get("memory", "see the CSV's metadata") + ". Mean = mean of the group means "
+             "of the `runs` table's row, plain mean = over its tasks, PPT = V-PETL Bench's score of the plain mean "
+             "(tables.ppt).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [r["backbone"], r["method"], str(r["options"]), f"{int(r['params']):,}", f"{int(r['storage_bytes']):,}",
+                 _fmt(r["step_ms"]), _fmt(r["step_ratio"], digits=2), _fmt(r["memory_mb"]),
+                 _fmt(r["latency_ratio"], digits=2), "yes" if r["merges"] else "no",
+                 _fmt(r["merged_latency_ratio"], digits=2), _fmt(r["Mean"]), _fmt(r["mean_plain"]),
+                 _fmt(r["ppt"], digits=2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_cost(path: str) -> tuple[pd.DataFrame, dict | None]:
+    """A cost CSV and its metadata (`<path>.json`, None when absent); TableError when it is not one."""
+    from .cost import COLUMNS
+    if not Path(path).is_file():
+        raise TableError(f"--cost {path}: no such file; write one with python -m vtab_lily.cost --out {path}")
+    try:
+        cost = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise TableError(f"--cost {path}: not a CSV ({e})") from None
+    missing = [c for c in COLUMNS if c not in cost]
+    if missing:
+        raise TableError(f"--cost {path}: not a cost table (no columns {missing}); write one with python -m "
+                         "vtab_lily.cost --out FILE")
+    meta = Path(f"{path}.json")
+    return cost, json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def not_in_rows(records: pd.DataFrame, used: set[str]) -> list[str]:
     """One line per (backbone, method, recipe) of the records in no row: how many, where the recipe differs
     from the backbone's own, and one of them."""
@@ -745,7 +837,7 @@ def report_paper_check(paper: pd.DataFrame, tables: list[str], out: Path | None)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", default="all", choices=[*TABLES, RUNS_TABLE, "all"],
+    parser.add_argument("--table", default="all", choices=[*TABLES, RUNS_TABLE, COST_TABLE, "all"],
                         help="a paper table, all of them, or `runs`: one row per backbone, method, origin and "
                              "recipe in the records (your own methods included), one column per recorded task")
     parser.add_argument("--protocol", default="paper", choices=["paper", "vtab"])
@@ -773,7 +865,11 @@ def main(argv=None) -> int:
                         "backbones): paired differences per task with intervals, tests across tasks, a forest plot; "
                         "more: average ranks, Friedman and Nemenyi tests, a critical-difference diagram "
                         "(docs/comparisons.md)")
+    parser.add_argument("--cost", metavar="FILE.csv", help="--table cost: the CSV python -m vtab_lily.cost wrote "
+                        "(its accuracy columns come from the records under --runs, when there are any)")
     args = parser.parse_args(argv)
+    if args.table == COST_TABLE:
+        return write_cost(args)
     names = list(TABLES) if args.table == "all" else [args.table]
     if args.compare and (args.table == "all" or args.paper_only or len(args.compare) < 2):
         raise UserError("--compare needs one --table (not all), no --paper-only, and two rows or more")
@@ -826,6 +922,24 @@ def main(argv=None) -> int:
         print(f"not in any row of table {', '.join(names)} (other backbones, methods, configurations or recipes; "
               "never pooled):", *lines, sep="\n")
     report_paper_check(paper, names, out)
+    return 0
+
+
+def write_cost(args) -> int:
+    """--table cost: the cost CSV beside the records' accuracy, to <out>/cost.{md,csv}."""
+    if not args.cost:
+        raise TableError("--table cost needs --cost FILE.csv (written by python -m vtab_lily.cost --out FILE.csv)")
+    cost, meta = read_cost(args.cost)
+    check_writable_folder(args.out, "tables", "--out")
+    records = select(load_records(args.runs), args.select) if Path(args.runs).is_dir() else pd.DataFrame()
+    table = cost_table(cost, records, args.protocol, read_paper(*(args.paper or [])), args.epoch)
+    text = cost_markdown(table, meta)
+    print(text)
+    out = Path(args.out)
+    for path, content in ((out / "cost.md", text), (out / "cost.csv", table.to_csv(index=False))):
+        with atomic_path(path) as tmp:
+            tmp.write_text(content)
+        print(f"wrote {path}")
     return 0
 
 

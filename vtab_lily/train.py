@@ -282,7 +282,8 @@ def fit(model: nn.Module, train: Batches, test: Batches, recipe: Recipe, state_p
             t, losses = time.perf_counter(), []
             for step, (x, y) in enumerate(bar):
                 with _autocast(train.device, recipe.precision):
-                    loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y)
+                    loss = F.cross_entropy(model(to_float(x, recipe.normalize)).float(), y,
+                                           label_smoothing=recipe.label_smoothing)
                 value = loss.item()  # the one host sync of a step
                 if not math.isfinite(value):
                     raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "

@@ -17,7 +17,7 @@ from torch import nn
 
 from backbones import head_of
 
-from .base import register
+from .base import merges, register
 
 
 @dataclass
@@ -35,3 +35,8 @@ def attach_bitfit(model: nn.Module, cfg: BitFitConfig) -> None:
         bias = getattr(module, "bias", None)
         if module not in head and isinstance(bias, nn.Parameter) and not bias.requires_grad:
             module.bias = nn.Parameter(bias.detach().clone())
+
+
+@merges("bitfit")
+def merge_bitfit(model: nn.Module) -> None:
+    """BitFit's trained biases are the backbone's own: the model is already its merged form."""

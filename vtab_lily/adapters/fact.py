@@ -14,6 +14,8 @@ Branch: delta = V(dropout(U(x) @ M)) * s (dropout 0.1, on the r-dim code); fc1 m
 and V to 4 blocks of its output; fc2 reads its input as 4 blocks through U.
 Parameters on ViT-B/16: TT 1,536 r + 144 r^2; TK 1,536 r + r^3 + 144 r. Over the official per-task ranks
 (`FacT/configs/{tt,tk}`) the means are 39,734 (TT) and 68,985 (TK): the paper's 0.040M and 0.069M.
+Merged inference form (`merge_fact`, Method.merge): every increment is a linear map without bias, so, as LoRA's,
+it folds into its weight (base.fold_linear); the shared factors then compute nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 from backbones import adapter_sites
 
 from ..options import OptionError
-from .base import add_branch, register
+from .base import add_branch, fold_linear, merges, register
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
 
@@ -103,3 +105,8 @@ def attach_fact(model: nn.Module, cfg: FacTConfig) -> None:
         for t in TARGETS:
             column = per_layer * layer.index + first[t]
             add_branch(layer.get(t), FacTBranch(model.fact, t, column, chunks, cfg))
+
+
+@merges("fact")
+def merge_fact(model: nn.Module) -> None:
+    fold_linear(model, (FacTBranch,))

@@ -7,17 +7,22 @@ down projection is a Conv2d with the patch conv's kernel, stride and padding (3 
 an up 1x1 Conv2d (r -> d, no bias, zero-init), times s, added to the patch conv's output. MambaPEFT's
 LoRA(x_proj) and LoRA(dt_proj) merge W + s up @ down into the weight (L115-123, L161-171), so they have no
 dropout: give `dropout=0` for those targets.
+
+Merged inference form (`merge_lora`, Method.merge; Hu et al. Sec. 4.1: W + s B A, no extra latency): each
+branch folds into the weight rows of its slice (q, v of the fused qkv), a conv branch into the patch conv
+(W + s up . down, contracted over r); the wrappers are removed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from backbones import ConvSite, model_sites
 
 from ..errors import UnknownName
-from .base import TargetedConfig, add_branch, attach_each, register
+from .base import Adapted, TargetedConfig, add_branch, attach_each, fold_linear, merges, register
 
 
 @dataclass
@@ -70,3 +75,17 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig) -> None:
                 lambda site: LoRABranch(site.d_in, site.d_out, cfg.r, cfg.s, cfg.dropout))
     for t in on_model:
         add_branch(whole[t], ConvLoRABranch(whole[t], cfg.r, cfg.s, cfg.dropout))
+
+
+@merges("lora")
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    fold_linear(model, (LoRABranch,))
+    for parent in list(model.modules()):
+        for name, wrapper in list(parent.named_children()):
+            if isinstance(wrapper, Adapted) and isinstance(wrapper.base, nn.Conv2d) and len(wrapper.branches) == 1 \
+                    and isinstance(wrapper.branches[0], ConvLoRABranch):
+                branch, conv = wrapper.branches[0], wrapper.base
+                delta = torch.einsum("or,rikl->oikl", branch.up.weight[:, :, 0, 0], branch.down.weight) * branch.s
+                conv.weight += delta.to(conv.weight.dtype)
+                setattr(parent, name, conv)

@@ -17,13 +17,17 @@ from ..options import OptionError
 class Method:
     """A PEFT method: its config dataclass, the function that attaches it, whether the backbone's own
     weights train (full fine-tuning), and the module that defines it (its origin in run records).
-    A composition (`a+b`, adapters/compose.py) names its methods in `parts`."""
+    A composition (`a+b`, adapters/compose.py) names its methods in `parts`. `merge(model)`, for the methods
+    whose papers fold them into the backbone for inference (registered with `merges`): folds the method's
+    trained tensors into the frozen weights in place, so the model computes the same outputs with the plain
+    backbone's modules; None for the others."""
 
     config: type
     attach: Callable[[nn.Module, Any], None]
     trains_backbone: bool = False
     module: str = __name__
     parts: tuple[str, ...] = ()
+    merge: Callable[[nn.Module], Any] | None = None
 
 
 def split_targets(targets):

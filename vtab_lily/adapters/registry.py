@@ -13,6 +13,7 @@ of the methods is the same before and after a run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -41,6 +42,14 @@ def register(name: str, config: type, trains_backbone: bool = False):
                             "another name")
         METHODS[name] = Method(config, guarded(name, attach), trains_backbone, attach.__module__)
         return attach
+    return wrap
+
+
+def merges(name: str):
+    """Decorator: register `merge(model)` as the inference form of the registered method `name` (Method.merge)."""
+    def wrap(merge):
+        METHODS[name] = dataclasses.replace(METHODS[name], merge=merge)
+        return merge
     return wrap
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from backbones import adapter_sites, model_sites
 
 from ..options import OptionError
-from .base import Adapted, add_serial, register, split_targets
+from .base import Adapted, add_serial, merges, register, split_targets
 
 VIT_SITES = ("patch_embed", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "norm")
 VIM_SITES = ("norm", "in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj", "norm_f")
@@ -64,6 +64,7 @@ def attach_ssf(model: nn.Module, cfg: SSFConfig) -> None:
             add_serial(site, ScaleShift(site.d_out, cfg.init))
 
 
+@merges("ssf")
 @torch.no_grad()
 def merge_ssf(model: nn.Module) -> int:
     """Fold every SSF into the weights of the module it follows and unwrap that module; returns how many

@@ -217,3 +217,27 @@ def attach_each(model: nn.Module, targets, make_branch: Callable[[LinearSite | P
         for t in targets:
             site = layer.get(t)
             add_branch(site, make_branch(site))
+
+
+def fold_linear(model: nn.Module, kinds: tuple[type, ...]) -> int:
+    """Fold every parallel branch of the given kinds into the nn.Linear it adapts and unwrap it, for branches
+    that are linear maps without bias (LoRA, FacT): in eval mode the branch applied to the identity is its
+    increment's transpose, so W[out] += branch(I).T. Only wrappers whose branches are all of `kinds` are folded
+    (another method's branch on the same module keeps the wrapper). Returns how many modules were folded."""
+    folded = 0
+    for parent in list(model.modules()):
+        for name, wrapper in list(parent.named_children()):
+            if not (isinstance(wrapper, Adapted) and not wrapper.serial and wrapper.tap is None
+                    and isinstance(wrapper.base, nn.Linear) and wrapper.branches
+                    and all(isinstance(b, kinds) for b in wrapper.branches)):
+                continue
+            base, training = wrapper.base, wrapper.training
+            wrapper.eval()
+            with torch.no_grad():
+                eye = torch.eye(base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+                for out, branch in zip(wrapper.slices, wrapper.branches):
+                    base.weight[out] += branch(eye).t().to(base.weight.dtype)
+            wrapper.train(training)
+            setattr(parent, name, base)
+            folded += 1
+    return folded
