@@ -16,11 +16,13 @@ from . import (  # noqa: F401
     fourierft,
     full,
     lily,
+    lntune,
     lora,
     lorap,
     mora,
     partial,
     prompt,
+    repadapter,
     ssf,
     vpt,
 )

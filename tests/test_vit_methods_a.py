@@ -1,0 +1,196 @@
+"""ViT methods of issue 23 (part a): RepAdapter, LN-tune, ConvPass, Adapter+.
+
+Per method: the parameter count on ViT-B/16 (the official code's, derived in a comment), identity at
+initialisation where the official init gives it, gradients only where they belong, equality with the official
+forward restated here on the naive ViT of test_classic (float64, outputs and gradients, the zero-init tensors
+perturbed), the official defaults pinned with the file and line they come from; RepAdapter's merged form.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, randomize_trainable, tiny
+from test_classic import naive_vit, plain_vit
+
+from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
+from vtab_lily.adapters import repadapter
+from vtab_lily.errors import UserError
+from vtab_lily.recipes import LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE
+from vtab_lily.tables import TABLES
+from vtab_lily.tasks import VTAB_TASKS
+
+
+# ---------------------------------------------------------------- the official forwards, restated
+
+def repadapter_edit(model):
+    """luogen1996/RepAdapter repadapter.py L168-172: x + scale * conv_B(dropout(conv_A(x))) over channels, conv_B
+    a 1x1 Conv1d with groups=2 (L159), on the outputs of norm1 and norm2 (L21-24)."""
+    def out(name, layer, y):
+        if name not in ("norm1", "norm2"):
+            return y
+        a = getattr(model.blocks[layer], name).branches[0]
+        x = y.transpose(1, 2)
+        h = F.conv1d(x, a.down.weight.unsqueeze(-1), a.down.bias)
+        h = F.conv1d(h, a.up.weight.unsqueeze(-1), a.up.bias, groups=a.up.groups)
+        return (h * a.s + x).transpose(1, 2)
+    return dict(out=out)
+
+
+def lntune_edit(model):
+    return dict(params={n: p for n, p in model.named_parameters() if ".norm" in n or n.startswith("norm.")})
+
+
+NAIVE = [("repadapter", dict(s=0.7), repadapter_edit), ("repadapter", dict(width=8, groups=4), repadapter_edit),
+         ("lntune", {}, lntune_edit)]
+
+
+@pytest.mark.parametrize("method,options,edit", NAIVE, ids=lambda v: v if isinstance(v, str) else None)
+def test_equals_the_official_forward_outputs_and_gradients(method, options, edit, images):
+    """float64 on both sides, every trainable tensor (the zero-init ones included) perturbed."""
+    model = tiny(method, **options).eval().double()
+    randomize_trainable(model, std=0.2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    images = images.double()
+    got = model(images)
+    kw = edit(model)
+    kw["params"] = {**kw.get("params", {}), "head.weight": model.head.weight, "head.bias": model.head.bias}
+    want = naive_vit(plain_vit().double(), images, **kw)
+    assert_close(got, want, 1e-9)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+        assert_close(a, b, 1e-9)
+
+
+# ---------------------------------------------------------------- parameter counts on ViT-B/16
+
+@pytest.mark.parametrize("method,options,expected", [
+    # per adapter: down 768 * 8 + 8, grouped up 768 * (8 / 2) + 768 = 9,992; 2 per layer, 12 layers: 239,808
+    ("repadapter", {}, 239_808),
+    ("repadapter", dict(placement="attn"), 119_904),  # repattn: 1 per layer, 12 x 9,992
+    ("lntune", {}, 38_400),  # norm1 and norm2 of 12 blocks and the final norm: 25 x (768 + 768)
+])
+def test_parameter_counts_on_vit_b(method, options, expected):
+    assert count_params(build_model("vit-b", method, 100, pretrained=False, **options)) == expected
+
+
+# ---------------------------------------------------------------- identity at init, gradients, save / load
+
+@pytest.mark.parametrize("method,options", [("repadapter", {}), ("repadapter", dict(placement="attn")),
+                                            ("lntune", {})])
+def test_identity_at_initialisation(method, options, images):
+    """RepAdapter's up projection is zero (repadapter.py L166-167); LN-tune starts at the pretrained norms."""
+    with torch.no_grad():
+        assert_close(tiny(method, **options).eval()(images), plain_vit()(images), 1e-6)
+
+
+@pytest.mark.parametrize("method,options,trained", [
+    ("repadapter", {}, {f"blocks.{i}.{n}.branches.0.{p}" for i in range(4) for n in ("norm1", "norm2")
+                        for p in ("down.weight", "down.bias", "up.weight", "up.bias")}),
+    ("repadapter", dict(placement="attn"), {f"blocks.{i}.norm1.branches.0.{p}" for i in range(4)
+                                            for p in ("down.weight", "down.bias", "up.weight", "up.bias")}),
+    ("lntune", {}, {f"blocks.{i}.{n}.{p}" for i in range(4) for n in ("norm1", "norm2") for p in ("weight", "bias")}
+     | {"norm.weight", "norm.bias"}),
+])
+def test_gradients_only_where_they_belong_and_save_load(method, options, trained, images, tmp_path):
+    model = tiny(method, **options)
+    randomize_trainable(model)
+    model(images).logsumexp(-1).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trained | {"head.weight", "head.bias"}
+    model.eval()
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = tiny(method, **options).eval()
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+
+
+# ---------------------------------------------------------------- RepAdapter's merged form
+
+@pytest.mark.parametrize("options", [{}, dict(placement="attn"), dict(groups=4, s=3.0)])
+def test_repadapter_merged_form_equals_the_unmerged_model(options, images):
+    model = tiny("repadapter", **options).eval()
+    randomize_trainable(model, std=0.3)
+    with torch.no_grad():
+        before = model(images)
+        assert repadapter.merge(model) == 4 * (1 if options.get("placement") == "attn" else 2)
+        assert count_params(model) == 0 and not any("branches" in n for n, _ in model.named_modules())
+        assert all(type(b.norm1).__name__ == "LayerNorm" and type(b.norm2).__name__ == "LayerNorm"
+                   for b in model.blocks)
+        assert_close(model(images), before, 1e-5)
+
+
+def test_repadapter_merge_leaves_an_adapter_whose_reader_another_method_adapts(images):
+    """repadapter+lora: LoRA's branches on qkv read the adapted norm1 output, so norm1's adapter stays; norm2's
+    (read by the plain fc1) is merged."""
+    torch.manual_seed(0)
+    model = build_model("vit-tiny", "repadapter+lora", 5, pretrained=False,
+                        backbone_options=dict(img_size=32, patch_size=8)).eval()
+    randomize_trainable(model, std=0.3)
+    with torch.no_grad():
+        before = model(images)
+        assert repadapter.merge(model) == 4
+        assert all(type(b.norm1).__name__ == "Adapted" and type(b.norm2).__name__ == "LayerNorm"
+                   for b in model.blocks)
+        assert_close(model(images), before, 1e-5)
+
+
+def test_repadapter_groups_must_divide_the_widths():
+    with pytest.raises(UserError, match="groups .3. must divide its width .8."):
+        tiny("repadapter", groups=3)
+
+
+# ---------------------------------------------------------------- official defaults
+
+def test_repadapter_defaults_are_the_official_ones():
+    model = tiny("repadapter")
+    a = model.blocks[0].norm1.branches[0]
+    assert a.down.out_features == 8  # train.py L79 --dim 8
+    assert a.up.groups == 2 and a.up.weight.shape == (64, 4)  # repadapter.py L154 groups=2, L159 conv_B
+    assert a.s == 1.0  # repadapter.py L155 scale=1
+    assert a.dropout.p == 0.1  # repadapter.py L160
+    assert a.up.weight.abs().max() == 0 and a.up.bias.abs().max() == 0  # L166-167 zeros_
+    assert a.down.bias.abs().max() == 0  # L165
+    bound = (6 / (64 + 8)) ** 0.5  # L164 xavier_uniform_ of conv_A (fan_in 64, fan_out 8)
+    assert 0.9 * bound < a.down.weight.abs().max() <= bound
+    assert model.peft_config["options"]["placement"] == "block"  # train.py L77 --method repblock
+    # configs/repblock/<task>.yaml `scale`, in VTAB_TASKS order
+    assert [REPADAPTER_SCALE[t] for t in VTAB_TASKS] == [0.1, 5, 1, 0.5, 0.1, 10, 0.1, 1, 1, 5, 0.1, 0.5, 0.1, 5, 5,
+                                                         5, 0.1, 10, 1]
+
+
+def test_repadapter_train_mode_dropout_is_between_down_and_up():
+    a = tiny("repadapter").blocks[0].norm1.branches[0].train()
+    randomize_trainable(a, std=0.3)
+    y = torch.randn(2, 5, 64)
+    torch.manual_seed(4)
+    got = a(y)
+    torch.manual_seed(4)
+    want = a.up(F.dropout(a.down(y), 0.1, training=True)) * a.s
+    assert_close(got, want, 1e-6)
+
+
+def test_lntune_recipe_is_v_petl_benchs():
+    """V-PETL Bench ImageClassification/scripts/run_vit_lntune.sh L16-52 (--lr, --wd per task)."""
+    assert LNTUNE_RECIPE["lr"]["cifar100"] == 0.008 and LNTUNE_RECIPE["weight_decay"]["cifar100"] == 0.01  # L16
+    assert LNTUNE_RECIPE["lr"]["pets"] == 0.0007 and LNTUNE_RECIPE["weight_decay"]["pets"] == 0.8
+    assert LNTUNE_RECIPE["lr"]["smallnorb_ele"] == 0.0011 and LNTUNE_RECIPE["weight_decay"]["smallnorb_ele"] == 5e-4
+    assert LNTUNE_RECIPE["normalize"] is True  # dataloader/vtab.py L74 Normalize(ImageNet mean / std)
+
+
+def test_lntune_cannot_be_disabled_and_trains_vims_rmsnorms():
+    """LN-tune trains the backbone's own norms, so the model is its own merged form; on Vim the RMSNorms train."""
+    vim = build_model("vim-tiny-test", "lntune", 5, pretrained=False)
+    names = {n for n, p in vim.named_parameters() if p.requires_grad} - {"head.weight", "head.bias"}
+    assert names and all(n.split(".")[-2] in ("norm", "norm_f") and n.endswith("weight") for n in names)
+    model = tiny("lntune")
+    with disable_adapters(model):
+        assert sum(p.requires_grad for p in model.parameters()) == 2 * (4 * 2 + 1) + 2
+
+
+# ---------------------------------------------------------------- the mini benchmark's rows
+
+def test_the_mini_preset_and_table_have_the_rows():
+    mine = ["repadapter", "lntune"]
+    assert [r[1] for r in PRESETS["mini"] if r[0] == "vit-mini" and r[1] in mine] == mine
+    assert [r.label for r in TABLES["mini"] if r.backbone == "vit-mini" and r.method in mine] == mine
