@@ -187,7 +187,8 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
     the block's stream before norm2, adds after drop_path2: AdaptFormer's placement) and `attn` (reads the
     attention's input after norm1, adds to its output, inside layer scale and drop_path: ConvPass); serial
     sites `norm1`, `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its
-    drop_path, before the residual sum) and `block` (the block's output, after both residual sums: Adapter+). A model without such blocks raises UnmappableBackbone naming what is missing."""
+    drop_path, before the residual sum) and `block` (the block's output, after both residual sums: Adapter+).
+    A model without such blocks raises UnmappableBackbone naming what is missing."""
     blocks = getattr(model, "blocks", None)
     label = f"{name or type(model).__name__} ({type(model).__name__})"
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:

@@ -18,7 +18,6 @@ from vtab_lily.recipes import LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE
 from vtab_lily.tables import TABLES
 from vtab_lily.tasks import VTAB_TASKS
 
-
 # ---------------------------------------------------------------- the official forwards, restated
 
 def repadapter_edit(model):

@@ -27,6 +27,7 @@ own `drop_path2`, the same rate on every timm ViT.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
