@@ -14,7 +14,7 @@ from test_classic import naive_vit, plain_vit
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
 from vtab_lily.adapters import repadapter
 from vtab_lily.errors import UserError
-from vtab_lily.recipes import LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE
+from vtab_lily.recipes import CONVPASS, LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE
 from vtab_lily.tables import TABLES
 from vtab_lily.tasks import VTAB_TASKS
 
@@ -38,8 +38,42 @@ def lntune_edit(model):
     return dict(params={n: p for n, p in model.named_parameters() if ".norm" in n or n.startswith("norm.")})
 
 
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def convpass_official(a, x, side):
+    """PETL-ViT convpass/vtab/convpass.py L129-149 on a side x side grid (the official fixes 14 x 14), times s."""
+    b = len(x)
+    down = quick_gelu(F.linear(x, a.down.weight, a.down.bias))
+    patch = down[:, 1:].reshape(b, side, side, -1).permute(0, 3, 1, 2)
+    patch = F.conv2d(patch, a.conv.weight, a.conv.bias, stride=1, padding=1)
+    patch = patch.permute(0, 2, 3, 1).reshape(b, side * side, -1)
+    cls = down[:, :1].reshape(b, 1, 1, -1).permute(0, 3, 1, 2)
+    cls = F.conv2d(cls, a.conv.weight, a.conv.bias, stride=1, padding=1).permute(0, 2, 3, 1).reshape(b, 1, -1)
+    return F.linear(quick_gelu(torch.cat([cls, patch], dim=1)), a.up.weight, a.up.bias) * a.s
+
+
+def convpass_edit(model, side=4):
+    """L7-10: x + attn(norm1(x)) + convpass(norm1(x)) * s, the same with the MLP (eval: no drop_path)."""
+    normed = {}
+
+    def out(name, layer, y):
+        if name in ("norm1", "norm2"):
+            normed[name] = y
+        elif name in ("attn_out", "mlp_out"):
+            block = model.blocks[layer]
+            bypass = block.attn if name == "attn_out" else block.mlp
+            if hasattr(bypass, "branches"):  # placement "attn": a plain MLP
+                return y + convpass_official(bypass.branches[0], normed["norm1" if name == "attn_out" else "norm2"],
+                                             side)
+        return y
+    return dict(out=out)
+
+
 NAIVE = [("repadapter", dict(s=0.7), repadapter_edit), ("repadapter", dict(width=8, groups=4), repadapter_edit),
-         ("lntune", {}, lntune_edit)]
+         ("lntune", {}, lntune_edit), ("convpass", dict(s=0.5), convpass_edit),
+         ("convpass", dict(xavier_init=True, placement="attn", width=4), convpass_edit)]
 
 
 @pytest.mark.parametrize("method,options,edit", NAIVE, ids=lambda v: v if isinstance(v, str) else None)
@@ -66,6 +100,9 @@ def test_equals_the_official_forward_outputs_and_gradients(method, options, edit
     ("repadapter", {}, 239_808),
     ("repadapter", dict(placement="attn"), 119_904),  # repattn: 1 per layer, 12 x 9,992
     ("lntune", {}, 38_400),  # norm1 and norm2 of 12 blocks and the final norm: 25 x (768 + 768)
+    # per bypass: down 768 * 8 + 8, conv 8 * 8 * 3 * 3 + 8, up 8 * 768 + 768 = 13,648; 2 per layer, 12 layers
+    ("convpass", {}, 327_552),
+    ("convpass", dict(placement="attn"), 163_776),
 ])
 def test_parameter_counts_on_vit_b(method, options, expected):
     assert count_params(build_model("vit-b", method, 100, pretrained=False, **options)) == expected
@@ -74,9 +111,10 @@ def test_parameter_counts_on_vit_b(method, options, expected):
 # ---------------------------------------------------------------- identity at init, gradients, save / load
 
 @pytest.mark.parametrize("method,options", [("repadapter", {}), ("repadapter", dict(placement="attn")),
-                                            ("lntune", {})])
+                                            ("lntune", {}), ("convpass", {}), ("convpass", dict(xavier_init=True))])
 def test_identity_at_initialisation(method, options, images):
-    """RepAdapter's up projection is zero (repadapter.py L166-167); LN-tune starts at the pretrained norms."""
+    """RepAdapter's up projection is zero (repadapter.py L166-167), ConvPass's too (convpass.py L122-123); LN-tune
+    starts at the pretrained norms."""
     with torch.no_grad():
         assert_close(tiny(method, **options).eval()(images), plain_vit()(images), 1e-6)
 
@@ -88,6 +126,8 @@ def test_identity_at_initialisation(method, options, images):
                                             for p in ("down.weight", "down.bias", "up.weight", "up.bias")}),
     ("lntune", {}, {f"blocks.{i}.{n}.{p}" for i in range(4) for n in ("norm1", "norm2") for p in ("weight", "bias")}
      | {"norm.weight", "norm.bias"}),
+    ("convpass", {}, {f"blocks.{i}.{n}.branches.0.{m}.{p}" for i in range(4) for n in ("attn", "mlp")
+                      for m in ("down", "conv", "up") for p in ("weight", "bias")}),
 ])
 def test_gradients_only_where_they_belong_and_save_load(method, options, trained, images, tmp_path):
     model = tiny(method, **options)
@@ -187,9 +227,50 @@ def test_lntune_cannot_be_disabled_and_trains_vims_rmsnorms():
         assert sum(p.requires_grad for p in model.parameters()) == 2 * (4 * 2 + 1) + 2
 
 
+def test_convpass_defaults_are_the_official_ones():
+    a = tiny("convpass").blocks[0].attn.branches[0]
+    assert a.down.out_features == 8 and a.conv.kernel_size == (3, 3)  # train.py L69 dim=8; convpass.py L110
+    assert a.conv.stride == (1, 1) and a.conv.padding == (1, 1)  # L110 Conv2d(dim, dim, 3, 1, 1)
+    assert a.s == 1.0 and a.dropout.p == 0.1  # L188 s=1; L126 Dropout(0.1)
+    centre = torch.zeros(8, 8, 3, 3)
+    centre[:, :, 1, 1] = torch.eye(8)
+    assert torch.equal(a.conv.weight, centre) and a.conv.bias.abs().max() == 0  # L113-116 (xavier_init=False, L107)
+    assert a.up.weight.abs().max() == 0 and a.up.bias.abs().max() == 0 and a.down.bias.abs().max() == 0  # L120-123
+    bound = (6 / (64 + 8)) ** 0.5  # L120 xavier_uniform_ of adapter_down
+    assert 0.9 * bound < a.down.weight.abs().max() <= bound
+    conv = tiny("convpass", xavier_init=True).blocks[0].attn.branches[0].conv.weight  # L112
+    assert 0.9 * (6 / (72 + 72)) ** 0.5 < conv.abs().max() <= (6 / (72 + 72)) ** 0.5 and conv[:, :, 0, 0].abs().max() > 0
+    # configs/convpass/<task>.yaml (scale, xavier_init) in VTAB_TASKS order
+    assert [CONVPASS["s"][t] for t in VTAB_TASKS] == [0.1, 1, 0.01, 0.1, 1, 100, 0.1, 10, 10, 10, 1, 1, 0.1, 10, 10,
+                                                      100, 0.1, 100, 1]
+    assert [t for t in VTAB_TASKS if CONVPASS["xavier_init"][t]] == [
+        "dtd", "flowers102", "pets", "svhn", "clevr_dist", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
+        "smallnorb_ele"]
+    assert CONVPASS["normalize"] is True  # vtab.py L55
+
+
+def test_convpass_reads_the_grid_and_the_prefix_tokens_from_the_backbone():
+    """A 6 x 6 grid (48 px, patch 8) with the class token and 4 registers: the patches run through the 3x3 conv on
+    their grid, each prefix token alone as a 1x1 image (only the kernel's centre and the bias read it)."""
+    torch.manual_seed(0)
+    model = build_model("vit-tiny", "convpass", 5, pretrained=False,
+                        backbone_options=dict(img_size=48, patch_size=8, reg_tokens=4))
+    a = model.blocks[1].mlp.branches[0].eval()
+    assert a.prefix == 5
+    randomize_trainable(a, std=0.3)
+    x = torch.randn(2, 5 + 36, 64)
+    h = quick_gelu(a.down(x))
+    grid = F.conv2d(h[:, 5:].reshape(2, 6, 6, 8).permute(0, 3, 1, 2), a.conv.weight, a.conv.bias, padding=1)
+    prefix = h[:, :5] @ a.conv.weight[:, :, 1, 1].T + a.conv.bias
+    want = a.up(quick_gelu(torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(2, 36, 8)], 1))) * a.s
+    with torch.no_grad():
+        assert_close(a(x), want, 1e-6)
+        model.eval()(torch.randn(1, 3, 48, 48))  # the whole model runs on its grid
+
+
 # ---------------------------------------------------------------- the mini benchmark's rows
 
 def test_the_mini_preset_and_table_have_the_rows():
-    mine = ["repadapter", "lntune"]
+    mine = ["repadapter", "lntune", "convpass"]
     assert [r[1] for r in PRESETS["mini"] if r[0] == "vit-mini" and r[1] in mine] == mine
     assert [r.label for r in TABLES["mini"] if r.backbone == "vit-mini" and r.method in mine] == mine

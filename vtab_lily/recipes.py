@@ -167,6 +167,13 @@ BITFIT = {"drop_path": 0.0, **IMAGENET_NORM}
 # RepAdapter's per-task scale s: luogen1996/RepAdapter configs/repblock/<task>.yaml (`scale`, read by train.py L107);
 # its recipe is the ViT one with ImageNet-normalised inputs (dataset.py L64, L93).
 REPADAPTER_SCALE = _per_task("0.1 5 1 0.5 0.1 10 0.1 1 1 5 0.1 0.5 0.1 5 5 5 0.1 10 1")
+# ConvPass's per-task scale s and conv init: JieShibo/PETL-ViT convpass/vtab/configs/convpass/<task>.yaml (`scale`,
+# `xavier_init`, read by train.py L65-69); its recipe is the ViT one with ImageNet-normalised inputs (vtab.py L55).
+CONVPASS = {
+    "s": _per_task("0.1 1 0.01 0.1 1 100 0.1 10 10 10 1 1 0.1 10 10 100 0.1 100 1"),
+    "xavier_init": _per_task("F F T T T T F F F F F F T F T T T T T", lambda v: v == "T"),
+    **IMAGENET_NORM,
+}
 # LN-tune's per-task lr and weight decay: V-PETL Bench ImageClassification/scripts/run_vit_lntune.sh L16-52 (AdamW, the
 # ViT schedule, batch 64, drop_path 0.1: train/train_model_lntune.py L171-180; ImageNet-normalised inputs:
 # dataloader/vtab.py L74). Its configs also set label smoothing 0.1 (configs/model_lntune/vtab/<task>.yaml), which
@@ -252,6 +259,7 @@ PRESETS = {
         ("vit-mini", "lily", {"r": 8}, {"ne": [2, 4]}),
         ("vit-mini", "repadapter", {}, {}),
         ("vit-mini", "lntune", {}, {}),
+        ("vit-mini", "convpass", {}, {}),
         ("vim-mini", "fft", {}, {}),
         ("vim-mini", "linear", {}, {}),
         ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),
