@@ -239,7 +239,8 @@ def test_convpass_defaults_are_the_official_ones():
     bound = (6 / (64 + 8)) ** 0.5  # L120 xavier_uniform_ of adapter_down
     assert 0.9 * bound < a.down.weight.abs().max() <= bound
     conv = tiny("convpass", xavier_init=True).blocks[0].attn.branches[0].conv.weight  # L112
-    assert 0.9 * (6 / (72 + 72)) ** 0.5 < conv.abs().max() <= (6 / (72 + 72)) ** 0.5 and conv[:, :, 0, 0].abs().max() > 0
+    bound = (6 / (72 + 72)) ** 0.5  # fan_in = fan_out = 8 * 3 * 3
+    assert 0.9 * bound < conv.abs().max() <= bound and conv[:, :, 0, 0].abs().max() > 0
     # configs/convpass/<task>.yaml (scale, xavier_init) in VTAB_TASKS order
     assert [CONVPASS["s"][t] for t in VTAB_TASKS] == [0.1, 1, 0.01, 0.1, 1, 100, 0.1, 10, 10, 10, 1, 1, 0.1, 10, 10,
                                                       100, 0.1, 100, 1]
