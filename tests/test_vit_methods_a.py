@@ -14,7 +14,7 @@ from test_classic import naive_vit, plain_vit
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
 from vtab_lily.adapters import repadapter
 from vtab_lily.errors import UserError
-from vtab_lily.recipes import CONVPASS, LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE
+from vtab_lily.recipes import ADAPTER_PLUS, CONVPASS, LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE, recipe_for
 from vtab_lily.tables import TABLES
 from vtab_lily.tasks import VTAB_TASKS
 
@@ -71,9 +71,22 @@ def convpass_edit(model, side=4):
     return dict(out=out)
 
 
+def adapterplus_edit(model):
+    """adapter_plus/vit_adapter.py L269-273 forward_post: x = adapter(x, skip=x) after each block, the adapter
+    L91-102: scaling * bottleneck(x) + skip (no norm_a, eval: no drop_path)."""
+    def tokens(layer, h):
+        if layer == 0:
+            return h
+        a = model.blocks[layer - 1].branches[0]
+        z = F.gelu(F.linear(h, a.down.weight, a.down.bias))
+        return F.linear(z, a.up.weight, a.up.bias) * a.scaling + h
+    return dict(tokens=tokens)
+
+
 NAIVE = [("repadapter", dict(s=0.7), repadapter_edit), ("repadapter", dict(width=8, groups=4), repadapter_edit),
          ("lntune", {}, lntune_edit), ("convpass", dict(s=0.5), convpass_edit),
-         ("convpass", dict(xavier_init=True, placement="attn", width=4), convpass_edit)]
+         ("convpass", dict(xavier_init=True, placement="attn", width=4), convpass_edit),
+         ("adapterplus", {}, adapterplus_edit), ("adapterplus", dict(width=3), adapterplus_edit)]
 
 
 @pytest.mark.parametrize("method,options,edit", NAIVE, ids=lambda v: v if isinstance(v, str) else None)
@@ -103,6 +116,9 @@ def test_equals_the_official_forward_outputs_and_gradients(method, options, edit
     # per bypass: down 768 * 8 + 8, conv 8 * 8 * 3 * 3 + 8, up 8 * 768 + 768 = 13,648; 2 per layer, 12 layers
     ("convpass", {}, 327_552),
     ("convpass", dict(placement="attn"), 163_776),
+    # down 768 * 8 + 8, up 8 * 768 + 768, channel scaling 768 = 13,832 per layer, 12 layers
+    ("adapterplus", {}, 165_984),
+    ("adapterplus", dict(width=32), 12 * (768 * 32 + 32 + 32 * 768 + 768 + 768)),  # their dim-32 rows: 609,024
 ])
 def test_parameter_counts_on_vit_b(method, options, expected):
     assert count_params(build_model("vit-b", method, 100, pretrained=False, **options)) == expected
@@ -128,6 +144,8 @@ def test_identity_at_initialisation(method, options, images):
      | {"norm.weight", "norm.bias"}),
     ("convpass", {}, {f"blocks.{i}.{n}.branches.0.{m}.{p}" for i in range(4) for n in ("attn", "mlp")
                       for m in ("down", "conv", "up") for p in ("weight", "bias")}),
+    ("adapterplus", {}, {f"blocks.{i}.branches.0.{p}" for i in range(4)
+                         for p in ("down.weight", "down.bias", "up.weight", "up.bias", "scaling")}),
 ])
 def test_gradients_only_where_they_belong_and_save_load(method, options, trained, images, tmp_path):
     model = tiny(method, **options)
@@ -269,9 +287,49 @@ def test_convpass_reads_the_grid_and_the_prefix_tokens_from_the_backbone():
         model.eval()(torch.randn(1, 3, 48, 48))  # the whole model runs on its grid
 
 
+def test_adapterplus_defaults_are_the_official_ones_and_not_an_identity(images):
+    torch.manual_seed(0)
+    model = tiny("adapterplus").eval()
+    a = model.blocks[0].branches[0]
+    assert a.down.out_features == 8  # conf/adapter/base_adapter.yaml L6 dim: 8
+    assert torch.equal(a.scaling, torch.ones(64))  # adapter_plus.yaml L5 scaling: channel; vit_adapter.py L46-47
+    assert a.drop_path.drop_prob == 0.1  # base_adapter.yaml L9 drop_path: 0.1
+    assert isinstance(a.act, torch.nn.GELU)  # base_adapter.yaml L1 act_layer: true (the ViT's nn.GELU)
+    assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.Dropout)) for m in a.modules())  # L2, L8
+    # init: houlsby (L4): vit_adapter.py L52-63, trunc_normal std 0.01 cut at +-0.02, zero biases
+    w = torch.cat([b.branches[0].get_submodule(n).weight.flatten() for b in model.blocks for n in ("down", "up")])
+    assert w.abs().max() <= 0.02 and 0.005 < w.std() < 0.01
+    assert a.down.bias.abs().max() == 0 and a.up.bias.abs().max() == 0
+    with torch.no_grad():  # the up projection is not zero: the logits move at initialisation
+        base = plain_vit()(images)
+        assert (model(images) - base).abs().max() > 1e-4
+        with disable_adapters(model):
+            assert_close(model(images), base, 1e-6)
+    # the recipe: conf/train/default.yaml L3-4 lr_factor 1000, lr_start_factor 100; adamw.yaml L2-3;
+    # adaptermodel.py L159-177 no decay on 1-d tensors, biases and scalings; data/vtab.py L43-44 ImageNet mean / std
+    assert ADAPTER_PLUS == {"warmup_lr_init": 1e-5, "lr_min": 1e-6, "no_decay_1d": True, "normalize": True}
+    recipe = recipe_for("vit-b", **ADAPTER_PLUS)
+    assert (recipe.lr, recipe.weight_decay, recipe.epochs, recipe.warmup_epochs, recipe.batch_size,
+            recipe.drop_path) == (1e-3, 1e-4, 100, 10, 64, 0.1)
+
+
+def test_adapterplus_drop_path_is_on_the_adapter_alone():
+    """In training a whole sample's adapter output is dropped (vit_adapter.py L95: drop_path_a on the bottleneck),
+    scaled by 1 / (1 - p) where kept."""
+    a = tiny("adapterplus", drop_path=0.5).blocks[0].branches[0].train()
+    y = torch.randn(64, 3, 64)
+    torch.manual_seed(0)
+    out = a(y)
+    with torch.no_grad():
+        full = a.up(a.act(a.down(y))) * a.scaling
+    dropped = out.flatten(1).abs().amax(1) == 0
+    assert 10 < dropped.sum() < 54
+    assert_close(out[~dropped], 2 * full[~dropped], 1e-6)
+
+
 # ---------------------------------------------------------------- the mini benchmark's rows
 
 def test_the_mini_preset_and_table_have_the_rows():
-    mine = ["repadapter", "lntune", "convpass"]
+    mine = ["repadapter", "lntune", "convpass", "adapterplus"]
     assert [r[1] for r in PRESETS["mini"] if r[0] == "vit-mini" and r[1] in mine] == mine
     assert [r.label for r in TABLES["mini"] if r.backbone == "vit-mini" and r.method in mine] == mine

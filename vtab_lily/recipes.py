@@ -174,6 +174,10 @@ CONVPASS = {
     "xavier_init": _per_task("F F T T T T F F F F F F T F T T T T T", lambda v: v == "T"),
     **IMAGENET_NORM,
 }
+# Adapter+'s recipe (visinf/adapter_plus conf/train/default.yaml L3-7, modeling/adaptermodel.py L112-126, L159-177):
+# AdamW lr 1e-3, wd 1e-4 without decay on 1-d tensors and biases, warm-up from lr / 100, cosine to lr / 1000; ImageNet
+# mean / std (data/vtab.py L43-44).
+ADAPTER_PLUS = {"warmup_lr_init": 1e-3 / 100, "lr_min": 1e-3 / 1000, "no_decay_1d": True, **IMAGENET_NORM}
 # LN-tune's per-task lr and weight decay: V-PETL Bench ImageClassification/scripts/run_vit_lntune.sh L16-52 (AdamW, the
 # ViT schedule, batch 64, drop_path 0.1: train/train_model_lntune.py L171-180; ImageNet-normalised inputs:
 # dataloader/vtab.py L74). Its configs also set label smoothing 0.1 (configs/model_lntune/vtab/<task>.yaml), which
@@ -260,6 +264,7 @@ PRESETS = {
         ("vit-mini", "repadapter", {}, {}),
         ("vit-mini", "lntune", {}, {}),
         ("vit-mini", "convpass", {}, {}),
+        ("vit-mini", "adapterplus", {}, {}),
         ("vim-mini", "fft", {}, {}),
         ("vim-mini", "linear", {}, {}),
         ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),

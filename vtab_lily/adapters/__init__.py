@@ -7,6 +7,7 @@ and entry points of the group `vtab_lily.methods` (adapters/plugins.py), and com
 """
 from . import (  # noqa: F401
     adapter,
+    adapterplus,
     adaptformer,
     addscan,
     affix,
