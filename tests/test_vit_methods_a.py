@@ -192,9 +192,15 @@ def test_repadapter_merge_leaves_an_adapter_whose_reader_another_method_adapts(i
         assert_close(model(images), before, 1e-5)
 
 
-def test_repadapter_groups_must_divide_the_widths():
+def test_user_mistakes_are_one_clear_error():
     with pytest.raises(UserError, match="groups .3. must divide its width .8."):
         tiny("repadapter", groups=3)
+    with pytest.raises(UserError, match="placement must be one of"):
+        tiny("convpass", placement="mlp")
+    for method in ("repadapter", "convpass", "adapterplus"):  # ViT sites only
+        with pytest.raises(UserError, match="unknown adapter site|token-sequence site"):
+            build_model("vim-tiny-test", method, 5, pretrained=False)
+    assert repadapter.merge(tiny("lora")) == 0  # nothing of RepAdapter's to merge
 
 
 # ---------------------------------------------------------------- official defaults
@@ -325,6 +331,22 @@ def test_adapterplus_drop_path_is_on_the_adapter_alone():
     dropped = out.flatten(1).abs().amax(1) == 0
     assert 10 < dropped.sum() < 54
     assert_close(out[~dropped], 2 * full[~dropped], 1e-6)
+
+
+# ---------------------------------------------------------------- analysis figures
+
+@pytest.mark.parametrize("method", ["repadapter", "convpass", "adapterplus"])
+def test_attention_maps_see_through_the_wrappers_of_blocks_and_attention(method, images):
+    """analysis.attention reads each block's attention under the methods' wrappers (ConvPass wraps attention,
+    Adapter+ the block): with the adapters disabled the maps are the plain backbone's."""
+    from analysis.attention import cls_attention
+    model = tiny(method).eval()
+    randomize_trainable(model, std=0.3)
+    maps = cls_attention(model, images)
+    assert maps.shape == (4, 3, 4, 4)
+    with disable_adapters(model):
+        assert_close(cls_attention(model, images), cls_attention(plain_vit(), images), 1e-6)
+    assert (maps - cls_attention(plain_vit(), images)).abs().max() > 1e-4  # enabled, they move the maps
 
 
 # ---------------------------------------------------------------- the mini benchmark's rows

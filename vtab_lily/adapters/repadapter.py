@@ -101,7 +101,7 @@ class RepAdapterBranch(nn.Module):
 @register("repadapter", RepAdapterConfig)
 def attach_repadapter(model: nn.Module, cfg: RepAdapterConfig) -> None:
     layers = adapter_sites(model)
-    d = layers[0].serial["norm1"].d_out
+    d = layers[0].get("norm1").d_out
     if cfg.width % cfg.groups or d % cfg.groups:
         raise OptionError(f"repadapter groups ({cfg.groups}) must divide its width ({cfg.width}) and the "
                           f"backbone's ({d})")
@@ -119,8 +119,8 @@ def merge(model: nn.Module) -> int:
     merged = 0
     for layer in adapter_sites(model):
         for norm, readers in PLACEMENTS["block"]:
-            site = layer.serial[norm]
-            wrapper = getattr(site.parent, site.attr)
+            site = layer.serial.get(norm)
+            wrapper = getattr(site.parent, site.attr) if site is not None else None
             if not (isinstance(wrapper, Adapted) and len(wrapper.branches) == 1
                     and isinstance(wrapper.branches[0], RepAdapterBranch)):
                 continue
