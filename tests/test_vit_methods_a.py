@@ -124,6 +124,14 @@ def test_parameter_counts_on_vit_b(method, options, expected):
     assert count_params(build_model("vit-b", method, 100, pretrained=False, **options)) == expected
 
 
+def test_v_petl_benchs_repadapter_figure_counts_the_weights_alone():
+    """V-PETL Bench's README prints RepAdapter at 0.22M: its weights without the biases."""
+    model = build_model("vit-b", "repadapter", 100, pretrained=False)
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")
+                  and not n.startswith("head."))
+    assert weights == 2 * 12 * (768 * 8 + 768 * 4) == 221_184 and round(weights / 1e6, 2) == 0.22
+
+
 # ---------------------------------------------------------------- identity at init, gradients, save / load
 
 @pytest.mark.parametrize("method,options", [("repadapter", {}), ("repadapter", dict(placement="attn")),
