@@ -12,6 +12,7 @@ from torch import nn
 
 from backbones import family
 from vtab_lily import adapter_config
+from vtab_lily.adapters.base import unwrapped
 from vtab_lily.errors import cli
 
 from .common import (
@@ -30,7 +31,7 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(layers, batch, grid, grid): softmax(q_cls k^T / sqrt(d_head)) over the patches, head-averaged."""
     maps, hooks = [], []
     for block in model.blocks:
-        attn = block.attn
+        attn = unwrapped(unwrapped(block).attn)  # under the wrappers of methods on a block or beside attention
 
         def hook(module, inputs, qkv, attn=attn):
             b, n, _ = qkv.shape

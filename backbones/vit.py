@@ -176,10 +176,12 @@ def _load_file(model: nn.Module, path: Path) -> None:
 def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
     """Per block, derived from its modules: q, k, v (slices of a fused `attn.qkv`, or the separate
     `attn.q_proj`, `k_proj`, `v_proj`), qkv (fused only), proj, fc1, fc2; parallel sites `mlp` (reads the MLP
-    input after norm2, adds to the MLP output, inside layer scale and drop_path) and `mlp_residual` (reads
-    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement); serial sites `norm1`,
-    `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its drop_path, before
-    the residual sum). A model without such blocks raises UnmappableBackbone naming what is missing."""
+    input after norm2, adds to the MLP output, inside layer scale and drop_path), `mlp_residual` (reads
+    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement) and `attn` (reads the
+    attention's input after norm1, adds to its output, inside layer scale and drop_path: ConvPass); serial
+    sites `norm1`, `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its
+    drop_path, before the residual sum) and `block` (the block's output, after both residual sums: Adapter+).
+    A model without such blocks raises UnmappableBackbone naming what is missing."""
     blocks = getattr(model, "blocks", None)
     label = f"{name or type(model).__name__} ({type(model).__name__})"
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
@@ -200,9 +202,11 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
         layers.append(LayerSites(
             index=i, linear=linear,
             parallel={"mlp": ParallelSite(block, "mlp", "mlp", d, d),
-                      "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d)},
+                      "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
+                      "attn": ParallelSite(block, "attn", "attn", d, d)},
             serial={"norm1": OutputSite(block, "norm1", d), "norm2": OutputSite(block, "norm2", d),
-                    "attn_out": OutputSite(block, "drop_path1", d), "mlp_out": OutputSite(block, "drop_path2", d)},
+                    "attn_out": OutputSite(block, "drop_path1", d), "mlp_out": OutputSite(block, "drop_path2", d),
+                    "block": OutputSite(blocks, str(i), d)},
         ))
     return layers
 

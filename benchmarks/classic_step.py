@@ -18,6 +18,10 @@ CONFIGS = [
     ("adapter", dict(width=8)),
     ("fact", dict(type="tt", r=8)),
     ("fact", dict(type="tk", r=32)),
+    ("repadapter", {}),
+    ("lntune", {}),
+    ("convpass", {}),
+    ("adapterplus", {}),
 ]
 
 

@@ -379,6 +379,10 @@ BOUNDS = {
     ("mora", "r"): (1, None), ("mora", "type"): (1, None), ("mora", "s"): "finite", ("mora", "dropout"): (0.0, 1.0),
     ("vpt", "length"): (1, None), ("vpt", "dropout"): (0.0, 1.0),
     ("prompt", "n"): (1, None), ("affix", "n"): (1, None),
+    ("repadapter", "width"): (1, None), ("repadapter", "groups"): (1, None), ("repadapter", "s"): "finite",
+    ("repadapter", "dropout"): (0.0, 1.0),
+    ("convpass", "width"): (1, None), ("convpass", "s"): "finite", ("convpass", "dropout"): (0.0, 1.0),
+    ("adapterplus", "width"): (1, None), ("adapterplus", "drop_path"): (0.0, 1.0),
     ("recipe", "lr"): (1e-12, None), ("recipe", "weight_decay"): (0.0, None), ("recipe", "batch_size"): (1, None),
     ("recipe", "epochs"): (1, None), ("recipe", "warmup_epochs"): (0, None), ("recipe", "warmup_lr_init"): (0.0, None),
     ("recipe", "lr_min"): (0.0, None), ("recipe", "drop_path"): (0.0, 1.0), ("recipe", "eval_every"): (1, None),
@@ -393,6 +397,7 @@ CHOICES = {
     ("lily", "router"): ("lp", "nosuch"), ("lily", "routing"): ("sample", "nosuch"),
     ("lily", "preset"): ("lily-s", "nosuch"), ("ssf", "init"): ("identity", "nosuch"), ("mora", "type"): (6, 2),
     ("prompt", "type"): ("suffix", "nosuch"),
+    ("repadapter", "placement"): ("attn", "nosuch"), ("convpass", "placement"): ("attn", "nosuch"),
     ("recipe", "interpolation"): ("nearest", "nosuch"), ("recipe", "precision"): ("bf16", "fp16"),
     ("recipe", "lr_schedule"): ("mmengine", "nosuch"), ("recipe", "recipe"): ("mambapeft", "nosuch"),
 }

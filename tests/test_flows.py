@@ -607,3 +607,20 @@ def test_load_model_reproduces_every_vim_methods_run(vim_methods, data):
     runs, _ = vim_methods
     for path in load_records(runs).path:
         assert reevaluate(path, data) == read_record(path)["final_acc"], path
+
+
+# ---------------------------------------------------------------- ViT's newer methods (mini rows beyond Table 4's)
+
+VIT_METHODS = sorted({row[1] for row in PRESETS["mini"] if row[0] == "vit-mini"}
+                     - {row[1] for row in PRESETS["table4"]})
+
+
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_vit_method_runs_and_load_model_reproduces_its_record(data, method):
+    """run: one epoch of each on digits (its default options, as its mini row); load_model rebuilds the adapter
+    on the shipped vit-mini and gives the record's test accuracy."""
+    path, out = single_run(data, f"runs-{method}", "--method", method, "--epochs", 1)
+    record = read_record(path)
+    assert record["method"] == method and record["status"] == "done" and record["params"] > 0
+    assert f"| vit-mini | {method} | digits | {record['params']:,} | {record['best_acc']:.2f} " in out
+    assert reevaluate(path, data) == record["final_acc"]

@@ -175,6 +175,31 @@ NOAH_ADAPTER = {"width": 8, "no_decay_1d": True, **IMAGENET_NORM}
 # VPT's Bias baseline ("tinytl-bias") trains with the encoder in eval mode (KMnP/vpt `src/models/vit_models.py`
 # L33-35 froze_enc, L173-174 `self.enc.eval()`): no backbone dropout, i.e. drop_path 0.
 BITFIT = {"drop_path": 0.0, **IMAGENET_NORM}
+# RepAdapter's per-task scale s: luogen1996/RepAdapter configs/repblock/<task>.yaml (`scale`, read by train.py L107);
+# its recipe is the ViT one with ImageNet-normalised inputs (dataset.py L64, L93).
+REPADAPTER_SCALE = _per_task("0.1 5 1 0.5 0.1 10 0.1 1 1 5 0.1 0.5 0.1 5 5 5 0.1 10 1")
+# ConvPass's per-task scale s and conv init: JieShibo/PETL-ViT convpass/vtab/configs/convpass/<task>.yaml (`scale`,
+# `xavier_init`, read by train.py L65-69); its recipe is the ViT one with ImageNet-normalised inputs (vtab.py L55).
+CONVPASS = {
+    "s": _per_task("0.1 1 0.01 0.1 1 100 0.1 10 10 10 1 1 0.1 10 10 100 0.1 100 1"),
+    "xavier_init": _per_task("F F T T T T F F F F F F T F T T T T T", lambda v: v == "T"),
+    **IMAGENET_NORM,
+}
+# Adapter+'s recipe (visinf/adapter_plus conf/train/default.yaml L3-7, modeling/adaptermodel.py L112-126, L159-177):
+# AdamW lr 1e-3, wd 1e-4 without decay on 1-d tensors and biases, warm-up from lr / 100, cosine to lr / 1000; ImageNet
+# mean / std (data/vtab.py L43-44).
+ADAPTER_PLUS = {"warmup_lr_init": 1e-3 / 100, "lr_min": 1e-3 / 1000, "no_decay_1d": True, **IMAGENET_NORM}
+# LN-tune's per-task lr and weight decay: V-PETL Bench ImageClassification/scripts/run_vit_lntune.sh L16-52 (AdamW, the
+# ViT schedule, batch 64, drop_path 0.1: train/train_model_lntune.py L171-180; ImageNet-normalised inputs:
+# dataloader/vtab.py L74). Its configs also set label smoothing 0.1 (configs/model_lntune/vtab/<task>.yaml), which
+# the suite's trainer does not have (docs/methods-vit.md).
+LNTUNE_RECIPE = {
+    "lr": _per_task("0.008 0.005 0.0032 0.05 0.0007 0.001 0.0017 0.0072 0.06 0.01 0.004 0.0033 0.0018 0.009 0.0072 "
+                    "0.003 0.01 0.0062 0.0011"),
+    "weight_decay": _per_task("0.01 0.01 0.04 0.11 0.8 0.005 0.01 0.002 0.001 0.01 0.0003 0.01 0.005 0.1 0.0001 "
+                              "0.001 0.05 0.005 0.0005"),
+    **IMAGENET_NORM,
+}
 
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
@@ -248,6 +273,10 @@ PRESETS = {
         ("vit-mini", "fourierft", {"n": 256, "scale": 8.0}, {}),
         ("vit-mini", "mora", {"r": 8}, {}),
         ("vit-mini", "lily", {"r": 8}, {"ne": [2, 4]}),
+        ("vit-mini", "repadapter", {}, {}),
+        ("vit-mini", "lntune", {}, {}),
+        ("vit-mini", "convpass", {}, {}),
+        ("vit-mini", "adapterplus", {}, {}),
         ("vim-mini", "fft", {}, {}),
         ("vim-mini", "linear", {}, {}),
         ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),

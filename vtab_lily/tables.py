@@ -106,6 +106,8 @@ TABLES = {
              Row("vit-mini", "adaptformer", "adaptformer", {"width": 8}), Row("vit-mini", "bilora", "bilora", {"r": 8}),
              Row("vit-mini", "lora", "lora", {"r": 8}), Row("vit-mini", "fourierft", "fourierft", {"n": 256}),
              Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
+             Row("vit-mini", "repadapter", "repadapter"), Row("vit-mini", "lntune", "lntune"),
+             Row("vit-mini", "convpass", "convpass"), Row("vit-mini", "adapterplus", "adapterplus"),
              Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"),
              Row("vim-mini", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),

@@ -20,9 +20,10 @@ from .wrappers import (
     module_path,
     set_hook,
     site_module,
+    unwrapped,
 )
 
 __all__ = ["METHODS", "Adapted", "Method", "SiteConflict", "Switch", "Tap", "TargetedConfig", "adapted_modules",
            "add_branch", "add_serial", "attach_each", "attaching", "conflict", "config_dict", "current_method",
            "fold_linear", "get_method", "make_config", "merges", "module_path", "option_names", "register",
-           "set_hook", "site_module", "split_names", "split_targets"]
+           "set_hook", "site_module", "split_names", "split_targets", "unwrapped"]

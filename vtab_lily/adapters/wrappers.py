@@ -169,12 +169,16 @@ def _add(parent: nn.Module, attr: str, branch: nn.Module, out: slice, serial: bo
     wrapper.add(branch, out, current_method())
 
 
-def site_module(site: LinearSite | ConvSite) -> nn.Module:
-    """The backbone module a site names, under the wrappers methods may have added to it (its frozen weight)."""
-    module = getattr(site.parent, site.attr)
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The backbone's own module under the wrappers (Adapted, Tap) methods may have put around it."""
     while isinstance(module, (Adapted, Tap)):
         module = module.base
     return module
+
+
+def site_module(site: LinearSite | ConvSite) -> nn.Module:
+    """The backbone module a site names, under the wrappers methods may have added to it (its frozen weight)."""
+    return unwrapped(getattr(site.parent, site.attr))
 
 
 def add_branch(site: LinearSite | ParallelSite | ConvSite, branch: nn.Module) -> None:
