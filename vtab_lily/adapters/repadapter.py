@@ -34,7 +34,7 @@ from torch import nn
 from backbones import adapter_sites
 
 from ..options import OptionError
-from .base import Adapted, add_serial, register
+from .base import Adapted, add_serial, merges, register
 
 PLACEMENTS = {"block": (("norm1", ("q", "k", "v")), ("norm2", ("fc1",))), "attn": (("norm1", ("q", "k", "v")),)}
 
@@ -111,6 +111,7 @@ def attach_repadapter(model: nn.Module, cfg: RepAdapterConfig) -> None:
             add_serial(site, RepAdapterBranch(site.d_out, cfg.width, cfg.groups, cfg.s, cfg.dropout))
 
 
+@merges("repadapter")
 @torch.no_grad()
 def merge(model: nn.Module) -> int:
     """Fold every RepAdapter into the Linear(s) that read its norm's output (qkv or q/k/v, fc1) and unwrap the
