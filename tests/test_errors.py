@@ -388,6 +388,7 @@ BOUNDS = {
     ("recipe", "lr_min"): (0.0, None), ("recipe", "drop_path"): (0.0, 1.0), ("recipe", "eval_every"): (1, None),
     ("recipe", "eval_batch_size"): (1, None), ("recipe", "image_size"): (8, None),
     ("recipe", "checkpoint_every"): (1, None), ("recipe", "clip_grad"): (1e-12, None),
+    ("recipe", "label_smoothing"): (0.0, 1.0),
 }
 # options that take one of a few values: (owner, field): (an accepted value, a refused one)
 CHOICES = {
