@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 
 from backbones import create_backbone
 from vtab_lily import adapter_config, build_model, count_params, disable_adapters, load_adapter, save_adapter

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable
+from helpers import assert_close, randomize_trainable
 from test_scan import assert_grads_close
 from test_vim import VIM_TINY, naive_mixer
 

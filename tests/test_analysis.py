@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable, tiny
+from helpers import assert_close, randomize_trainable, tiny
 
 from analysis.attention import cls_attention, plot_attention
 from analysis.common import save_figure

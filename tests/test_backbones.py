@@ -1,11 +1,10 @@
 """ViT backbones: weights from local files, the offline error, adapter sites."""
 import pytest
 import torch
+from helpers import TINY
 from safetensors.torch import save_file
 
 from backbones import WeightsError, adapter_sites, create_backbone
-
-TINY = dict(img_size=32, patch_size=8)
 
 
 def test_offline_without_weights_names_the_file_and_the_option(monkeypatch):

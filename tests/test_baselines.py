@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 from scipy.stats import norm
 
 from backbones import create_backbone

@@ -7,7 +7,7 @@ FacT's shared tensors stored once; gradients only where they belong; save/load.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 from safetensors.torch import load_file
 
 from backbones import create_backbone

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, assert_close, randomize_trainable
+from helpers import TINY, assert_close, randomize_trainable
 from torch import nn
 
 from backbones import create_backbone, head_of

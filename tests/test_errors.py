@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from safetensors import SafetensorError
 
 import backbones
@@ -34,8 +35,8 @@ from vtab_lily.tables import ProvenanceConflict
 from vtab_lily.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"image_size": 32, "batch_size": 100, "epochs": 1, "warmup_epochs": 0}
-TINY_ARGS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+TINY = {**TINY_RECIPE, "batch_size": 100, "epochs": 1, "warmup_epochs": 0}  # one epoch: errors come before work
+TINY_ARGS = set_args(TINY)
 # what the real writers raise on a full disk (measured on a 64 KiB tmpfs: torch 2.14, safetensors 0.8)
 TORCH_ENOSPC = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 SAFETENSORS_ENOSPC = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from backbones import create_backbone
@@ -28,9 +29,8 @@ from vtab_lily.records import RunSpec, read_record
 from vtab_lily.run import execute, resolve
 from vtab_lily.train import Interrupted
 
-TINY = {"image_size": 32, "batch_size": 50, "epochs": 2, "eval_every": 1, "warmup_epochs": 1, "lr": 3e-3,
-        "checkpoint_every": 1}
-TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+TINY = {**TINY_RECIPE, "checkpoint_every": 1}  # a resumable state after every epoch
+TINY_ARGS = set_args(TINY)
 SPEC = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 3, "test", TINY)
 RESULT = ("evaluations", "best_acc", "final_acc", "lrs", "train_losses", "params")
 

@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize_trainable
+from helpers import assert_close, randomize_trainable
 
 from backbones import create_backbone
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter

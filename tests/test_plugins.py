@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable, tiny
+from helpers import assert_close, randomize_trainable, tiny
 
 from vtab_lily import count_params, disable_adapters, load_model, save_adapter
 from vtab_lily import run as run_cli

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from safetensors.torch import save_file
 
 from backbones import create_backbone
@@ -26,8 +27,8 @@ from vtab_lily.records import RunSpec, load_records, read_record, recipe_identit
 from vtab_lily.run import execute, resolve
 from vtab_lily.train import History, evaluate
 
-TINY = {"image_size": 32, "batch_size": 50, "epochs": 2, "eval_every": 1, "warmup_epochs": 1, "lr": 3e-3}
-TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+TINY = TINY_RECIPE
+TINY_ARGS = set_args(TINY)
 
 
 @pytest.fixture(scope="module")

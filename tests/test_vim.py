@@ -1,14 +1,12 @@
 """Vision Mamba: checkpoint keys, the mixer and model against naive per-token code, Lily/LoRA on Vim."""
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable
+from helpers import VIM_TINY, assert_close, randomize_trainable
 from test_scan import assert_grads_close, naive_scan
 
 from backbones import create_backbone
 from backbones.vim import Mixer, resize_pos_embed
 from vtab_lily import build_model, count_params, disable_adapters
-
-VIM_TINY = dict(img_size=32)  # vim-tiny-test: 2 layers of width 32, 4 patches + the class token
 
 
 def hustvl_vim_s_state_dict(num_classes=1000):

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from helpers import VIM_TINY, assert_close
 from test_scan import assert_grads_close
 from test_vim import naive_direction
 
@@ -20,7 +20,6 @@ from vtab_lily.adapters.prompt import PrefixEncoder
 from vtab_lily.errors import UnknownName, UserError
 from vtab_lily.options import OptionError
 
-VIM_TINY = dict(img_size=32)  # vim-tiny-test: 2 layers of width 32 (d_inner 64), 4 patches + the class token
 D, T, L = 384, 1536, 24  # Vim-S: width, scan-input width 2 d_inner, layers
 
 
