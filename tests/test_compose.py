@@ -245,6 +245,7 @@ def test_cli_errors_are_one_line_before_any_work(digits, tmp_path):
     assert "compose methods with '+' (e.g. lora+bitfit" in " ".join(help_text.getvalue().split())
 
 
+@pytest.mark.slow
 def test_run_sweep_and_runs_table_of_a_composition(digits, tmp_path):
     runs = tmp_path / "runs"
     common = ["--data-root", digits, "--runs", runs]

@@ -95,6 +95,7 @@ def test_names_and_settings_a_user_gives_raise_user_errors(cause, message):
 
 # 2. bugs keep their traceback; run's own failures ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_bug_inside_fit_is_not_a_user_error(data_root, tmp_path, capsys, monkeypatch):
     def fit(*args, **kwargs):
         return {}["a bug"]
@@ -110,6 +111,7 @@ def _plugin(tmp_path, name, body):
         f"@register({name!r}, Config)\ndef attach(model, cfg):\n{body}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,kind,message", [
     ("    raise TypeError('bug in my attach')", TypeError, "bug in my attach"),
     ("    sys.exit(3)", RuntimeError, r"method 'attach_exit' \(attach_exit\) called sys.exit\(3\) while attaching"),
@@ -136,6 +138,7 @@ def test_a_plugin_failing_on_import_is_a_runtime_error_naming_it(tmp_path, monke
         get_method("import_exit:m")
 
 
+@pytest.mark.slow
 def test_a_plugin_that_exits_on_import_gives_a_traceback_and_exit_1_not_its_code(data_root, tmp_path):
     (tmp_path / "exit_plugin.py").write_text("import sys\nsys.exit(3)\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
@@ -147,6 +150,7 @@ def test_a_plugin_that_exits_on_import_gives_a_traceback_and_exit_1_not_its_code
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_user_error_from_the_command_line_is_one_line_exit_2_in_a_subprocess(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vtab_lily.run", "--backbone", "vit-tiny", "--task", "digits",
                           "--device", "nosuch", "--runs", str(tmp_path / "runs")], cwd=ROOT,
@@ -154,6 +158,7 @@ def test_a_user_error_from_the_command_line_is_one_line_exit_2_in_a_subprocess(t
     assert out.returncode == 2 and out.stderr == "error: --device 'nosuch': choose cpu or cuda[:N]\n", out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,argv,message", [
     ("vtab_lily.sweep", ["--backbones", "vit-tiny", "--methods", "lora", "--seeds", "-1"], "seed must be an integer"),
     ("vtab_lily.prepare", ["--task", "digits", "--root", "{tmp}/data", "--limit", "0"], "--limit must be an integer"),

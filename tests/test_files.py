@@ -105,6 +105,7 @@ def _truncated_state(path, tmp_path, data_root):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "payload", "foreign"])
 def test_a_damaged_state_is_moved_aside_and_the_run_starts_afresh(damage, fresh_record, data_root, tmp_path,
                                                                    capsys):
@@ -275,6 +276,7 @@ def test_a_run_whose_lock_is_taken_over_writes_neither_record_nor_state(data_roo
     others[0].release()
 
 
+@pytest.mark.slow
 def test_a_lock_dated_in_the_future_is_clock_skew_and_aged_by_its_change_time(tmp_path):
     path = tmp_path / "run.lock"
     path.write_text(json.dumps({"host": "node-17", "pid": 4242, "token": "t", "created": time.time() + 3600}))
@@ -313,6 +315,7 @@ def test_ages_are_measured_in_the_file_systems_clock(tmp_path, monkeypatch):
 
 # 6. prepared folders ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_deleted_list_makes_the_task_unprepared(data_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data_root / "digits", root / "digits", ignore=shutil.ignore_patterns(".cache"))

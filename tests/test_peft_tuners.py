@@ -67,6 +67,7 @@ def test_peft_tuner_counts_trains_switches_and_round_trips(backbone, options, tu
     assert_close(again(x), adapted, 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,tuner", [("vit-tiny", t) for t in ("lora", "ia3", "vera", "oft", "loha", "lokr")]
                          + [("vim-tiny-test", "lora")])
 def test_two_epoch_run_writes_a_record(data_root, tmp_path, backbone, tuner):

@@ -25,6 +25,7 @@ def _cli(data_root, runs, *extra):
                          str(runs), "--no-progress", *TINY_ARGS, *extra])
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_record_and_adapter(data_root, tmp_path, capsys):
     assert _cli(data_root, tmp_path, "--set", "r=4") == 0
     out = capsys.readouterr().out
@@ -47,6 +48,7 @@ def test_run_writes_a_complete_record_and_adapter(data_root, tmp_path, capsys):
     assert path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_learning_rate_of_every_epoch_follows_timms_cosine_scheduler(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "linear", {}, 0, "test", {**TINY, "epochs": 6, "warmup_epochs": 3})
     lrs = read_record(execute(spec, tmp_path, data_root, progress=False))["lrs"]
@@ -62,6 +64,7 @@ def test_learning_rate_of_every_epoch_follows_timms_cosine_scheduler(data_root, 
     assert lrs[4] == pytest.approx(1e-5 + 0.5 * (3e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 6)))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_record(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lily", {"r": 4}, 1, "test", TINY)
     whole = read_record(execute(spec, tmp_path / "a", data_root, progress=False))
@@ -76,6 +79,7 @@ def test_interrupted_run_resumes_to_the_same_record(data_root, tmp_path):
     assert resumed["wall_time_s"] >= resumed["train_time_s"] > 0  # both sessions: 3 epochs before, 1 after
 
 
+@pytest.mark.slow
 def test_same_seed_same_accuracies(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 5, "test", {**TINY, "epochs": 2})
     a = read_record(execute(spec, tmp_path / "a", data_root, progress=False))
@@ -111,6 +115,7 @@ def test_nan_loss_stops_with_a_failed_record_that_never_counts(data_root, tmp_pa
     assert not list(tmp_path.rglob("*.state.pt")) and not list(tmp_path.rglob("*.lock"))
 
 
+@pytest.mark.slow
 def test_sweep_through_submitit_local_executor_writes_all_records(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local executor starts the 4 jobs at once on 2 cores
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lily", "--tasks", "digits", "--seeds", "1", "2",
@@ -123,6 +128,7 @@ def test_sweep_through_submitit_local_executor_writes_all_records(data_root, tmp
     assert sorted(zip(df["seed"], df["opt.r"])) == [(1, 2), (1, 4), (2, 2), (2, 4)]
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_share_the_grid(data_root, tmp_path):
     argv = [sys.executable, "-m", "vtab_lily.sweep", "--backbones", "vit-tiny", "--methods", "lora", "--tasks",
             "digits", "--seeds", "1", "2", "--grid", "lora.r=1,2", "--set",
@@ -140,6 +146,7 @@ def test_two_concurrent_sweeps_share_the_grid(data_root, tmp_path):
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_vtab_protocol_selects_on_val200_then_tests(data_root, tmp_path):
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--seeds", "3",
                            "--grid", "lora.r=1,2", "--set", *[f"{k}={v}" for k, v in TINY.items()], "epochs=2",
@@ -166,6 +173,7 @@ def test_tensorboard_logs_every_epoch(data_root, tmp_path):
     assert [e.value for e in events.Scalars("eval/acc")] == pytest.approx([e["acc"] for e in record["evaluations"]])
 
 
+@pytest.mark.slow
 def test_two_runs_per_gpu_train_every_run_of_both_vtab_stages_once(data_root, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two worker processes on two cores
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # two worker slots on the CPU

@@ -44,6 +44,7 @@ SCANS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCANS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_scan_equals_naive_loop_outputs_and_gradients(name, with_bias, scan_backend):
@@ -93,6 +94,7 @@ def assert_equals_float64_loop(scan, leaves):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d,block_d", [(70, None), (11, 4)])
 def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, block_d, scan_backend):
     """The kernels split channels into blocks of BLOCK_D (one program per batch row and block); dB and dC are
@@ -108,6 +110,7 @@ def test_triton_scan_spanning_several_channel_blocks_equals_a_float64_loop(d, bl
                                scan_inputs(b=2, d=d, l=6, n=5, seed=3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCANS)
 def test_every_backend_runs_a_state_of_22_equal_to_a_float64_loop(name, scan_backend):
     """addscan's default on Vim: 16 + 6 = 22 states, not a power of two (Triton's state block of 32 masks 10
@@ -154,6 +157,7 @@ def test_triton_refuses_a_state_block_past_tritons_largest_tensor(scan_backend):
     ssm_triton.check_state(n - 1)  # the largest that fits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dt", [80.0, 120.0])
 @pytest.mark.parametrize("name", SCANS)
 def test_scan_is_stable_and_right_when_dt_is_large(name, dt, scan_backend):
