@@ -105,6 +105,7 @@ def test_projections_from_a_given_throughput():
                                                f"{(100 + 737.28) / 60:.1f} min (largest)")
 
 
+@pytest.mark.slow
 def test_calibration_file_holds_the_rates_and_the_preset_projections(tmp_path):
     path = tmp_path / "calibration.json"
     doctor.write_calibration(path, RATES, gpus=8)

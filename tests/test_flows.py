@@ -36,6 +36,8 @@ from vtab_lily.tables import TABLES, Row
 from vtab_lily.tasks import MINI_TASKS, VTAB_TASKS
 from vtab_lily.train import evaluate
 
+pytestmark = pytest.mark.slow  # end-to-end flows: each module fixture runs sweeps
+
 TASKS = ["digits", "mini_ori"]
 SEEDS = [1, 2]
 LIMIT = 64
@@ -185,7 +187,6 @@ def extended(data):
 
 # ---------------------------------------------------------------- prepare and run
 
-@pytest.mark.slow
 def test_prepare_writes_the_limited_mini_tasks(data):
     for task in TASKS:
         manifest = json.loads((data / task / "manifest.json").read_text())
@@ -216,7 +217,6 @@ def test_run_writes_a_record_and_prints_its_numbers(smoke):
 
 # ---------------------------------------------------------------- sweeps
 
-@pytest.mark.slow
 def test_paper_sweep_runs_every_point(paper):
     runs, out = paper
     df = load_records(runs)
@@ -280,7 +280,6 @@ def vtab_choices(out: str) -> dict[tuple, dict]:
     return chosen
 
 
-@pytest.mark.slow
 def test_vtab_sweep_selects_per_seed_on_val200_and_retrains(vtab):
     runs, out = vtab
     df = load_records(runs)
@@ -299,7 +298,6 @@ def test_vtab_sweep_selects_per_seed_on_val200_and_retrains(vtab):
 
 # ---------------------------------------------------------------- tables
 
-@pytest.mark.slow
 def test_mini_table_cells_are_the_paper_protocol_choice_per_seed(paper, tmp_path):
     runs, _ = paper
     out = ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path])
@@ -390,7 +388,6 @@ def test_runs_table_has_a_column_per_task_present(paper, tmp_path):
         assert md["vit-mini lily"][task] == cell(best.loc[task])
 
 
-@pytest.mark.slow
 def test_tables_without_paper_numbers_write_no_paper_check(paper, tmp_path):
     runs, _ = paper
     for table in ("mini", "runs"):
@@ -398,7 +395,6 @@ def test_tables_without_paper_numbers_write_no_paper_check(paper, tmp_path):
         assert "Paper check" not in out and not list(tmp_path.glob("paper_check*"))
 
 
-@pytest.mark.slow
 def test_extended_style_preset_resolves_per_task_values_and_tabulates(extended, tmp_path):
     runs, out = extended
     assert "6 jobs: 4 ran, 0 already done, 0 run elsewhere, 2 failed" in out
@@ -435,7 +431,6 @@ def lily_and_lora(runs) -> tuple[Path, Path]:
     return adapter(lily), adapter(df[df.method == "lora"].path.item())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("cli,extra", [(attention, ["--layers", 0, 7]), (features, []),
                                        (routers, ["--target", "k", "--layers", 0, 3, 7]), (rank, [])])
 def test_analysis_figures_of_sweep_adapters(paper, data, tmp_path, cli, extra):
@@ -512,7 +507,6 @@ def test_load_model_follows_the_runs_random_init(random_init, data):
 
 # ---------------------------------------------------------------- methods from outside the suite
 
-@pytest.mark.slow
 def test_plugin_and_peft_tuner_through_run_and_sweep(outside):
     runs, ran, out = outside
     for method, (path, summary) in ran.items():
@@ -558,7 +552,6 @@ def vim_methods(data):
     return runs, out
 
 
-@pytest.mark.slow
 def test_vim_methods_sweep_runs_every_row_of_the_vim_section(vim_methods):
     runs, out = vim_methods
     rows = [row for row in PRESETS["mini"] if row[0] == "vim-mini" and row[1] in VIM_METHODS + ["lora"]]
