@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 
 from backbones import create_backbone
 from vtab_lily import adapter_config, build_model, count_params, disable_adapters, load_adapter, save_adapter
@@ -47,6 +47,7 @@ def test_zero_init_is_identity_and_keeps_fused_attention(method, options, images
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,expected", [
     ("lily", dict(r=16, ne=4), 396_288),
     ("lily", dict(r=32, ne=4), 792_576),
@@ -61,6 +62,7 @@ def test_parameter_counts_on_vit_b(method, options, expected):
     assert count_params(model) == expected
 
 
+@pytest.mark.slow
 def test_lily_parameter_breakdown_on_vit_b():
     model = build_model("vit-b", "lily", 100, pretrained=False, r=16, ne=4)
     parts = {k: sum(p.numel() for n, p in model.lily.named_parameters() if n.startswith(k))

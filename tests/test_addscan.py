@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable
+from helpers import assert_close, randomize_trainable
 from test_scan import assert_grads_close
 from test_vim import VIM_TINY, naive_mixer
 
@@ -99,6 +99,7 @@ def official_weights(m, n: int, pos: str):
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,pos", [("torch", "prefix"), ("torch", "suffix"), ("triton", "prefix")])
 def test_mixer_equals_the_official_concatenation_through_a_float64_naive_scan(backend, pos, scan_backend):
     """A mixer with the new states on both directions (16 + 6 = 22; new tensors as if trained) against the

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable, tiny
+from helpers import assert_close, randomize_trainable, tiny
 
 from analysis.attention import cls_attention, plot_attention
 from analysis.common import save_figure
@@ -148,6 +148,7 @@ def trained(tmp_path_factory):
     return root / "data", root / "runs", adapters, specs
 
 
+@pytest.mark.slow
 def test_command_lines_write_their_figures(trained, tmp_path, capsys):
     from analysis import attention, features, granularity, rank, routers
     data, runs_dir, adapters, _ = trained
@@ -241,6 +242,7 @@ def test_every_command_line_mistake_is_one_line_exit_2_nothing_written(trained, 
     assert sorted(p.name for p in empty.iterdir()) == ["notes.txt", "vim.safetensors"]
 
 
+@pytest.mark.slow
 def test_prepare_option_prepares_a_missing_or_half_prepared_task(trained, tmp_path):
     from analysis import attention
     from vtab_lily.prepare import prepare_task

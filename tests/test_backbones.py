@@ -1,13 +1,13 @@
 """ViT backbones: weights from local files, the offline error, adapter sites."""
 import pytest
 import torch
+from helpers import TINY
 from safetensors.torch import save_file
 
 from backbones import WeightsError, adapter_sites, create_backbone
 
-TINY = dict(img_size=32, patch_size=8)
 
-
+@pytest.mark.slow
 def test_offline_without_weights_names_the_file_and_the_option(monkeypatch):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -37,6 +37,7 @@ def test_missing_or_unfit_weights_are_clear_errors(tmp_path):
         create_backbone("vit-tiny", 7, weights=str(tmp_path / "bad.pth"), **TINY)
 
 
+@pytest.mark.slow
 def test_vit_sites_slice_the_fused_qkv_and_drop_path_defaults():
     model = create_backbone("vit-b", 10, pretrained=False)
     layers = adapter_sites(model)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 from scipy.stats import norm
 
 from backbones import create_backbone
@@ -49,6 +49,7 @@ def test_bilora_forward_is_quantise_then_matmul_with_straight_through_gradient()
     assert_close(branch.up.weight.grad, w.grad, 1e-5)
 
 
+@pytest.mark.slow
 def test_bilora_counts_storage_and_exported_bits_round_trip(tmp_path, images):
     vitb = build_model("vit-b", "bilora", 100, pretrained=False)
     assert count_params(vitb) == 1_179_648
@@ -92,6 +93,7 @@ def test_fourierft_equals_peft_fourierft(images):
         assert_close(ours(images), ref(images), 1e-5)
 
 
+@pytest.mark.slow
 def test_fourierft_locations_are_shared_by_layers_and_count():
     model = build_model("vit-b", "fourierft", 10, pretrained=False)
     assert count_params(model) == 72_000  # q and v, n = 3000, 12 layers (Table 4 prints 0.936M)
@@ -132,6 +134,7 @@ def test_mora_type6_rotates_blocks_by_their_position():
     assert torch.allclose(blocks[0, 1], second * torch.cat([angle.cos()] * 2) + rot * torch.cat([angle.sin()] * 2))
 
 
+@pytest.mark.slow
 def test_table4_mora_count_is_type6_at_r29():
     model = build_model("vit-b", "mora", 10, pretrained=False, r=29, type=6)
     assert count_params(model) == 24 * 210 ** 2 == 1_058_400

@@ -53,6 +53,7 @@ def assert_disjoint(digests: dict) -> None:
 
 # --- 2. no image in two splits ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MINI_TASKS)
 def test_generated_task_shares_no_image_between_its_splits(name):
     task = TASKS[name]
@@ -67,6 +68,7 @@ def test_generated_task_shares_no_image_between_its_splits(name):
     assert_disjoint(digests)
 
 
+@pytest.mark.slow
 def test_mini_svhn_draws_train_and_test_from_disjoint_digits():
     """Its images differ (fresh backgrounds) even if a glyph is reused, so pin which digits each split draws:
     the labels in order are scikit-learn's targets of digits 0..999 (train) and 1000.. (test)."""
@@ -76,6 +78,7 @@ def test_mini_svhn_draws_train_and_test_from_disjoint_digits():
     assert [e["label"] for e in test] == target[1000:].tolist()
 
 
+@pytest.mark.slow
 def test_prepared_lists_share_no_image(data_root):
     """What prepare wrote (digits: all three splits from one source), read back through the lists."""
     folder = data_root / "digits"
@@ -189,6 +192,7 @@ def test_evaluate_is_the_mean_over_the_split_of_a_naive_loop(n, batch):
 
 # --- 6. training: full batches only; evaluation: every image once ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_split,batch", [("val200", 64), ("test", 48)])
 def test_a_run_drops_the_last_incomplete_batch_and_evaluates_every_image_once(data_root, tmp_path, monkeypatch,
                                                                              eval_split, batch):

@@ -7,7 +7,7 @@ FacT's shared tensors stored once; gradients only where they belong; save/load.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_close, randomize_trainable, tiny
+from helpers import TINY, assert_close, randomize_trainable, tiny
 from safetensors.torch import load_file
 
 from backbones import create_backbone
@@ -190,6 +190,7 @@ def test_vpt_initialisation_and_dropout_follow_the_official_code():
     assert tiny("vpt", deep=False).vpt.tokens.shape == (1, 10, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,expected", [
     ("vpt", dict(length=1, deep=False), 768),          # VPT-shallow: p * 768
     ("vpt", dict(length=1), 9_216),                    # VPT-deep: 12 * p * 768

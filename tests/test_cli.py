@@ -29,6 +29,7 @@ def test_help_lists_every_backbone_method_and_task(module, capsys, monkeypatch):
         assert f" {name}," in text or f" {name} " in text or f" {name})" in text, name
 
 
+@pytest.mark.slow
 def test_skipped_finished_run_says_so(tmp_path, capsys):
     prepare_task("digits", tmp_path / "data")
     argv = [*TINY, "--data-root", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]
@@ -40,6 +41,7 @@ def test_skipped_finished_run_says_so(tmp_path, capsys):
     assert "| vit-tiny | lily |" in out
 
 
+@pytest.mark.slow
 def test_run_prepare_finishes_a_half_prepared_task(tmp_path, capsys):
     prepare_task("digits", tmp_path / "data", limit=10)  # then killed before it wrote the lists
     folder = tmp_path / "data" / "digits"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, assert_close, randomize_trainable
+from helpers import TINY, assert_close, randomize_trainable
 from torch import nn
 
 from backbones import create_backbone, head_of
@@ -244,6 +244,7 @@ def test_cli_errors_are_one_line_before_any_work(digits, tmp_path):
     assert "compose methods with '+' (e.g. lora+bitfit" in " ".join(help_text.getvalue().split())
 
 
+@pytest.mark.slow
 def test_run_sweep_and_runs_table_of_a_composition(digits, tmp_path):
     runs = tmp_path / "runs"
     common = ["--data-root", digits, "--runs", runs]

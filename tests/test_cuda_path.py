@@ -6,14 +6,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from helpers import tiny
 
 from backbones import ssm
 from backbones.vim import Mixer
 from vtab_lily import sweep as sweep_cli
 from vtab_lily.data import Batches, Split
 from vtab_lily.recipes import recipe_for
-from vtab_lily.train import Interrupted, evaluate, fit
+from vtab_lily.train import Interrupted, evaluate, fit, make_optimizer, make_scheduler, restore_state
 
 
 def tiny_split(n=40, size=32, seed=0):
@@ -21,34 +21,35 @@ def tiny_split(n=40, size=32, seed=0):
     return Split(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 5, n), cache=None)
 
 
-def test_resume_with_fewer_gpus_than_at_save(tmp_path, monkeypatch):
-    """A state saved on a two-GPU node resumes on one visible GPU (a one-GPU sweep worker)."""
+@pytest.mark.parametrize("saved_gpus", [2, 1])
+def test_resume_with_fewer_gpus_than_at_save(tmp_path, monkeypatch, saved_gpus):
+    """A state saved on a two-GPU node (one generator state per GPU, as get_rng_state_all wrote) or on one GPU
+    resumes on one visible GPU (a one-GPU sweep worker): restore_state, as fit calls it on a CUDA run, puts the
+    run's own generator state back on its GPU and asks for no other device."""
     restored = []
 
     def set_rng_state(state, device="cuda"):  # as torch: a device index that does not exist is an IndexError
-        index = torch.device(device).index or 0 if not isinstance(device, int) else device
-        if index >= 1:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
             raise IndexError(f"no CUDA device {index}")
-        restored.append(state)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        restored.append((state, index))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(4, dtype=torch.uint8)] * 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)  # AdamW's
     recipe = recipe_for("vit-tiny", epochs=2, warmup_epochs=0, batch_size=10, eval_every=1, image_size=32)
     model, state = tiny("lora", r=2), tmp_path / "run.state.pt"
     train, test = Batches(tiny_split(), 10, shuffle=True, drop_last=True), Batches(tiny_split(seed=1), 20)
     with pytest.raises(Interrupted):
         fit(model, train, test, recipe, state, interrupt_after=1, progress=False)
     saved = torch.load(state, weights_only=True)  # our state is data: tensors and plain values
-    saved["rng_cuda"] = [torch.zeros(4, dtype=torch.uint8)] * 2  # as written by get_rng_state_all on two GPUs
+    per_gpu = [torch.full((4,), i, dtype=torch.uint8) for i in range(saved_gpus)]
+    saved["rng_cuda"] = per_gpu if saved_gpus > 1 else per_gpu[0]
     torch.save(saved, state)
-    history = fit(model, train, test, recipe, state, progress=False)
-    assert [e["epoch"] for e in history.evaluations] == [1, 2]
-    from vtab_lily.train import restore_cuda_rng  # on a CUDA run: the run's own GPU gets the first state
-    restore_cuda_rng(saved["rng_cuda"], torch.device("cuda"))
-    assert len(restored) == 1 and torch.equal(restored[0], saved["rng_cuda"][0])
+    optimizer = make_optimizer(model, recipe)
+    history, start = restore_state(state, model, optimizer, make_scheduler(optimizer, recipe, len(train)),
+                                   torch.device("cuda"))
+    assert start == 1 and len(history.lrs) == 1 and state.exists()  # resumed, not moved aside as damaged
+    assert len(restored) == 1 and torch.equal(restored[0][0], per_gpu[0]) and restored[0][1] == 0
 
 
 @pytest.mark.parametrize("mask,count,gpus,per_gpu,expected", [

@@ -146,6 +146,7 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_settings_change(tmp_path):
     assert changed.images[0].max() == 0
 
 
+@pytest.mark.slow
 def test_batches_shuffle_reproducibly_and_normalise(tmp_path):
     prepare_task("digits", tmp_path)
     split = load_split(tmp_path, "digits", "train800", size=16, progress=False)
@@ -164,6 +165,7 @@ def test_batches_shuffle_reproducibly_and_normalise(tmp_path):
     assert torch.allclose(to_float(raw, normalize=True)[:, 0], (x[:, 0] - 0.485) / 0.229)
 
 
+@pytest.mark.slow
 def test_interrupted_prepare_continues_and_a_finished_task_is_skipped(tmp_path):
     prepare_task("digits", tmp_path)
     folder = tmp_path / "digits"

@@ -84,6 +84,7 @@ def test_missing_weights_and_data_are_listed_with_the_commands_that_fetch_them(t
     assert next(c for c in doctor.data_checks(root) if c.name == "mini VTAB").detail.startswith("0 of 7 prepared")
 
 
+@pytest.mark.slow
 def test_projections_from_a_given_throughput():
     sizes = doctor.test_split_sizes()
     total_test = sum(sizes.values())  # 19 x 20,416
@@ -104,6 +105,7 @@ def test_projections_from_a_given_throughput():
                                                f"{(100 + 737.28) / 60:.1f} min (largest)")
 
 
+@pytest.mark.slow
 def test_calibration_file_holds_the_rates_and_the_preset_projections(tmp_path):
     path = tmp_path / "calibration.json"
     doctor.write_calibration(path, RATES, gpus=8)

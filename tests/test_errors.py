@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from safetensors import SafetensorError
 
 import backbones
@@ -34,8 +35,8 @@ from vtab_lily.tables import ProvenanceConflict
 from vtab_lily.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"image_size": 32, "batch_size": 100, "epochs": 1, "warmup_epochs": 0}
-TINY_ARGS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+TINY = {**TINY_RECIPE, "batch_size": 100, "epochs": 1, "warmup_epochs": 0}  # one epoch: errors come before work
+TINY_ARGS = set_args(TINY)
 # what the real writers raise on a full disk (measured on a 64 KiB tmpfs: torch 2.14, safetensors 0.8)
 TORCH_ENOSPC = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 SAFETENSORS_ENOSPC = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -94,6 +95,7 @@ def test_names_and_settings_a_user_gives_raise_user_errors(cause, message):
 
 # 2. bugs keep their traceback; run's own failures ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_bug_inside_fit_is_not_a_user_error(data_root, tmp_path, capsys, monkeypatch):
     def fit(*args, **kwargs):
         return {}["a bug"]
@@ -109,6 +111,7 @@ def _plugin(tmp_path, name, body):
         f"@register({name!r}, Config)\ndef attach(model, cfg):\n{body}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,kind,message", [
     ("    raise TypeError('bug in my attach')", TypeError, "bug in my attach"),
     ("    sys.exit(3)", RuntimeError, r"method 'attach_exit' \(attach_exit\) called sys.exit\(3\) while attaching"),
@@ -135,6 +138,7 @@ def test_a_plugin_failing_on_import_is_a_runtime_error_naming_it(tmp_path, monke
         get_method("import_exit:m")
 
 
+@pytest.mark.slow
 def test_a_plugin_that_exits_on_import_gives_a_traceback_and_exit_1_not_its_code(data_root, tmp_path):
     (tmp_path / "exit_plugin.py").write_text("import sys\nsys.exit(3)\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
@@ -146,6 +150,7 @@ def test_a_plugin_that_exits_on_import_gives_a_traceback_and_exit_1_not_its_code
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_user_error_from_the_command_line_is_one_line_exit_2_in_a_subprocess(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vtab_lily.run", "--backbone", "vit-tiny", "--task", "digits",
                           "--device", "nosuch", "--runs", str(tmp_path / "runs")], cwd=ROOT,
@@ -153,6 +158,7 @@ def test_a_user_error_from_the_command_line_is_one_line_exit_2_in_a_subprocess(t
     assert out.returncode == 2 and out.stderr == "error: --device 'nosuch': choose cpu or cuda[:N]\n", out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,argv,message", [
     ("vtab_lily.sweep", ["--backbones", "vit-tiny", "--methods", "lora", "--seeds", "-1"], "seed must be an integer"),
     ("vtab_lily.prepare", ["--task", "digits", "--root", "{tmp}/data", "--limit", "0"], "--limit must be an integer"),

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from backbones import create_backbone
@@ -28,9 +29,8 @@ from vtab_lily.records import RunSpec, read_record
 from vtab_lily.run import execute, resolve
 from vtab_lily.train import Interrupted
 
-TINY = {"image_size": 32, "batch_size": 50, "epochs": 2, "eval_every": 1, "warmup_epochs": 1, "lr": 3e-3,
-        "checkpoint_every": 1}
-TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+TINY = {**TINY_RECIPE, "checkpoint_every": 1}  # a resumable state after every epoch
+TINY_ARGS = set_args(TINY)
 SPEC = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 3, "test", TINY)
 RESULT = ("evaluations", "best_acc", "final_acc", "lrs", "train_losses", "params")
 
@@ -105,6 +105,7 @@ def _truncated_state(path, tmp_path, data_root):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "payload", "foreign"])
 def test_a_damaged_state_is_moved_aside_and_the_run_starts_afresh(damage, fresh_record, data_root, tmp_path,
                                                                    capsys):
@@ -275,6 +276,7 @@ def test_a_run_whose_lock_is_taken_over_writes_neither_record_nor_state(data_roo
     others[0].release()
 
 
+@pytest.mark.slow
 def test_a_lock_dated_in_the_future_is_clock_skew_and_aged_by_its_change_time(tmp_path):
     path = tmp_path / "run.lock"
     path.write_text(json.dumps({"host": "node-17", "pid": 4242, "token": "t", "created": time.time() + 3600}))
@@ -313,6 +315,7 @@ def test_ages_are_measured_in_the_file_systems_clock(tmp_path, monkeypatch):
 
 # 6. prepared folders ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_deleted_list_makes_the_task_unprepared(data_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data_root / "digits", root / "digits", ignore=shutil.ignore_patterns(".cache"))

@@ -38,6 +38,8 @@ from vtab_lily.tables import TABLES, Row
 from vtab_lily.tasks import MINI_TASKS, VTAB_TASKS
 from vtab_lily.train import evaluate
 
+pytestmark = pytest.mark.slow  # end-to-end flows: each module fixture runs sweeps
+
 TASKS = ["digits", "mini_ori"]
 SEEDS = [1, 2]
 LIMIT = 64

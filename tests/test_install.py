@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "vtab_lily", "backbones", "analysis")
 
 
+@pytest.mark.slow
 @pytest.mark.install
 def test_wheel_installed_into_a_fresh_target_prints_the_paper_tables(tmp_path):
     src = tmp_path / "src"  # a copy, so that the build leaves nothing in the tree

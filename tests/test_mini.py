@@ -21,6 +21,7 @@ def test_mini_vtab_has_two_tasks_per_group_or_more():
     assert len(MINI_TASKS) >= 6 and all(groups.count(g) >= 2 for g in GROUPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mini_count", "mini_loc", "mini_ori", "mini_sensor"])
 def test_generated_splits_are_deterministic_and_cover_every_class(name):
     task = TASKS[name]
@@ -33,6 +34,7 @@ def test_generated_splits_are_deterministic_and_cover_every_class(name):
     assert not any((a["image"] == b["image"]).all() for a, b in zip(train[:50], test[:50]))
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_vtab_layout_deterministically(tmp_path):
     first, second = (prepare_task("mini_ori", tmp_path / d) for d in ("a", "b"))
     assert first["counts"] == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 1000}
@@ -91,6 +93,7 @@ def _acc(tmp_path, method, task, pretrained=True, epochs=5):
                                progress=False))["best_acc"]
 
 
+@pytest.mark.slow
 def test_learning_slice(tmp_path):
     """Pretrained vit-mini, 5 epochs: the must-show gaps of the mini-benchmark, at CI size."""
     linear, lily = _acc(tmp_path, "linear", "digits"), _acc(tmp_path, "lily", "digits")
@@ -103,6 +106,7 @@ def test_learning_slice(tmp_path):
     assert ori_lily >= ori_linear + 10
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path):
     """The mini table is deterministic on the CPU: a run repeated with the same seed gives the same record."""
     spec = RunSpec("vim-mini", "mini_loc", "lily", {}, 3, "test", {"epochs": 1})
@@ -111,6 +115,7 @@ def test_same_seed_same_numbers(tmp_path):
     assert first["evaluations"] == again["evaluations"] and first["train_losses"] == again["train_losses"]
 
 
+@pytest.mark.slow
 def test_load_model_follows_the_runs_weights_and_image_size(tmp_path):
     """load_model rebuilds a --random-init run on its seed's random backbone (it was rebuilt on the
     pretrained one: 5.52% against the record's 23.34%) and a pretrained run on the shipped weights, at the
@@ -152,6 +157,7 @@ def test_load_model_follows_the_runs_weights_and_image_size(tmp_path):
         load_model(path, weights=str(shipped))
 
 
+@pytest.mark.slow
 def test_mini_count_draws_one_separated_shape_per_patch():
     """mini_count sat at chance for every method (14-25%): its 1-8 small shapes straddled the 8 px patches.
     Now each shape lies inside its own patch in a contrasting shade, so the label is exactly the number of

@@ -8,6 +8,7 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parent.parent / "analysis" / "notebooks" / "figures.ipynb"
 
 
+@pytest.mark.slow
 def test_figures_notebook_executes(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     for name, sub in (("LILY_FIGURES", "figures"), ("LILY_DATA", "data"), ("LILY_RUNS", "runs")):

@@ -50,6 +50,7 @@ def test_prepare_without_network_says_so_in_seconds(tmp_path, no_network, capsys
     assert "prepare --task cifar100 --root DIR" in out.err and not (tmp_path / "vtab").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline_env", [False, True])
 def test_hub_weights_offline_fail_in_seconds(offline_env, no_network, monkeypatch):
     from huggingface_hub import constants

@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize_trainable
+from helpers import assert_close, randomize_trainable
 
 from backbones import create_backbone
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
@@ -67,6 +67,7 @@ def test_peft_tuner_counts_trains_switches_and_round_trips(backbone, options, tu
     assert_close(again(x), adapted, 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,tuner", [("vit-tiny", t) for t in ("lora", "ia3", "vera", "oft", "loha", "lokr")]
                          + [("vim-tiny-test", "lora")])
 def test_two_epoch_run_writes_a_record(data_root, tmp_path, backbone, tuner):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable, tiny
+from helpers import assert_close, randomize_trainable, tiny
 
 from vtab_lily import count_params, disable_adapters, load_model, save_adapter
 from vtab_lily import run as run_cli
@@ -40,6 +40,7 @@ def test_example_method_counts_its_shared_tensors_once_and_starts_as_the_backbon
     assert_close(again(images), model(images), 1e-6)
 
 
+@pytest.mark.slow
 def test_example_method_runs_through_the_cli_sweep_and_tables(data_root, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -79,6 +80,7 @@ def test_same_name_from_two_origins_gets_two_run_ids_and_two_rows(tmp_path):
     assert labels == ["lora", "m [pkg 1.0]", "m [pkg 2.0]"]
 
 
+@pytest.mark.slow
 def test_entry_point_method_records_its_package_version(tmp_path, monkeypatch):
     (tmp_path / "ep_methods.py").write_text(
         "from examples.tied_lora import TiedLoRAConfig, attach_tied_lora\n"

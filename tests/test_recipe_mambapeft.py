@@ -187,6 +187,7 @@ def test_epoch_rule_best_or_final_from_one_set_of_records(tmp_path):
     assert tables.cell_results(records, "runs", row, "vtab", "best")[0]["acc"].tolist() == [75.0]  # epoch 10
 
 
+@pytest.mark.slow
 def test_mambapeft_table_sets_our_rows_beside_their_published_means(tmp_path, capsys):
     paper = tables.read_paper()
     assert paper.loc[("mambapeft", "vim-s", "lora-in_proj"), "params_k"] == 1483
@@ -251,6 +252,7 @@ def test_sweep_presets_list_their_rows_with_the_named_recipe(tmp_path, capsys):
     assert "recipe=mambapeft" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_interrupted_mambapeft_run_resumes_mid_warmup_to_the_same_record(data_root, tmp_path):
     from vtab_lily.train import Interrupted
     recipe = {"recipe": "mambapeft", "image_size": 32, "batch_size": 300, "epochs": 3, "warmup_epochs": 2,
@@ -264,6 +266,7 @@ def test_interrupted_mambapeft_run_resumes_mid_warmup_to_the_same_record(data_ro
         assert resumed[key] == whole[key], key
 
 
+@pytest.mark.slow
 def test_vim_table_takes_the_recipe_its_sweep_named(tmp_path, capsys):
     for task in ("dtd", "svhn"):
         _record(tmp_path, "vim-s", "lily", task, {"preset": "lily-s"}, {100: 60.0}, recipe=MAMBAPEFT)

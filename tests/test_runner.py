@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from vtab_lily import run as run_cli
@@ -15,9 +16,8 @@ from vtab_lily.records import RunSpec, load_records, read_record
 from vtab_lily.run import execute
 from vtab_lily.train import Interrupted
 
-TINY = {"image_size": 32, "batch_size": 50, "epochs": 4, "eval_every": 2, "warmup_epochs": 2, "lr": 3e-3,
-        "checkpoint_every": 100}
-TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+TINY = {**TINY_RECIPE, "epochs": 4, "eval_every": 2, "warmup_epochs": 2, "checkpoint_every": 100}  # two evaluations
+TINY_ARGS = set_args(TINY)
 
 
 def _cli(data_root, runs, *extra):
@@ -25,6 +25,7 @@ def _cli(data_root, runs, *extra):
                          str(runs), "--no-progress", *TINY_ARGS, *extra])
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_record_and_adapter(data_root, tmp_path, capsys):
     assert _cli(data_root, tmp_path, "--set", "r=4") == 0
     out = capsys.readouterr().out
@@ -47,6 +48,7 @@ def test_run_writes_a_complete_record_and_adapter(data_root, tmp_path, capsys):
     assert path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_learning_rate_of_every_epoch_follows_timms_cosine_scheduler(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "linear", {}, 0, "test", {**TINY, "epochs": 6, "warmup_epochs": 3})
     lrs = read_record(execute(spec, tmp_path, data_root, progress=False))["lrs"]
@@ -62,6 +64,7 @@ def test_learning_rate_of_every_epoch_follows_timms_cosine_scheduler(data_root, 
     assert lrs[4] == pytest.approx(1e-5 + 0.5 * (3e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 6)))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_record(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lily", {"r": 4}, 1, "test", TINY)
     whole = read_record(execute(spec, tmp_path / "a", data_root, progress=False))
@@ -76,6 +79,7 @@ def test_interrupted_run_resumes_to_the_same_record(data_root, tmp_path):
     assert resumed["wall_time_s"] >= resumed["train_time_s"] > 0  # both sessions: 3 epochs before, 1 after
 
 
+@pytest.mark.slow
 def test_same_seed_same_accuracies(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 5, "test", {**TINY, "epochs": 2})
     a = read_record(execute(spec, tmp_path / "a", data_root, progress=False))
@@ -111,6 +115,7 @@ def test_nan_loss_stops_with_a_failed_record_that_never_counts(data_root, tmp_pa
     assert not list(tmp_path.rglob("*.state.pt")) and not list(tmp_path.rglob("*.lock"))
 
 
+@pytest.mark.slow
 def test_sweep_through_submitit_local_executor_writes_all_records(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local executor starts the 4 jobs at once on 2 cores
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lily", "--tasks", "digits", "--seeds", "1", "2",
@@ -123,6 +128,7 @@ def test_sweep_through_submitit_local_executor_writes_all_records(data_root, tmp
     assert sorted(zip(df["seed"], df["opt.r"])) == [(1, 2), (1, 4), (2, 2), (2, 4)]
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_share_the_grid(data_root, tmp_path):
     argv = [sys.executable, "-m", "vtab_lily.sweep", "--backbones", "vit-tiny", "--methods", "lora", "--tasks",
             "digits", "--seeds", "1", "2", "--grid", "lora.r=1,2", "--set",
@@ -140,6 +146,7 @@ def test_two_concurrent_sweeps_share_the_grid(data_root, tmp_path):
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_vtab_protocol_selects_on_val200_then_tests(data_root, tmp_path):
     code = sweep_cli.main(["--backbones", "vit-tiny", "--methods", "lora", "--tasks", "digits", "--seeds", "3",
                            "--grid", "lora.r=1,2", "--set", *[f"{k}={v}" for k, v in TINY.items()], "epochs=2",
@@ -166,6 +173,7 @@ def test_tensorboard_logs_every_epoch(data_root, tmp_path):
     assert [e.value for e in events.Scalars("eval/acc")] == pytest.approx([e["acc"] for e in record["evaluations"]])
 
 
+@pytest.mark.slow
 def test_two_runs_per_gpu_train_every_run_of_both_vtab_stages_once(data_root, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two worker processes on two cores
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # two worker slots on the CPU
@@ -182,18 +190,48 @@ def test_two_runs_per_gpu_train_every_run_of_both_vtab_stages_once(data_root, tm
     assert sorted(df.eval_split) == ["test", "val200", "val200"]
 
 
+# The official recipes' optimizers, from their code (not from make_optimizer's rule). Lily's ViT script (the
+# PETL-ViT line's, e.g. PETL-ViT `FacT/fact_tt.py` L195): `AdamW(trainable, lr=1e-3, weight_decay=1e-4)`, one
+# group, every trainable tensor decayed. hustvl/Vim `vim/main.py` L391: timm's `create_optimizer(args, model)`,
+# lr 1e-2 x 64 / 512, wd 1e-3, through timm's `param_groups_weight_decay`: no decay where
+# `param.ndim <= 1 or name.endswith(".bias") or name in model.no_weight_decay()`, the set of
+# `vim/models_mamba.py` L378-379 below.
+HUSTVL_NO_WEIGHT_DECAY = {"pos_embed", "cls_token", "dist_token", "cls_token_head", "cls_token_tail"}
+OFFICIAL_OPTIMIZER = {"vit": (1e-3, 1e-4, lambda name, p: True),
+                      "vim": (1e-2 * 64 / 512, 1e-3, lambda name, p: not (
+                          p.ndim <= 1 or name.endswith(".bias") or name in HUSTVL_NO_WEIGHT_DECAY))}
+
+
+def assert_official_optimizer(model, recipe, family):
+    from vtab_lily.train import make_optimizer
+    lr, wd, decays = OFFICIAL_OPTIMIZER[family]
+    optimizer = make_optimizer(model, recipe)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(group_of) == len(trainable) and all(id(p) in group_of for _, p in trainable)
+    for name, p in trainable:
+        assert group_of[id(p)]["lr"] == pytest.approx(lr), name
+        assert group_of[id(p)]["weight_decay"] == (wd if decays(name, p) else 0.0), name
+
+
+@pytest.mark.parametrize("backbone,method,family", [("vit-tiny", "lily", "vit"), ("vit-tiny", "fft", "vit"),
+                                                    ("vim-tiny-test", "lily", "vim"), ("vim-tiny-test", "fft", "vim")])
+def test_optimizer_groups_are_the_official_recipes(backbone, method, family):
+    from vtab_lily import build_model
+    from vtab_lily.recipes import recipe_for
+    torch.manual_seed(0)
+    model = build_model(backbone, method, 5, pretrained=False, backbone_options={"img_size": 32})
+    assert_official_optimizer(model, recipe_for(backbone), family)
+
+
 def test_vim_runs_with_the_official_vim_recipe(data_root, tmp_path):
     from vtab_lily import build_model
     from vtab_lily.recipes import recipe_for
-    from vtab_lily.train import make_optimizer
     recipe = recipe_for("vim-s")
     assert (recipe.lr, recipe.weight_decay, recipe.warmup_epochs, recipe.drop_path, recipe.precision) == (
         1e-2 * 64 / 512, 1e-3, 5, 0.05, "fp32")  # pinned in full by tests/test_trust.py
     model = build_model("vim-tiny-test", "fft", 5, pretrained=False, backbone_options={"img_size": 32})
-    groups = make_optimizer(model, recipe).param_groups
-    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert all((id(p) in decayed) == (p.ndim > 1 and not n.endswith(".bias") and n not in ("pos_embed", "cls_token"))
-               for n, p in model.named_parameters())  # hustvl/Vim vim/models_mamba.py L378-379: no_weight_decay
+    assert_official_optimizer(model, recipe, "vim")
     spec = RunSpec("vim-tiny-test", "digits", "lily", {}, 0, "test", {**TINY, "epochs": 1})
     record = read_record(execute(spec, tmp_path, data_root, progress=False))
     assert record["status"] == "done" and record["recipe"]["lr"] == pytest.approx(3e-3)  # TINY overrides lr

@@ -78,6 +78,7 @@ def test_submission_returns_at_once_with_every_sbatch_line_and_status_counts(dat
     assert ["-o", "JobID,State,NodeList", "--parsable2", "-j", "1000"] in fake_slurm.calls(slurm, "sacct")
 
 
+@pytest.mark.slow
 def test_array_runs_requeue_on_timeout_resumes_and_status_reports_reasons(data_root, tmp_path, slurm, capsys,
                                                                          monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")
@@ -109,6 +110,7 @@ def test_array_runs_requeue_on_timeout_resumes_and_status_reports_reasons(data_r
     assert "the training loss became" in lines[1] and "(job 1000_1, log " in lines[1], lines
 
 
+@pytest.mark.slow
 def test_runs_per_gpu_puts_k_runs_in_one_job_and_its_requeue_resumes_them(data_root, tmp_path, slurm, capsys,
                                                                           monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_RUN", "1")

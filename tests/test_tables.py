@@ -57,6 +57,7 @@ def _feed_paper(runs):
                         recipe=json.loads(tables.row_recipe(table, row, task)))
 
 
+@pytest.mark.slow
 def test_paper_numbers_fed_back_reproduce_every_printed_mean(tmp_path):
     _feed_paper(tmp_path)
     records = tables.load_records(tmp_path)
@@ -162,6 +163,7 @@ def test_vtab_retrain_joins_only_its_selection_point(tmp_path):
     assert len(result["used"]) == 4
 
 
+@pytest.mark.slow
 def test_vtab_sweep_folder_tabulates_with_both_protocols(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in (1, 2):
@@ -195,6 +197,7 @@ def test_paper_check_tolerance_is_inclusive_at_a_tenth():
     assert check["flag"].to_dict() == {"inside+": False, "inside-": False, "outside+": True, "outside-": True}
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output_with_table_4_layout(tmp_path, capsys):
     _feed_paper(tmp_path / "runs")
     assert tables.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
@@ -213,6 +216,7 @@ def test_cli_writes_every_output_with_table_4_layout(tmp_path, capsys):
     assert r"\toprule" in tex and r"\multicolumn{7}{c}{Natural}" in tex
 
 
+@pytest.mark.slow
 def test_extended_table_sets_the_published_baselines_beside_ours(tmp_path):
     """Printed Means of vtab_lily/paper/extended.csv check by their own definition (19-task mean or mean of
     groups); the table shows Table 4's Mean (of groups) for every row."""
@@ -429,6 +433,7 @@ def test_file_hash_follows_a_file_rewritten_or_replaced_within_one_process(tmp_p
     assert file_sha256(path) == hashlib.sha256(b"C" * 32).hexdigest()
 
 
+@pytest.mark.slow
 def test_origin_hashes_the_file_imported_not_the_installed_one(tmp_path, monkeypatch):
     """An installed plugin reports its version; an edited copy earlier on sys.path shadows it, and the
     origin is the copy's SHA-256."""

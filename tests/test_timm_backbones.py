@@ -60,6 +60,7 @@ def test_sites_follow_the_module_structure():
     assert (k.attr, k.out) == ("k_proj", slice(0, D)) and "qkv" not in adapter_sites(separate)[0].linear
 
 
+@pytest.mark.slow
 def test_timm_names_with_tags_are_mappable_without_building():
     for name in ("timm:vit_large_patch16_224.orig_in21k", "timm:vit_base_patch14_dinov2.lvd142m",
                  "timm:vit_base_patch16_clip_224.openai", "timm:vit_huge_patch14_224", "timm:deit_base_patch16_224",

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, set_args
 from safetensors.torch import save_file
 
 from backbones import create_backbone
@@ -26,8 +27,8 @@ from vtab_lily.records import RunSpec, load_records, read_record, recipe_identit
 from vtab_lily.run import execute, resolve
 from vtab_lily.train import History, evaluate
 
-TINY = {"image_size": 32, "batch_size": 50, "epochs": 2, "eval_every": 1, "warmup_epochs": 1, "lr": 3e-3}
-TINY_ARGS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+TINY = TINY_RECIPE
+TINY_ARGS = set_args(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def _main(args, tmp_path, data_root, capsys):
 
 # 1. provenance ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_id_covers_weights_data_and_precision(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 0, "test", TINY)
     a, b = _vit_tiny_file(tmp_path / "a.safetensors", 1), _vit_tiny_file(tmp_path / "b.safetensors", 2)
@@ -78,6 +80,7 @@ def test_run_id_covers_weights_data_and_precision(data_root, tmp_path):
     assert resolve(neutral, data_root)[0].run_id == random.run_id
 
 
+@pytest.mark.slow
 def test_weights_change_reruns_and_tables_refuse_to_pool(data_root, tmp_path, capsys):
     a, b = _vit_tiny_file(tmp_path / "a.safetensors", 1), _vit_tiny_file(tmp_path / "b.safetensors", 2)
     args = ["--backbone", "vit-tiny", "--task", "digits", "--method", "linear", *TINY_ARGS, "--set", "epochs=1"]
@@ -216,6 +219,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_taking_over_a_dead_lock_never_gives_two_holders(tmp_path):
     ctx = multiprocessing.get_context("fork")
     dead = _dead_pid()
@@ -327,6 +331,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_record(data_root, tmp_path, capsy
 
 # 7. tests that catch a runner that reports the wrong thing ------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_trains_on_its_training_split_and_evaluates_the_other(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "linear", {}, 0, "test", TINY)
     r = read_record(execute(spec, tmp_path, data_root, progress=False))
@@ -361,6 +366,7 @@ def test_best_accuracy_is_the_maximum_over_evaluations():
     assert (s["best_acc"], s["best_epoch"], s["final_acc"]) == (70.0, 20, 60.0)
 
 
+@pytest.mark.slow
 def test_vtab_protocol_retrains_the_best_val200_configuration(data_root, tmp_path, capsys):
     """Two configurations that clearly differ on val200 (a learning rate that trains, one that cannot):
     the retrained one must be the better."""

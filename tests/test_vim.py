@@ -1,14 +1,12 @@
 """Vision Mamba: checkpoint keys, the mixer and model against naive per-token code, Lily/LoRA on Vim."""
 import pytest
 import torch
-from conftest import assert_close, randomize_trainable
+from helpers import VIM_TINY, assert_close, randomize_trainable
 from test_scan import assert_grads_close, naive_scan
 
 from backbones import create_backbone
 from backbones.vim import Mixer, resize_pos_embed
 from vtab_lily import build_model, count_params, disable_adapters
-
-VIM_TINY = dict(img_size=32)  # vim-tiny-test: 2 layers of width 32, 4 patches + the class token
 
 
 def hustvl_vim_s_state_dict(num_classes=1000):
@@ -30,6 +28,7 @@ def hustvl_vim_s_state_dict(num_classes=1000):
     return {k: torch.randn(shape, generator=g) * 0.02 for k, shape in sd.items()}
 
 
+@pytest.mark.slow
 def test_official_vim_s_checkpoint_loads_strictly(tmp_path):
     state = hustvl_vim_s_state_dict()
     assert len(state) == 415
@@ -84,6 +83,7 @@ def naive_mixer(m: Mixer, h, weights=None):
     return (y / 2).transpose(1, 2) @ m.out_proj.weight.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixer_equals_naive_mixer_outputs_and_gradients(backend, scan_backend):
     """Both scan directions, the conv and the projections; Triton under its interpreter."""

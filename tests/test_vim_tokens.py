@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from helpers import VIM_TINY, assert_close
 from test_scan import assert_grads_close
 from test_vim import naive_direction
 
@@ -20,7 +20,6 @@ from vtab_lily.adapters.prompt import PrefixEncoder
 from vtab_lily.errors import UnknownName, UserError
 from vtab_lily.options import OptionError
 
-VIM_TINY = dict(img_size=32)  # vim-tiny-test: 2 layers of width 32 (d_inner 64), 4 patches + the class token
 D, T, L = 384, 1536, 24  # Vim-S: width, scan-input width 2 d_inner, layers
 
 
@@ -99,6 +98,7 @@ def official_affix_mixer(m: Mixer, h, prefixes, layer: int):
     return ((out + out_b.flip(-1)) / 2).transpose(1, 2) @ m.out_proj.weight.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,project,batch", [("torch", True, 2), ("torch", False, 2), ("triton", True, 1)])
 def test_affix_mixer_equals_the_official_inner_dual_prefix(backend, project, batch, scan_backend):
     """Layer 1 of 2 (its slice of the shared encoder), both directions; 14 tokens + 3 virtual = 17 steps: the
@@ -162,6 +162,7 @@ def test_gradients_only_on_the_method_and_the_head_and_not_an_identity_at_init(m
     assert graded == trainable and {n.split(".")[0] for n in trainable} == {method, "head"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("prompt", {"type": "prefix", "n": 3}), ("affix", {"project": False})])
 def test_triton_backend_runs_the_longer_sequences_as_torch(method, options, scan_backend):
     model = tiny(method, **options)

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize_trainable
+from helpers import VIM_TINY, assert_close, randomize_trainable
 from test_scan import assert_grads_close
 
 from backbones import create_backbone
@@ -22,7 +22,6 @@ from vtab_lily.options import OptionError
 from vtab_lily.recipes import Recipe
 from vtab_lily.train import make_optimizer
 
-VIM_TINY = dict(img_size=32)  # vim-tiny-test: 2 layers, width 32, d_inner 64, dt_rank 2, d_state 16
 D, DI, R, N, L = 384, 768, 24, 16, 24  # Vim-S: width, d_inner, dt_rank, d_state, layers
 
 # (method, options, trainable parameters on Vim-S without the head); the official sizes: partial tensors are
