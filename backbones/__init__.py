@@ -22,6 +22,7 @@ from .sites import (
     OutputSite,
     ParallelSite,
     StateSite,
+    StreamSite,
     TensorSite,
     TokenSite,
 )
@@ -42,8 +43,8 @@ from .vit import (
 from .weights import SHIPPED, shipped_weights
 
 __all__ = ["BACKBONES", "ConvSite", "HookSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "StateSite",
-           "TensorSite", "TokenSite", "UnmappableBackbone", "WeightsError", "adapter_sites", "check_backbone",
-           "create_backbone", "family", "head_of", "model_sites", "patch_size"]
+           "StreamSite", "TensorSite", "TokenSite", "UnmappableBackbone", "WeightsError", "adapter_sites",
+           "check_backbone", "create_backbone", "family", "head_of", "model_sites", "patch_size"]
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,20 @@ NOAH_ADAPTER = {"width": 8, "no_decay_1d": True, **IMAGENET_NORM}
 # L33-35 froze_enc, L173-174 `self.enc.eval()`): no backbone dropout, i.e. drop_path 0.
 BITFIT = {"drop_path": 0.0, **IMAGENET_NORM}
 
+# Hydra's per-task settings: extremebird/Hydra vtab1k/configs/hydra_both/<task>.yaml (lr, wd, scale, dropout,
+# batchsize), rank 2 (scripts/train_hydra.sh L5), inputs ImageNet-normalised (vtab1k/dataset.py L50); its
+# schedule (train.py L113-114: cosine with t_initial 500 over 100 epochs) is not this suite's (docs/methods-vit.md).
+HYDRA = {
+    "r": 2,
+    "lr": _per_task("5e-4 1e-3 1e-3 5e-3 1e-3 1e-3 1e-3 5e-3 5e-4 5e-3 5e-4 5e-4 5e-4 1e-3 5e-4 1e-3 1e-3 5e-3 5e-4"),
+    "weight_decay": _per_task("1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 "
+                              "1e-5 1e-4"),
+    "s": _per_task("0.1 4 0.1 0.1 0.1 3 0.1 0.1 0.1 0.1 4.5 1.5 0.1 4.5 4.5 4.5 2.5 3 1"),
+    "dropout": _per_task("0.2 0.1 0.2 0 0 0 0.2 0.2 0.2 0.2 0.2 0.2 0 0.2 0.2 0.2 0.2 0.2 0.2"),
+    "batch_size": _per_task("16 32 32 64 32 16 64 64 64 64 64 64 16 64 64 16 64 64 64", int),
+    **IMAGENET_NORM,
+}
+
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;

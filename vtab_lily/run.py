@@ -21,9 +21,9 @@ from backbones import family
 from backbones.ssm import BACKENDS, set_backend
 from backbones.ssm import chosen as scan_backend
 
-from .adapters.base import option_names
+from .adapters.base import TrainingData, option_names
 from .choices import choices_help
-from .data import Batches, load_split, read_list, task_dir
+from .data import Batches, load_split, read_list, task_dir, to_float
 from .errors import UnknownName, UserError, cli
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
@@ -139,6 +139,17 @@ class TensorBoardLog:
         self.writer.flush()
 
 
+def training_data(spec: RunSpec, recipe, data_root: str | Path, device: str, progress: bool) -> TrainingData:
+    """The run's training split for a method's pre-pass (adapters/base.TrainingData): decoded and normalised as
+    training reads it, without augmentation; read only if the method asks for it."""
+    def batches(batch_size: int, shuffle: bool):
+        split = load_split(data_root, spec.task, spec.train_split, recipe.image_size, recipe.interpolation,
+                           progress=progress)
+        for x, y in Batches(split, batch_size, shuffle=shuffle, device=device, seed=spec.seed):
+            yield to_float(x, recipe.normalize), y
+    return TrainingData(batches, spec.seed)
+
+
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
             weights: str | None = None, device: str | None = None, prepare: bool = False, force: bool = False,
             pretrained: bool = True, interrupt_after: int | None = None, progress: bool = True,
@@ -162,7 +173,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
     # the random init (head, adapters, a random backbone) follows the seed, which the adapter file keeps
     model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=pretrained, weights=weights_file,
                         drop_path_rate=recipe.drop_path, backbone_options={"img_size": recipe.image_size},
-                        seed=spec.seed, provenance=spec.provenance["weights"], **spec.options).to(device)
+                        seed=spec.seed, provenance=spec.provenance["weights"],
+                        data=training_data(spec, recipe, data_root, device, progress), **spec.options).to(device)
     check_writable_folder(runs, "run records", "--runs")
     with RunLock(spec.path(runs, ".lock")) as lock:
         if not lock.acquire():
@@ -185,7 +197,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
                       weights=weights_file, data_root=str(data_root), device=device,
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
-                      scan=dict(zip(("backend", "reason"), scan)) if scan else None)
+                      scan=dict(zip(("backend", "reason"), scan)) if scan else None,
+                      **({"prepass": model.prepass} if hasattr(model, "prepass") else {}))
         # a holder that was taken over (its heartbeat found another token) stops before it writes anything
         on_epoch = [lambda _: lock.check()] + ([print_epoch] if progress else []) + (
             [TensorBoardLog(writer(log_dir=str(Path(tensorboard) / spec.run_id)))] if writer else [])

