@@ -13,7 +13,7 @@ from conftest import TINY, assert_close, randomize_trainable
 
 from backbones import create_backbone
 from vtab_lily import build_model, count_params, disable_adapters, load_model, save_adapter
-from vtab_lily.adapters.base import NeedsTrainingData, TrainingData
+from vtab_lily.adapters.base import FROM_FILE, NeedsTrainingData, TrainingData
 
 G = torch.Generator
 
@@ -24,8 +24,8 @@ def plain(seed=0):
 
 
 def tiny(method, seed=0, data=None, **options):
-    torch.manual_seed(seed)
-    return build_model("vit-tiny", method, 5, pretrained=False, backbone_options=TINY, data=data, **options)
+    return build_model("vit-tiny", method, 5, pretrained=False, backbone_options=TINY, seed=seed, data=data,
+                       **options)
 
 
 def toy_data(n=24, seed=5, classes=5):
@@ -151,3 +151,97 @@ def test_hydra_defaults_are_the_official_ones():
     assert [HYDRA[k]["caltech101"] for k in ("lr", "s", "dropout", "batch_size")] == [1e-3, 4.0, 0.1, 32]
     assert [HYDRA[k]["smallnorb_azi"] for k in ("lr", "weight_decay", "s", "batch_size")] == [5e-3, 1e-5, 3.0, 64]
     assert HYDRA["r"] == 2 and HYDRA["normalize"] is True  # vtab1k/dataset.py L50: ImageNet mean / std
+
+
+# ---------------------------------------------------------------- SCT
+
+def official_salient_channels(m, data, k):
+    """getSalientChannels (zhaohengyuan1/SCT train_model_sct.py L21-110, sct_attn) restated: norm2's inputs without
+    the class token, per class the L2 norm over images and tokens, the mean over classes, the channels above the
+    (K+1)-th largest value."""
+    feats = {i: [] for i in range(len(m.blocks))}
+    hooks = [b.norm2.register_forward_pre_hook(lambda mod, a, i=i: feats[i].append(a[0][:, 1:, :].double()))
+             for i, b in enumerate(m.blocks)]
+    labels = []
+    with torch.no_grad():
+        for x, y in data.batches(50, False):
+            m(x)
+            labels.append(y)
+    for h in hooks:
+        h.remove()
+    labels = torch.cat(labels)
+    picks = []
+    for i in feats:
+        f = torch.cat(feats[i])
+        fea = torch.stack([torch.linalg.vector_norm(f[labels == c], dim=(0, 1)) for c in labels.unique()]).mean(0)
+        threshold = fea.sort().values[len(fea) - 1 - k]
+        picks.append(torch.nonzero(fea > threshold).flatten())
+    return picks
+
+
+def sct_edits(model):
+    """ChannelAdapter.forward after the attention's residual (vision_transformer_sct.py L305, L343-345)."""
+    def after_attn(i, h):
+        tuning = model.blocks[i].drop_path1.branches[0].f
+        idx = tuning.selection
+        h = h.clone()
+        h[..., idx] = h[..., idx] + h[..., idx] @ tuning.linear.weight.T + tuning.linear.bias
+        return h
+    return dict(after_attn=after_attn)
+
+
+def test_sct_needs_the_training_split_and_counts_on_vit_b():
+    with pytest.raises(NeedsTrainingData, match="sct selects its salient channels from the training split"):
+        build_model("vit-tiny", "sct", 5, pretrained=False, backbone_options=TINY, k=8)
+    # ChannelAdapter (vision_transformer_sct.py L280): Linear(96, 96) per block: 12 x (96*96 + 96) = 111,744
+    assert count_params(build_model("vit-b", "sct", 100, pretrained=False, data=FROM_FILE)) == 111_744
+
+
+def test_sct_selects_the_official_salient_channels_and_records_them():
+    data, _, _ = toy_data()
+    model = tiny("sct", data=data, k=10)
+    want = official_salient_channels(plain(), data, 10)
+    got = [b.drop_path1.branches[0].f.selection for b in model.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len({tuple(g.tolist()) for g in got}) > 1  # the blocks choose different channels
+    summary = model.prepass["sct"]
+    assert summary["count"] == 4 * 10 and summary["k"] == 10 and len(summary["sha256"]) == 64
+
+
+def test_sct_equals_the_official_forward_and_trains_only_its_linears(images):
+    data, _, _ = toy_data()
+    model = tiny("sct", data=data, k=12)
+    assert trainable(model) == {f"blocks.{i}.drop_path1.branches.0.f.linear.{t}" for i in range(4)
+                                for t in ("weight", "bias")}
+    with torch.no_grad():  # trunc_normal(.02) weights: not the backbone at init, which disabling restores
+        assert (model.eval()(images) - plain()(images)).abs().max() > 1e-4
+        with disable_adapters(model):
+            assert_close(model(images), plain()(images), 1e-6)
+    randomize_trainable(model, std=0.2)
+    check_parity(model, images, **sct_edits(model))
+
+
+def test_sct_reloads_its_selection_from_the_adapter_file(tmp_path, images):
+    data, _, _ = toy_data()
+    model = tiny("sct", seed=0, data=data, k=8).eval()
+    randomize_trainable(model, std=0.1)
+    save_adapter(model, tmp_path / "a.safetensors")
+    loaded = load_model(tmp_path / "a.safetensors", backbone_options=TINY)
+    assert all(torch.equal(a.drop_path1.branches[0].f.selection, b.drop_path1.branches[0].f.selection)
+               for a, b in zip(model.blocks, loaded.blocks))
+    with torch.no_grad():
+        assert_close(loaded(images), model(images), 1e-6)
+
+
+def test_sct_defaults_are_the_official_ones():
+    from vtab_lily.recipes import SCT
+    model = build_model("vit-b", "sct", 10, pretrained=False, data=FROM_FILE)
+    linear = model.blocks[0].drop_path1.branches[0].f.linear
+    assert linear.in_features == 96  # run_model_sct.sh L6 topN=96
+    # ChannelAdapter._init_weights (vision_transformer_sct.py L286-290): trunc_normal(std .02), zero bias
+    assert linear.bias.abs().max() == 0 and abs(linear.weight.std().item() - 0.02) < 0.002
+    # (timm and torch truncate at +-2 absolute, so at std .02 it is a plain normal)
+    # run_model_sct.sh L9 (cifar100: --lr 0.013 --wd 1.0), L39 (kitti: 0.0072, 0.0001); vtab.py L74: ImageNet norm
+    assert (SCT["lr"]["cifar100"], SCT["weight_decay"]["cifar100"]) == (0.013, 1.0)
+    assert (SCT["lr"]["kitti"], SCT["weight_decay"]["kitti"]) == (0.0072, 0.0001)
+    assert SCT["k"] == 96 and SCT["normalize"] is True and SCT["batch_size"] == 64

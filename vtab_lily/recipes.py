@@ -179,6 +179,18 @@ HYDRA = {
     **IMAGENET_NORM,
 }
 
+# SCT's per-task lr and wd: zhaohengyuan1/SCT run_model_sct.sh (L9-L45, one line per task; --dpr 0.1, topN 96 at L6),
+# batch 64, 100 epochs, 10 warm-up (configs/model_sct/vtab/<task>.yaml), ImageNet-normalised inputs (vtab.py L74).
+# Their label smoothing (0.1 on 12 tasks) and RandAugment (`train_aug` on 11) are not this suite's recipe.
+SCT = {
+    "k": 96,
+    "lr": _per_task("0.013 0.006 0.0032 0.05 0.0007 0.075 0.0017 0.0072 0.06 0.01 0.004 0.0033 0.0018 0.009 0.0072 "
+                    "0.003 0.01 0.0062 0.0011"),
+    "weight_decay": _per_task("1.0 0.35 0.04 0.11 0.8 0.03 0.01 0.002 0.001 0.01 0.0003 0.01 0.005 0.1 0.0001 0.001 "
+                              "0.05 0.005 0.0005"),
+    "batch_size": 64, "drop_path": 0.1, **IMAGENET_NORM,
+}
+
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;

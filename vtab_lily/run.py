@@ -147,7 +147,7 @@ def training_data(spec: RunSpec, recipe, data_root: str | Path, device: str, pro
                            progress=progress)
         for x, y in Batches(split, batch_size, shuffle=shuffle, device=device, seed=spec.seed):
             yield to_float(x, recipe.normalize), y
-    return TrainingData(batches, spec.seed)
+    return TrainingData(batches, spec.seed, device)
 
 
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,

@@ -22,6 +22,7 @@ from . import (  # noqa: F401
     mora,
     partial,
     prompt,
+    sct,
     ssf,
     vpt,
 )

@@ -240,10 +240,21 @@ class TrainingData:
     selection). `batches(batch_size, shuffle)` iterates (x, y) over the whole split once: x float (B, 3, H, W)
     as the model takes it in training (the run's size and normalisation, no augmentation), y int64 labels,
     both on the model's device; with `shuffle`, the order follows `seed` (so does any other randomness of a
-    pre-pass)."""
+    pre-pass); `device`: where the batches are (a pre-pass runs the model there, `TrainingData.on`)."""
 
     batches: Callable[[int, bool], Any]
     seed: int = 0
+    device: str = "cpu"
+
+    @contextmanager
+    def on(self, model: nn.Module):
+        """Within the block the model (in eval mode) is on the batches' device; then back as it was."""
+        device, training = next(model.parameters()).device, model.training
+        model.to(self.device).eval()
+        try:
+            yield
+        finally:
+            model.to(device).train(training)
 
 
 FROM_FILE = "from-file"  # load_model: the selection is read from the adapter file, no pre-pass
