@@ -57,7 +57,7 @@ def salient_channels(model: nn.Module, sites, prefix: int, batches, k: int) -> l
     """Per stream site, the k channels of the largest class-mean L2 norm over `batches` (ascending); the model
     reads them as it is (eval mode: `TrainingData.on`)."""
     squares: list[dict[int, torch.Tensor]] = [{} for _ in sites]  # per site: class -> sum of squares per channel
-    seen = {}
+    seen, batch = {}, {}
     handles = []
     for i, site in enumerate(sites):
         def enter(module, args, i=i):
@@ -65,13 +65,14 @@ def salient_channels(model: nn.Module, sites, prefix: int, batches, k: int) -> l
 
         def leave(module, args, out, i=i):
             stream = (seen.pop(i) + out)[:, prefix:].double()  # the stream after the sum, class token left out
+            labels = batch["labels"]
             for c in labels.unique().tolist():
                 total = stream[labels == c].square().sum(dim=(0, 1))
                 squares[i][c] = squares[i].get(c, 0) + total
         handles += [getattr(site.parent, site.read_attr).register_forward_pre_hook(enter),
                     getattr(site.parent, site.write_attr).register_forward_hook(leave)]
     try:
-        for x, labels in batches:
+        for x, batch["labels"] in batches:
             model(x)
     finally:
         for h in handles:
