@@ -245,3 +245,53 @@ def test_sct_defaults_are_the_official_ones():
     assert (SCT["lr"]["cifar100"], SCT["weight_decay"]["cifar100"]) == (0.013, 1.0)
     assert (SCT["lr"]["kitti"], SCT["weight_decay"]["kitti"]) == (0.0072, 0.0001)
     assert SCT["k"] == 96 and SCT["normalize"] is True and SCT["batch_size"] == 64
+
+
+# ---------------------------------------------------------------- DTL
+
+def dtl_edits(model, add_from):
+    """VisionTransformer.forward of heekhero/DTL (models/vision_transformer.py L424-444, fusion_size 0): before
+    block i, residuals += x @ A_i^T @ B_i^T; after block i in add_after_blocks, x += swish(residuals, beta)."""
+    state = {"res": 0}
+    csn = model.dtl
+
+    def before_block(i, h):
+        if i > add_from:  # after block i - 1
+            res = state["res"]
+            h = h + res * torch.sigmoid(res * csn.beta)
+        if i < len(csn.lowrank):
+            state["res"] = state["res"] + h @ csn.lowrank[i].A.T @ csn.lowrank[i].B.T
+        return h
+    return dict(before_block=before_block)
+
+
+def test_dtl_parameter_count_on_vit_b():
+    # LoRALinear(768, 768, r=2) before each of the 12 blocks (L362): 12 x (2*768 + 768*2) = 36,864
+    assert count_params(build_model("vit-b", "dtl", 100, pretrained=False)) == 36_864
+
+
+@pytest.mark.parametrize("add_from", [None, 1])
+def test_dtl_equals_the_official_forward(images, add_from):
+    model = tiny("dtl", r=3, beta=2.0, add_from=add_from).eval()
+    with torch.no_grad():  # B = 0: the backbone at init
+        assert_close(model(images), plain()(images), 1e-6)
+    assert trainable(model) == {f"dtl.lowrank.{i}.{t}" for i in range(4) for t in "AB"}
+    randomize_trainable(model, std=0.2)
+    check_parity(model, images, **dtl_edits(model, 2 if add_from is None else add_from))
+    with torch.no_grad(), disable_adapters(model):  # the plain backbone with the trained head
+        head = {"head.weight": model.head.weight, "head.bias": model.head.bias}
+        assert_close(model(images.double()), reference_vit(plain().double(), images.double(), P=head), 1e-9)
+
+
+def test_dtl_defaults_are_the_official_ones():
+    from vtab_lily.recipes import DTL
+    model = build_model("vit-b", "dtl", 10, pretrained=False)
+    csn = model.dtl
+    # every train_scripts/vit/vtab/<task>/train_dtl.sh: --r 2 --beta 100.0 --lora_before_blocks 0-11
+    # --add_after_blocks 6-11; LoRALinear (L59-63): A kaiming_uniform(a = sqrt 5) (bound 1 / sqrt(768)), B zero
+    assert len(csn.lowrank) == 12 and csn.lowrank[0].A.shape == (2, 768) and (csn.beta, csn.add_from) == (100.0, 6)
+    assert csn.lowrank[5].B.abs().max() == 0 and 0.9 / 768 ** 0.5 < csn.lowrank[5].A.abs().max() <= 1 / 768 ** 0.5
+    # cifar_100/train_dtl.sh: --lr 0.0003 --drop_path 0.1; dsprites_loc: 0.01, 0.0; --weight_decay 0.05, batch 32
+    assert (DTL["lr"]["cifar100"], DTL["drop_path"]["cifar100"]) == (3e-4, 0.1)
+    assert (DTL["lr"]["dsprites_loc"], DTL["drop_path"]["dsprites_loc"]) == (1e-2, 0.0)
+    assert (DTL["weight_decay"], DTL["batch_size"], DTL["lr_min"], DTL["warmup_lr_init"]) == (0.05, 32, 1e-8, 1e-7)

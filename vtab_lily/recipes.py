@@ -191,6 +191,17 @@ SCT = {
     "batch_size": 64, "drop_path": 0.1, **IMAGENET_NORM,
 }
 
+# DTL's per-task lr and drop path: heekhero/DTL train_scripts/vit/vtab/<task>/train_dtl.sh (r 2, beta 100, batch 32,
+# wd 0.05, 100 epochs + 10 warm-up); train_vit_vtab.py L178-204: no decay on biases, warmup_lr_init 1e-7, lr_min
+# 1e-8. Its inputs are normalised with mean = std = 0.5 (utils/utils.py L51-52, L68-69), which the suite's
+# `normalize` (ImageNet's) is not, so the row runs unnormalised, as the Lily recipe.
+DTL = {
+    "r": 2, "beta": 100.0,
+    "lr": _per_task("3e-4 1e-3 3e-4 8e-3 3e-4 8e-3 5e-4 8e-3 8e-3 8e-3 1e-4 1e-3 5e-4 8e-4 8e-3 1e-2 8e-3 3e-3 1e-3"),
+    "drop_path": _per_task("0.1 0 0.1 0.2 0.1 0.2 0.1 0.1 0 0.1 0.1 0.2 0.2 0.2 0.1 0 0 0.2 0.2"),
+    "weight_decay": 0.05, "batch_size": 32, "warmup_lr_init": 1e-7, "lr_min": 1e-8,
+}
+
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;

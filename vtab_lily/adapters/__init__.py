@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     affix,
     bilora,
     bitfit,
+    dtl,
     fact,
     fourierft,
     full,
