@@ -295,3 +295,111 @@ def test_dtl_defaults_are_the_official_ones():
     assert (DTL["lr"]["cifar100"], DTL["drop_path"]["cifar100"]) == (3e-4, 0.1)
     assert (DTL["lr"]["dsprites_loc"], DTL["drop_path"]["dsprites_loc"]) == (1e-2, 0.0)
     assert (DTL["weight_decay"], DTL["batch_size"], DTL["lr_min"], DTL["warmup_lr_init"]) == (0.05, 32, 1e-8, 1e-7)
+
+
+# ---------------------------------------------------------------- GPS
+
+def official_gps_masks(m, data, k):
+    """calculate_gradient with the cross-entropy loss (FightingFighting/GPS train_gps.py L572-627) and
+    prune_by_percentile_gradient_perCell (utils/pruning.py L5-40) restated on named parameters: 0 = trains."""
+    for p in m.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    for x, y in data.batches(32, True):
+        if len(y) == 32:
+            F.cross_entropy(m(x), y).backward()
+    masks = {}
+    for name, p in m.named_parameters():
+        if "norm" in name or "pos_embed" in name or "cls_token" in name:
+            masks[name] = torch.ones_like(p)
+        elif "head" in name or "bias" in name:
+            masks[name] = torch.zeros_like(p)
+        else:
+            g = p.grad.reshape(len(p), -1).abs()
+            mask = torch.ones_like(g)
+            for j in range(k):
+                mask[torch.arange(len(g)), g.argsort(1)[:, -(j + 1)]] = 0
+            masks[name] = mask.view_as(p)
+    return masks
+
+
+def gps_weight(model):
+    """The weight the official masked training gives: the frozen weight plus the trained values on the mask's 0s."""
+    def weight(name):
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if name.endswith(".bias"):
+            return module.bias
+        delta = module.parametrizations.weight[0]
+        flat = module.parametrizations.weight.original.reshape(len(delta.values), -1).clone()
+        flat[torch.arange(len(flat))[:, None], delta.selection] += delta.values
+        return flat.view_as(module.parametrizations.weight.original)
+    return dict(weight=weight)
+
+
+def test_gps_parameter_count_on_vit_b():
+    # per output row 1 weight entry (pruning.py L23-28, times_para 1) and every Linear / patch-conv bias (L12):
+    # (768 + 12 x (2304 + 768 + 3072 + 768)) x 2 = 167,424
+    assert count_params(build_model("vit-b", "gps", 100, pretrained=False, data=FROM_FILE)) == 167_424
+    with pytest.raises(NeedsTrainingData, match="gps selects the weights it tunes from the training split"):
+        build_model("vit-tiny", "gps", 5, pretrained=False, backbone_options=TINY)
+
+
+def test_gps_selects_the_official_entries():
+    data, _, _ = toy_data(n=70)
+    model = tiny("gps", data=data, loss="ce", k=2, drop_path_rate=0.0)  # the pass runs in train mode
+    masks = official_gps_masks(plain(), data, 2)
+    selected = {n: mask for n, mask in masks.items() if n.endswith(".weight") and "norm" not in n and "head" not in n}
+    for name, mask in selected.items():
+        delta = model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight[0]
+        chosen = torch.nonzero(mask.reshape(len(mask), -1) == 0)[:, 1].view(len(mask), 2)
+        assert torch.equal(delta.selection, chosen.sort(1).values), name
+    assert model.prepass["gps"]["count"] == sum(len(m) * 2 for m in selected.values())
+
+
+def test_gps_contrastive_pass_is_seeded_and_its_loss_is_supcon():
+    from vtab_lily.adapters.gps import sup_con
+    data, _, _ = toy_data(n=70)
+    first, again = (tiny("gps", data=data).prepass["gps"]["sha256"] for _ in range(2))
+    other = tiny("gps", data=TrainingData(data.batches, seed=6)).prepass["gps"]["sha256"]
+    assert first == again != other
+    # SupConLoss.forward (utils/loss_utils.py L30-97) restated with its masks, contrast_mode 'all'
+    feats = torch.randn(6, 2, 8, generator=G().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 1])
+    f = F.normalize(feats, dim=2)
+    contrast = torch.cat(torch.unbind(f, dim=1), dim=0)
+    logits = contrast @ contrast.T / 0.07
+    logits = logits - logits.max(1, keepdim=True).values
+    mask = torch.eq(labels.view(-1, 1), labels.view(1, -1)).double().repeat(2, 2)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(12).view(-1, 1), 0)
+    mask = mask * logits_mask
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
+    want = (-(0.07 / 0.07) * (mask * log_prob).sum(1) / mask.sum(1)).view(2, 6).mean()
+    assert_close(sup_con(feats, labels, 0.07), want, 1e-12)
+
+
+def test_gps_equals_the_official_masked_model_and_trains_only_its_entries(images, tmp_path):
+    data, _, _ = toy_data(n=40)
+    model = tiny("gps", data=data, loss="ce").eval()
+    with torch.no_grad():
+        assert_close(model(images), plain()(images), 1e-6)
+    names = trainable(model)
+    linears = [f"blocks.{i}.{m}" for i in range(4) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert names == {f"{m}.{t}" for m in [*linears, "patch_embed.proj"]
+                     for t in ("bias", "parametrizations.weight.0.values")}
+    randomize_trainable(model, std=0.05)
+    save_adapter(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "a.safetensors", backbone_options=TINY)(images), model(images), 1e-6)
+    check_parity(model, images, **gps_weight(model))
+
+
+def test_gps_defaults_are_the_official_ones():
+    from vtab_lily.recipes import GPS
+    model = tiny("gps", data=FROM_FILE)
+    cfg = model.peft_config["options"]
+    # train_gps.sh: --times_para 1, bz=32, --contrastive; SupConLoss(temperature=0.07) (loss_utils.py L9)
+    assert (cfg["k"], cfg["prepass_batch"], cfg["loss"], cfg["temperature"]) == (1, 32, "supcon", 0.07)
+    # vtab/cifar_100/train_gps.sh: lr 0.01, --opt adam --weight-decay 0, warmup-lr 1e-7, min-lr 1e-8, drop-path 0
+    assert (GPS["lr"]["cifar100"], GPS["weight_decay"], GPS["warmup_lr_init"], GPS["lr_min"]) == (0.01, 0.0, 1e-7, 1e-8)
+    assert (GPS["batch_size"]["cifar100"], GPS["prepass_batch"]["cifar100"], GPS["drop_path"]["cifar100"]) == (32, 32, 0)
+    assert (GPS["k"]["camelyon"], GPS["batch_size"]["dtd"], GPS["drop_path"]["smallnorb_ele"]) == (2, 16, 0.2)

@@ -202,6 +202,19 @@ DTL = {
     "weight_decay": 0.05, "batch_size": 32, "warmup_lr_init": 1e-7, "lr_min": 1e-8,
 }
 
+# GPS's per-task settings: FightingFighting/GPS train_scripts/vit/vtab/<task>/train_gps.sh (bz: the training and
+# the gradient pass's batch, lr, --drop-path, --times_para); Adam with weight decay 0 (= AdamW at 0), warm-up lr
+# 1e-7 over 10 epochs, min lr 1e-8, 100 epochs.
+GPS_BATCH = _per_task("32 16 16 16 32 32 16 32 16 16 32 16 16 16 16 32 16 32 32", int)
+GPS = {
+    "k": _per_task("1 1 1 1 1 1 1 2 1 1 1 1 1 1 1 1 1 1 1", int),
+    "lr": _per_task("0.01 0.002 0.002 0.002 0.003 0.005 0.0025 0.004 0.002 0.0015 0.002 0.0003 0.002 0.0015 0.001 "
+                    "0.007 0.0005 0.003 0.0003"),
+    "drop_path": _per_task("0 0 0 0 0 0 0 0 0 0.1 0.2 0.1 0.1 0.1 0 0 0.2 0.1 0.2"),
+    "batch_size": GPS_BATCH, "prepass_batch": GPS_BATCH,
+    "weight_decay": 0.0, "warmup_lr_init": 1e-7, "lr_min": 1e-8,
+}
+
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;

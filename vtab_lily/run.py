@@ -140,14 +140,14 @@ class TensorBoardLog:
 
 
 def training_data(spec: RunSpec, recipe, data_root: str | Path, device: str, progress: bool) -> TrainingData:
-    """The run's training split for a method's pre-pass (adapters/base.TrainingData): decoded and normalised as
-    training reads it, without augmentation; read only if the method asks for it."""
+    """The run's training split for a method's pre-pass (adapters/base.TrainingData): decoded as training reads
+    it, without augmentation, normalised as the run (`inputs`); read only if the method asks for it."""
     def batches(batch_size: int, shuffle: bool):
         split = load_split(data_root, spec.task, spec.train_split, recipe.image_size, recipe.interpolation,
                            progress=progress)
         for x, y in Batches(split, batch_size, shuffle=shuffle, device=device, seed=spec.seed):
-            yield to_float(x, recipe.normalize), y
-    return TrainingData(batches, spec.seed, device)
+            yield to_float(x), y
+    return TrainingData(batches, spec.seed, device, recipe.normalize)
 
 
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,

@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     fact,
     fourierft,
     full,
+    gps,
     hydra,
     lily,
     lora,

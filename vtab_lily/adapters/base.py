@@ -18,6 +18,7 @@ from torch import nn
 
 from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, StreamSite, adapter_sites, family
 
+from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UnknownName, UserError
 from ..options import OptionError, check_fields
 
@@ -238,19 +239,29 @@ class NeedsTrainingData(UserError, ValueError):
 class TrainingData:
     """The training split for a method's pre-pass at attach time (SCT's salient channels, GPS's gradient
     selection). `batches(batch_size, shuffle)` iterates (x, y) over the whole split once: x float (B, 3, H, W)
-    as the model takes it in training (the run's size and normalisation, no augmentation), y int64 labels,
-    both on the model's device; with `shuffle`, the order follows `seed` (so does any other randomness of a
-    pre-pass); `device`: where the batches are (a pre-pass runs the model there, `TrainingData.on`)."""
+    in [0, 1] at the run's image size (no augmentation; `inputs(x)` normalises it as training does), y int64
+    labels; with `shuffle`, the order follows `seed` (so does any other randomness of a pre-pass); `device`:
+    where the batches are (a pre-pass runs the model there, `TrainingData.on`)."""
 
     batches: Callable[[int, bool], Any]
     seed: int = 0
     device: str = "cpu"
+    normalize: bool = False
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x in [0, 1] as the model reads it in training (ImageNet-normalised when the run normalises)."""
+        if not self.normalize:
+            return x
+        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in (IMAGENET_MEAN,
+                                                                                               IMAGENET_STD))
+        return (x - mean) / std
 
     @contextmanager
-    def on(self, model: nn.Module):
-        """Within the block the model (in eval mode) is on the batches' device; then back as it was."""
+    def on(self, model: nn.Module, train: bool = False):
+        """Within the block the model (in eval mode, or train mode with `train`) is on the batches' device; then
+        back as it was."""
         device, training = next(model.parameters()).device, model.training
-        model.to(self.device).eval()
+        model.to(self.device).train(train)
         try:
             yield
         finally:

@@ -93,8 +93,8 @@ def attach_sct(model: nn.Module, cfg: SCTConfig) -> None:
     branches = [ChannelTuning(cfg.k) for _ in sites]
     if data is not None:
         with data.on(model):
-            picks = salient_channels(model, sites, model_sites(model)["blocks"].prefix, data.batches(50, False),
-                                     cfg.k)
+            batches = ((data.inputs(x), y) for x, y in data.batches(50, False))
+            picks = salient_channels(model, sites, model_sites(model)["blocks"].prefix, batches, cfg.k)
         for branch, idx in zip(branches, picks):
             getattr(branch, SELECTION).copy_(idx)
         joined = torch.cat(picks).to("cpu", torch.int64).numpy().tobytes()
