@@ -11,8 +11,8 @@ batches. Per weight matrix (every Linear and the patch convolution, its kernel f
 pruning.py L15-20), each output row keeps its k = `times_para` entries of the largest |gradient| (L23-28).
 Here the pass runs at attach time on the run's training split (adapters/base.TrainingData, normalised as the run),
 in train mode as theirs (drop path at the run's rate: their per-task --drop-path), its randomness (order, views,
-drop path) drawn from the run's seed; the selection is the buffer `selection` of each weight's delta, saved with the adapter, and its count and SHA-256 go
-into the run's record (`prepass`).
+drop path) drawn from the run's seed; the selection is the buffer `selection` of each weight's delta, saved with
+the adapter, and its count and SHA-256 go into the run's record (`prepass`).
 
 Tuning (pruning.py L10-13, `utils/cuda.py` L25-29 maks_gradient: the gradient of every unselected entry is
 zeroed; their optimizer is Adam with weight decay 0, train_gps.sh): the selected entries train, as a zero-init
