@@ -141,8 +141,9 @@ def test_preset_with_methods_keeps_only_those_rows(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("2 runs:")  # Lily-S and Lily-L
     assert sweep.main([*base, "--methods", "vpt"]) == 2
     assert capsys.readouterr().err == ("error: --methods vpt: preset mini has no such rows; its methods are "
-                                       "['adaptformer', 'addscan', 'affix', 'bilora', 'fft', 'fourierft', 'lily', "
-                                       "'linear', 'lora', 'lorap', 'lorap+partial', 'mora', 'partial', 'prompt']\n")
+                                       "['adaptformer', 'addscan', 'affix', 'bilora', 'dtl', 'fft', 'fourierft', "
+                                       "'gps', 'hydra', 'lily', 'linear', 'lora', 'lorap', 'lorap+partial', 'mora', "
+                                       "'partial', 'prompt', 'sct']\n")
 
 
 def test_set_with_a_method_prefix_applies_to_that_method_only():

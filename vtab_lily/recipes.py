@@ -286,6 +286,11 @@ PRESETS = {
         ("vit-mini", "fourierft", {"n": 256, "scale": 8.0}, {}),
         ("vit-mini", "mora", {"r": 8}, {}),
         ("vit-mini", "lily", {"r": 8}, {"ne": [2, 4]}),
+        # V-PETL Bench's methods at their official sizes (SCT's 96 of 768 channels scaled to 8 of 64)
+        ("vit-mini", "hydra", {"r": 2}, {}),
+        ("vit-mini", "sct", {"k": 8}, {}),
+        ("vit-mini", "dtl", {"r": 2}, {}),
+        ("vit-mini", "gps", {"k": 1}, {}),
         ("vim-mini", "fft", {}, {}),
         ("vim-mini", "linear", {}, {}),
         ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),

@@ -100,6 +100,8 @@ TABLES = {
              Row("vit-mini", "adaptformer", "adaptformer", {"width": 8}), Row("vit-mini", "bilora", "bilora", {"r": 8}),
              Row("vit-mini", "lora", "lora", {"r": 8}), Row("vit-mini", "fourierft", "fourierft", {"n": 256}),
              Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
+             Row("vit-mini", "hydra", "hydra", {"r": 2}), Row("vit-mini", "sct", "sct", {"k": 8}),
+             Row("vit-mini", "dtl", "dtl", {"r": 2}), Row("vit-mini", "gps", "gps", {"k": 1}),
              Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"),
              Row("vim-mini", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
