@@ -49,7 +49,7 @@ class ChannelTuning(nn.Module):
 
     def forward(self, s):
         idx = getattr(self, SELECTION)
-        return s.new_zeros(s.shape).index_copy(-1, idx, self.linear(s.index_select(-1, idx)))
+        return s.new_zeros(s.shape).index_copy(-1, idx, self.linear(s.index_select(-1, idx)).to(s.dtype))
 
 
 @torch.no_grad()
