@@ -156,7 +156,7 @@ def test_hydra_defaults_are_the_official_ones():
 # ---------------------------------------------------------------- SCT
 
 def official_salient_channels(m, data, k):
-    """getSalientChannels (zhaohengyuan1/SCT train_model_sct.py L21-110, sct_attn) restated: norm2's inputs without
+    """getSalientChannels (zhaohengyuan1/SCT train_model_sct.py L22-111, sct_attn) restated: norm2's inputs without
     the class token, per class the L2 norm over images and tokens, the mean over classes, the channels above the
     (K+1)-th largest value."""
     feats = {i: [] for i in range(len(m.blocks))}

@@ -1,12 +1,12 @@
 """SCT (Salient Channel Tuning, Zhao et al. 2023), as its official code (zhaohengyuan1/SCT, mode `sct_attn`, the one
 its `run_model_sct.sh` L7 runs and V-PETL Bench's `train/train_model_sct.py` L176 defaults to).
 
-Pre-pass (`train_model_sct.py` getSalientChannels L21-110, called at L218 on the un-augmented training split,
-batch 50): the plain pretrained model (eval, drop_path 0) reads the training split; per block, the stream after the
-attention's residual sum (the input of norm2, L39, L70) is kept without the class token (L33 `[:, 1:, :]`); per
-class present, the L2 norm of each channel over that class's images and tokens (L81 `torch.norm(.., dim=(0, 1))`);
-their mean over the classes (L88); the K channels above the (K+1)-th largest (L105-107: the top K, ascending
-order). Here the same pass runs at attach time on the run's training split (adapters/base.TrainingData: its
+Pre-pass (`train_model_sct.py` getSalientChannels L22-111, called at L219 on the un-augmented training split,
+batch 50, L216): the plain pretrained model (eval, drop_path 0) reads the training split; per block, the stream
+after the attention's residual sum (the input of norm2, L40, L71) is kept without the class token (L34
+`[:, 1:, :]`); per class present, the L2 norm of each channel over that class's images and tokens (L82
+`torch.norm(.., dim=(0, 1))`); their mean over the classes (L89); the K channels above the (K+1)-th largest
+(L106-108: the top K, ascending order). Here the same pass runs at attach time on the run's training split (adapters/base.TrainingData: its
 inputs as training reads them, un-augmented), in float64 sums; the chosen channels are the buffer `selection`
 (K per block), saved with the adapter, and their count and SHA-256 go into the run's record (`prepass`).
 
