@@ -7,8 +7,9 @@ after the attention's residual sum (the input of norm2, L40, L71) is kept withou
 `[:, 1:, :]`); per class present, the L2 norm of each channel over that class's images and tokens (L82
 `torch.norm(.., dim=(0, 1))`); their mean over the classes (L89); the K channels above the (K+1)-th largest
 (L106-108: the top K, ascending order). Here the same pass runs at attach time on the run's training split
-(adapters/base.TrainingData: its inputs as training reads them, un-augmented), in float64 sums; the chosen channels are the buffer `selection`
-(K per block), saved with the adapter, and their count and SHA-256 go into the run's record (`prepass`).
+(adapters/base.TrainingData: its inputs as training reads them, un-augmented), in float64 sums; the chosen
+channels are the buffer `selection` (K per block), saved with the adapter, and their count and SHA-256 go into the
+run's record (`prepass`).
 
 Tuning (`models/vision_transformer_sct.py` ChannelAdapter L272-307, Block.forward L343-346): after the
 attention's residual sum, x[..., idx] += Linear(K, K)(x[..., idx]) (site `after_attn`), the Linear with weight
