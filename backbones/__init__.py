@@ -13,7 +13,7 @@ _WHERE = {  # public name -> its module
     **dict.fromkeys(("BACKBONES", "Backbone", "_backbone", "adapter_sites", "check_backbone", "create_backbone",
                      "family", "head_of", "init_head", "model_sites", "patch_size", "pretrained_file"), "registry"),
     **dict.fromkeys(("ConvSite", "HookSite", "LayerSites", "LinearSite", "OutputSite", "ParallelSite", "StateSite",
-                     "TensorSite", "TokenSite"), "sites"),
+                     "StreamSite", "TensorSite", "TokenSite"), "sites"),
     "UnmappableBackbone": "vit",
     "WeightsError": "weights",
 }

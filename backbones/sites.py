@@ -56,6 +56,19 @@ class OutputSite:
 
 
 @dataclass(frozen=True)
+class StreamSite:
+    """The residual stream after one branch of a block: s = x + a, x the input of `parent.<read_attr>` (the stream
+    entering the branch), a the output of `parent.<write_attr>` (the branch after its drop_path). A method
+    changes the stream to s + f(s), which the rest of the block then reads (SCT's channel tuning after the
+    attention); d: its width."""
+
+    parent: nn.Module
+    read_attr: str
+    write_attr: str
+    d: int
+
+
+@dataclass(frozen=True)
 class TokenSite:
     """The token sequence through the stack of blocks `parent.<attr>` (an nn.Sequential): `prefix` tokens
     (the class token) then the patches, width d; `patch_size` is the patches' side in pixels."""
@@ -120,11 +133,13 @@ class LayerSites:
     state: dict[str, StateSite] = field(default_factory=dict)
     tensors: dict[str, tuple[TensorSite, ...]] = field(default_factory=dict)  # a name -> its tensors (all directions)
     hooks: dict[str, HookSite] = field(default_factory=dict)
+    stream: dict[str, StreamSite] = field(default_factory=dict)
 
-    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite | HookSite:
+    def get(self, name: str) -> LinearSite | ParallelSite | OutputSite | HookSite | StreamSite:
         """A branch site or hook by name (state sites are read from `state` by the methods that widen a state)."""
-        site = self.linear.get(name) or self.parallel.get(name) or self.serial.get(name) or self.hooks.get(name)
+        site = (self.linear.get(name) or self.parallel.get(name) or self.serial.get(name) or self.hooks.get(name)
+                or self.stream.get(name))
         if site is None:
-            known = sorted([*self.linear, *self.parallel, *self.serial, *self.hooks])
+            known = sorted([*self.linear, *self.parallel, *self.serial, *self.hooks, *self.stream])
             raise UnknownName(f"unknown adapter site {name!r}; this backbone has {known}")
         return site

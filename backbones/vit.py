@@ -30,7 +30,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from .errors import UnknownName, UserError
-from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, TokenSite
+from .sites import LayerSites, LinearSite, OutputSite, ParallelSite, StreamSite, TokenSite
 from .weights import WeightsError, from_hub, shipped_weights, torch_file
 
 
@@ -177,11 +177,14 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
     """Per block, derived from its modules: q, k, v (slices of a fused `attn.qkv`, or the separate
     `attn.q_proj`, `k_proj`, `v_proj`), qkv (fused only), proj, fc1, fc2; parallel sites `mlp` (reads the MLP
     input after norm2, adds to the MLP output, inside layer scale and drop_path), `mlp_residual` (reads
-    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement) and `attn` (reads the
-    attention's input after norm1, adds to its output, inside layer scale and drop_path: ConvPass); serial
-    sites `norm1`, `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its
-    drop_path, before the residual sum) and `block` (the block's output, after both residual sums: Adapter+).
-    A model without such blocks raises UnmappableBackbone naming what is missing."""
+    the block's stream before norm2, adds after drop_path2: AdaptFormer's placement), `attn` (reads the
+    attention's input after norm1, adds to its output, inside layer scale and drop_path: ConvPass),
+    `proj_parallel` and `fc2_parallel` (read the input of attn.proj / mlp.fc2, add after its dropout, so that a
+    serial branch on the same Linear reads its plain output: Hydra's parallel branch); serial sites `norm1`,
+    `norm2` (the norms' outputs), `attn_out` and `mlp_out` (each branch's output after its drop_path, before
+    the residual sum) and `block` (the block's output, after both residual sums: Adapter+); stream site
+    `after_attn` (the stream after the attention's residual sum, which norm2 and the MLP's residual read: SCT's
+    placement). A model without such blocks raises UnmappableBackbone naming what is missing."""
     blocks = getattr(model, "blocks", None)
     label = f"{name or type(model).__name__} ({type(model).__name__})"
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
@@ -199,14 +202,19 @@ def vit_sites(model: nn.Module, name: str | None = None) -> list[LayerSites]:
         linear.update(proj=LinearSite(attn, "proj", d, slice(0, d)),
                       fc1=LinearSite(mlp, "fc1", d, slice(0, mlp.fc1.out_features)),
                       fc2=LinearSite(mlp, "fc2", mlp.fc2.in_features, slice(0, d)))
+        parallel = {"mlp": ParallelSite(block, "mlp", "mlp", d, d),
+                    "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
+                    "attn": ParallelSite(block, "attn", "attn", d, d)}
+        for site, parent, read, write in (("proj_parallel", attn, "proj", "proj_drop"),
+                                          ("fc2_parallel", mlp, "fc2", "drop2")):
+            if isinstance(getattr(parent, write, None), nn.Module):
+                parallel[site] = ParallelSite(parent, read, write, linear[read].d_in, d)
         layers.append(LayerSites(
-            index=i, linear=linear,
-            parallel={"mlp": ParallelSite(block, "mlp", "mlp", d, d),
-                      "mlp_residual": ParallelSite(block, "norm2", "drop_path2", d, d),
-                      "attn": ParallelSite(block, "attn", "attn", d, d)},
+            index=i, linear=linear, parallel=parallel,
             serial={"norm1": OutputSite(block, "norm1", d), "norm2": OutputSite(block, "norm2", d),
                     "attn_out": OutputSite(block, "drop_path1", d), "mlp_out": OutputSite(block, "drop_path2", d),
                     "block": OutputSite(blocks, str(i), d)},
+            stream={"after_attn": StreamSite(block, "norm1", "drop_path1", d)},
         ))
     return layers
 

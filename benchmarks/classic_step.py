@@ -7,6 +7,7 @@ from common import interleaved_medians
 from train_step import train_step
 
 from vtab_lily import build_model, count_params
+from vtab_lily.adapters.base import FROM_FILE
 
 CONFIGS = [
     ("lora", dict(r=8)),
@@ -22,6 +23,11 @@ CONFIGS = [
     ("lntune", {}),
     ("convpass", {}),
     ("adapterplus", {}),
+    # V-PETL Bench's (issue 23); SCT's and GPS's selection as a loaded adapter's (no pre-pass: its cost is one pass)
+    ("hydra", {}),
+    ("sct", dict(data=FROM_FILE)),
+    ("dtl", {}),
+    ("gps", dict(data=FROM_FILE)),
 ]
 
 
@@ -35,7 +41,8 @@ def main():
     print("| method | options | params | ms | / LoRA |\n|---|---|---|---|---|")
     for (method, options), t in zip(CONFIGS, times):
         params = count_params(build_model("vit-b", method, 100, pretrained=False, **options))
-        print(f"| {method} | {options} | {params:,} | {t * 1e3:.0f} | {t / times[0]:.2f} |")
+        shown = {k: v for k, v in options.items() if k != "data"}
+        print(f"| {method} | {shown} | {params:,} | {t * 1e3:.0f} | {t / times[0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -144,8 +144,8 @@ def test_preset_with_methods_keeps_only_those_rows(tmp_path, capsys):
     assert sweep.main([*base, "--methods", "vpt"]) == 2
     assert capsys.readouterr().err == ("error: --methods vpt: preset mini has no such rows; its methods are "
                                        "['adapterplus', 'adaptformer', 'addscan', 'affix', 'bilora', 'convpass', "
-                                       "'fft', 'fourierft', 'lily', 'linear', 'lntune', 'lora', 'lorap', "
-                                       "'lorap+partial', 'mora', 'partial', 'prompt', 'repadapter']\n")
+                                       "'dtl', 'fft', 'fourierft', 'gps', 'hydra', 'lily', 'linear', 'lntune', 'lora', "
+                                       "'lorap', 'lorap+partial', 'mora', 'partial', 'prompt', 'repadapter', 'sct']\n")
 
 
 def test_set_with_a_method_prefix_applies_to_that_method_only():

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import randomize_trainable, tiny
+from helpers import randomize_trainable, tiny
 from torch import nn
 
 from vtab_lily import build_model, count_params, storage_bytes, tables

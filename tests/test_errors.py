@@ -389,6 +389,9 @@ BOUNDS = {
     ("repadapter", "dropout"): (0.0, 1.0),
     ("convpass", "width"): (1, None), ("convpass", "s"): "finite", ("convpass", "dropout"): (0.0, 1.0),
     ("adapterplus", "width"): (1, None), ("adapterplus", "drop_path"): (0.0, 1.0),
+    ("hydra", "r"): (1, None), ("hydra", "s"): "finite", ("hydra", "dropout"): (0.0, 1.0), ("sct", "k"): (1, None),
+    ("dtl", "r"): (1, None), ("dtl", "beta"): "finite", ("dtl", "add_from"): (0, None),
+    ("gps", "k"): (1, None), ("gps", "prepass_batch"): (2, None), ("gps", "temperature"): (1e-6, None),
     ("recipe", "lr"): (1e-12, None), ("recipe", "weight_decay"): (0.0, None), ("recipe", "batch_size"): (1, None),
     ("recipe", "epochs"): (1, None), ("recipe", "warmup_epochs"): (0, None), ("recipe", "warmup_lr_init"): (0.0, None),
     ("recipe", "lr_min"): (0.0, None), ("recipe", "drop_path"): (0.0, 1.0), ("recipe", "eval_every"): (1, None),
@@ -405,6 +408,7 @@ CHOICES = {
     ("lily", "preset"): ("lily-s", "nosuch"), ("ssf", "init"): ("identity", "nosuch"), ("mora", "type"): (6, 2),
     ("prompt", "type"): ("suffix", "nosuch"),
     ("repadapter", "placement"): ("attn", "nosuch"), ("convpass", "placement"): ("attn", "nosuch"),
+    ("gps", "loss"): ("ce", "nosuch"),
     ("recipe", "interpolation"): ("nearest", "nosuch"), ("recipe", "precision"): ("bf16", "fp16"),
     ("recipe", "lr_schedule"): ("mmengine", "nosuch"), ("recipe", "recipe"): ("mambapeft", "nosuch"),
 }

@@ -613,8 +613,9 @@ def test_load_model_reproduces_every_vim_methods_run(vim_methods, data):
 
 # ---------------------------------------------------------------- ViT's newer methods (mini rows beyond Table 4's)
 
-VIT_METHODS = sorted({row[1] for row in PRESETS["mini"] if row[0] == "vit-mini"}
-                     - {row[1] for row in PRESETS["table4"]})
+VIT_METHODS_B = ["hydra", "sct", "dtl", "gps"]  # issue 23's part b: V-PETL Bench's Hydra, SCT, DTL, GPS
+VIT_METHODS = sorted({row[1] for row in PRESETS["mini"] if row[0] == "vit-mini"}  # those of part a
+                     - {row[1] for row in PRESETS["table4"]} - set(VIT_METHODS_B))
 
 
 @pytest.mark.parametrize("method", VIT_METHODS)
@@ -626,3 +627,33 @@ def test_vit_method_runs_and_load_model_reproduces_its_record(data, method):
     assert record["method"] == method and record["status"] == "done" and record["params"] > 0
     assert f"| vit-mini | {method} | digits | {record['params']:,} | {record['best_acc']:.2f} " in out
     assert reevaluate(path, data) == record["final_acc"]
+
+
+
+@pytest.fixture(scope="module")
+def vit_methods_b(data):
+    """sweep --preset mini: the vit section's Hydra, SCT, DTL and GPS rows on digits, seed 1 (SCT and GPS run their
+    pre-pass on the training split at attach time)."""
+    runs = data.parent / "runs-vit-b"
+    out = ok(sweep_cli.main, ["--preset", "mini", "--backbones", "vit-mini", "--methods", *VIT_METHODS_B,
+                              "--tasks", "digits", "--seeds", 1, "--data-root", data, "--runs", runs])
+    return runs, out
+
+
+def test_vit_methods_b_run_record_their_pre_pass_tabulate_and_reload(vit_methods_b, data, tmp_path):
+    runs, out = vit_methods_b
+    assert "4 jobs: 4 ran, 0 already done, 0 run elsewhere, 0 failed" in out
+    df = load_records(runs).set_index("method")
+    assert sorted(df.index) == sorted(VIT_METHODS_B) and (df.status == "done").all()
+    # vit-mini: 8 blocks of width 64 (MLP 256); SCT k 8, GPS k 1 (rows: 64 patch + 8 x (192 + 64 + 256 + 64))
+    assert df.params.to_dict() == {"hydra": 8 * (2 * (64 * 2 + 2 + 2 * 64 + 64) + (256 * 2 + 2 + 2 * 64 + 64)
+                                                 + (64 * 2 + 2 + 2 * 64 + 64)),
+                                   "sct": 8 * (8 * 8 + 8), "dtl": 8 * 2 * 2 * 64, "gps": 2 * (64 + 8 * 576)}
+    sct, gps = (read_record(df.path[m])["prepass"][m] for m in ("sct", "gps"))
+    assert (sct["count"], gps["count"]) == (8 * 8, 64 + 8 * 576) and len(sct["sha256"]) == len(gps["sha256"]) == 64
+    assert "prepass" not in read_record(df.path["hydra"])
+    ok(tables_cli.main, ["--table", "mini", "--runs", runs, "--out", tmp_path, "--ci", "std"])
+    md = md_cells(tmp_path, "tablemini_paper")
+    for method in VIT_METHODS_B:
+        assert md[f"vit-mini {method}"]["digits"] == f"{df.best_acc[method]:.1f}", method
+        assert reevaluate(df.path[method], data) == read_record(df.path[method])["final_acc"], method

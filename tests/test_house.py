@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_trainable, tiny
+from helpers import randomize_trainable, tiny
 
 from analysis.routers import router_weights
 from backbones import BACKBONES, WeightsError, create_backbone, family, pretrained_file

@@ -8,7 +8,7 @@ perturbed), the official defaults pinned with the file and line they come from; 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randomize_trainable, tiny
+from helpers import assert_close, randomize_trainable, tiny
 from test_classic import naive_vit, plain_vit
 
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter

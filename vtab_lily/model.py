@@ -12,7 +12,7 @@ from torch import nn
 from backbones import WeightsError, create_backbone, head_of
 
 from .adapters import adapted_modules, get_method, make_config
-from .adapters.base import attaching, config_dict
+from .adapters.base import FROM_FILE, SELECTION, TrainingData, attaching, config_dict, training_data
 from .adapters.peft_tuners import tuner_layers
 from .errors import UserError, write_errors
 from .fileio import atomic_path
@@ -22,7 +22,7 @@ from .provenance import weights_provenance
 def build_model(backbone: str, method: str, num_classes: int, *, pretrained: bool = True,
                 weights: str | None = None, drop_path_rate: float | None = None,
                 backbone_options: dict | None = None, seed: int | None = None, provenance: dict | None = None,
-                **options) -> nn.Module:
+                data: TrainingData | str | None = None, **options) -> nn.Module:
     """Backbone + method, with requires_grad set: the backbone is frozen before the method attaches, so
     what trains is the method's parameters (those it leaves with requires_grad), the head, and, for
     full fine-tuning (trains_backbone), everything.
@@ -35,7 +35,9 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
     is saved with the adapter, so `load_model` rebuilds the same random backbone. `provenance`: the weights'
     provenance as the run resolved it (`run` passes the hub file it fetched as `weights`, so the file alone
     would read as a local one); by default it is computed from `weights` / `pretrained`. Saved with the
-    adapter, for `load_model`.
+    adapter, for `load_model`. `data`: the training split, for a method with a pre-pass on it (SCT, GPS: see
+    adapters/base.TrainingData); `run` passes it. Its selection is kept in buffers named `selection`, saved with
+    the adapter, and its summary in `model.prepass` (the run's record keeps it).
     """
     cfg = make_config(method, options, backbone)
     if seed is not None:
@@ -44,7 +46,7 @@ def build_model(backbone: str, method: str, num_classes: int, *, pretrained: boo
                             drop_path_rate=drop_path_rate, **(backbone_options or {}))
     model.requires_grad_(False)
     spec = get_method(method)
-    with attaching(method, model):
+    with attaching(method, model), training_data(data):
         spec.attach(model, cfg)
     head = head_ids(model)
     for p in model.parameters():
@@ -128,10 +130,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: the trainable tensors and the selections of pre-passes (buffers named
+    `selection`: which channels or weights a method adapts, chosen from the training data)."""
+    selections = {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] == SELECTION}
+    return {**trainable_state(model), **selections}
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the trainable tensors (head included) as safetensors, with the build config as JSON
-    metadata under the key `vtab_lily`. Atomic."""
-    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
+    """Write the trainable tensors (head included) and the pre-passes' selections as safetensors, with the
+    build config as JSON metadata under the key `vtab_lily`. Atomic."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in adapter_state(model).items()}
     with atomic_path(path) as tmp, write_errors(path):
         save_file(tensors, str(tmp), metadata={"vtab_lily": json.dumps(model.peft_config)})
 
@@ -167,7 +176,8 @@ def load_model(path: str | os.PathLike, weights: str | None = None, pretrained: 
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg["backbone"], cfg["method"], cfg["num_classes"],
                             pretrained=True if pretrained is None else pretrained, weights=weights,
-                            backbone_options=backbone_options, seed=cfg.get("seed"), **cfg["options"])
+                            backbone_options=backbone_options, seed=cfg.get("seed"), data=FROM_FILE,
+                            **cfg["options"])
     load_adapter(model, path)
     return model.eval()
 
@@ -206,7 +216,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         raise UserError(f"{path} was saved from {saved}, which does not fit this model "
                          f"({model.peft_config}); build the model with the saved backbone, method and options")
     tensors = load_file(str(path))
-    own = trainable_state(model)
+    own = adapter_state(model)
     if set(tensors) != set(own):
         raise UserError(f"{path} holds tensors {sorted(set(tensors) ^ set(own))[:5]} that do not match "
                          "this model's trainable parameters")

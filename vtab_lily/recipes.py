@@ -201,6 +201,56 @@ LNTUNE_RECIPE = {
     **IMAGENET_NORM,
 }
 
+# Hydra's per-task settings: extremebird/Hydra vtab1k/configs/hydra_both/<task>.yaml (lr, wd, scale, dropout,
+# batchsize), rank 2 (scripts/train_hydra.sh L5), inputs ImageNet-normalised (vtab1k/dataset.py L50); its
+# schedule (train.py L113-114: cosine with t_initial 500 over 100 epochs) is not this suite's (docs/methods-vit.md).
+HYDRA = {
+    "r": 2,
+    "lr": _per_task("5e-4 1e-3 1e-3 5e-3 1e-3 1e-3 1e-3 5e-3 5e-4 5e-3 5e-4 5e-4 5e-4 1e-3 5e-4 1e-3 1e-3 5e-3 5e-4"),
+    "weight_decay": _per_task("1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 1e-4 "
+                              "1e-5 1e-4"),
+    "s": _per_task("0.1 4 0.1 0.1 0.1 3 0.1 0.1 0.1 0.1 4.5 1.5 0.1 4.5 4.5 4.5 2.5 3 1"),
+    "dropout": _per_task("0.2 0.1 0.2 0 0 0 0.2 0.2 0.2 0.2 0.2 0.2 0 0.2 0.2 0.2 0.2 0.2 0.2"),
+    "batch_size": _per_task("16 32 32 64 32 16 64 64 64 64 64 64 16 64 64 16 64 64 64", int),
+    **IMAGENET_NORM,
+}
+
+# SCT's per-task lr and wd: zhaohengyuan1/SCT run_model_sct.sh (L9-L45, one line per task; --dpr 0.1, topN 96 at L6),
+# batch 64, 100 epochs, 10 warm-up (configs/model_sct/vtab/<task>.yaml), ImageNet-normalised inputs (vtab.py L74).
+# Their label smoothing (0.1 on 12 tasks) and RandAugment (`train_aug` on 11) are not this suite's recipe.
+SCT = {
+    "k": 96,
+    "lr": _per_task("0.013 0.006 0.0032 0.05 0.0007 0.075 0.0017 0.0072 0.06 0.01 0.004 0.0033 0.0018 0.009 0.0072 "
+                    "0.003 0.01 0.0062 0.0011"),
+    "weight_decay": _per_task("1.0 0.35 0.04 0.11 0.8 0.03 0.01 0.002 0.001 0.01 0.0003 0.01 0.005 0.1 0.0001 0.001 "
+                              "0.05 0.005 0.0005"),
+    "batch_size": 64, "drop_path": 0.1, **IMAGENET_NORM,
+}
+
+# DTL's per-task lr and drop path: heekhero/DTL train_scripts/vit/vtab/<task>/train_dtl.sh (r 2, beta 100, batch 32,
+# wd 0.05, 100 epochs + 10 warm-up); train_vit_vtab.py L178-204: no decay on biases, warmup_lr_init 1e-7, lr_min
+# 1e-8. Its inputs are normalised with mean = std = 0.5 (utils/utils.py L51-52, L68-69), which the suite's
+# `normalize` (ImageNet's) is not, so the row runs unnormalised, as the Lily recipe.
+DTL = {
+    "r": 2, "beta": 100.0,
+    "lr": _per_task("3e-4 1e-3 3e-4 8e-3 3e-4 8e-3 5e-4 8e-3 8e-3 8e-3 1e-4 1e-3 5e-4 8e-4 8e-3 1e-2 8e-3 3e-3 1e-3"),
+    "drop_path": _per_task("0.1 0 0.1 0.2 0.1 0.2 0.1 0.1 0 0.1 0.1 0.2 0.2 0.2 0.1 0 0 0.2 0.2"),
+    "weight_decay": 0.05, "batch_size": 32, "warmup_lr_init": 1e-7, "lr_min": 1e-8,
+}
+
+# GPS's per-task settings: FightingFighting/GPS train_scripts/vit/vtab/<task>/train_gps.sh (bz: the training and
+# the gradient pass's batch, lr, --drop-path, --times_para); Adam with weight decay 0 (= AdamW at 0), warm-up lr
+# 1e-7 over 10 epochs, min lr 1e-8, 100 epochs.
+GPS_BATCH = _per_task("32 16 16 16 32 32 16 32 16 16 32 16 16 16 16 32 16 32 32", int)
+GPS = {
+    "k": _per_task("1 1 1 1 1 1 1 2 1 1 1 1 1 1 1 1 1 1 1", int),
+    "lr": _per_task("0.01 0.002 0.002 0.002 0.003 0.005 0.0025 0.004 0.002 0.0015 0.002 0.0003 0.002 0.0015 0.001 "
+                    "0.007 0.0005 0.003 0.0003"),
+    "drop_path": _per_task("0 0 0 0 0 0 0 0 0 0.1 0.2 0.1 0.1 0.1 0 0 0.2 0.1 0.2"),
+    "batch_size": GPS_BATCH, "prepass_batch": GPS_BATCH,
+    "weight_decay": 0.0, "warmup_lr_init": 1e-7, "lr_min": 1e-8,
+}
+
 
 def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     """The named recipe (`recipe`, e.g. "mambapeft"; None or the backbone's family: its own) with `overrides`;
@@ -277,6 +327,11 @@ PRESETS = {
         ("vit-mini", "lntune", {}, {}),
         ("vit-mini", "convpass", {}, {}),
         ("vit-mini", "adapterplus", {}, {}),
+        # V-PETL Bench's methods at their official sizes (SCT's 96 of 768 channels scaled to 8 of 64)
+        ("vit-mini", "hydra", {"r": 2}, {}),
+        ("vit-mini", "sct", {"k": 8}, {}),
+        ("vit-mini", "dtl", {"r": 2}, {}),
+        ("vit-mini", "gps", {"k": 1}, {}),
         ("vim-mini", "fft", {}, {}),
         ("vim-mini", "linear", {}, {}),
         ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),

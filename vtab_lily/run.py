@@ -25,9 +25,9 @@ from backbones import family
 from backbones.ssm import BACKENDS, set_backend
 from backbones.ssm import chosen as scan_backend
 
-from .adapters.base import option_names
+from .adapters.base import TrainingData, option_names
 from .choices import choices_help
-from .data import Batches, load_split, read_list, task_dir
+from .data import Batches, load_split, read_list, task_dir, to_float
 from .errors import UnknownName, UserError, cli
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
@@ -180,6 +180,17 @@ class RunOptions:
     interrupt_after: int | None = None
 
 
+def prepass_split(spec: RunSpec, recipe, data_root: str | Path, device: str, progress: bool) -> TrainingData:
+    """The run's training split for a method's pre-pass (adapters/base.TrainingData): decoded as training reads
+    it, without augmentation, normalised as the run (`inputs`); read only if the method asks for it."""
+    def batches(batch_size: int, shuffle: bool):
+        split = load_split(data_root, spec.task, spec.train_split, recipe.image_size, recipe.interpolation,
+                           progress=progress)
+        for x, y in Batches(split, batch_size, shuffle=shuffle, device=device, seed=spec.seed):
+            yield to_float(x), y
+    return TrainingData(batches, spec.seed, device, recipe.normalize)
+
+
 def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Path = DEFAULT_DATA,
             options: RunOptions | None = None, **flags) -> Path:
     """Run `spec` (or skip it when its record is done) and return the record's path. `flags` are RunOptions
@@ -212,7 +223,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         model = build_model(spec.backbone, spec.method, task.num_classes, pretrained=o.pretrained,
                             weights=weights_file, drop_path_rate=recipe.drop_path,
                             backbone_options={"img_size": recipe.image_size}, seed=spec.seed,
-                            provenance=spec.provenance["weights"], **spec.options).to(device)
+                            provenance=spec.provenance["weights"],
+                            data=prepass_split(spec, recipe, data_root, device, o.progress), **spec.options).to(device)
         for tmp in record_path.parent.glob(f".{spec.run_id}.*.tmp"):
             tmp.unlink(missing_ok=True)  # left by a killed process
         predictions_path(record_path).unlink(missing_ok=True)  # a done run's are written with its record
@@ -228,7 +240,8 @@ def execute(spec: RunSpec, runs: str | Path = DEFAULT_RUNS, data_root: str | Pat
         common = dict(params=count_params(model), storage_bytes=storage_bytes(model), environment=environment(device),
                       weights=weights_file, data_root=str(data_root), device=device,
                       split_sizes={spec.train_split: len(train_split.labels), spec.eval_split: len(eval_split.labels)},
-                      scan=dict(zip(("backend", "reason"), scan)) if scan else None)
+                      scan=dict(zip(("backend", "reason"), scan)) if scan else None,
+                      **({"prepass": model.prepass} if hasattr(model, "prepass") else {}))
         # a holder that was taken over (its heartbeat found another token) stops before it writes anything
         on_epoch = [lambda _: lock.check()] + ([print_epoch] if o.progress else []) + (
             [TensorBoardLog(writer(log_dir=str(Path(o.tensorboard) / spec.run_id)))] if writer else [])

@@ -108,6 +108,8 @@ TABLES = {
              Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
              Row("vit-mini", "repadapter", "repadapter"), Row("vit-mini", "lntune", "lntune"),
              Row("vit-mini", "convpass", "convpass"), Row("vit-mini", "adapterplus", "adapterplus"),
+             Row("vit-mini", "hydra", "hydra", {"r": 2}), Row("vit-mini", "sct", "sct", {"k": 8}),
+             Row("vit-mini", "dtl", "dtl", {"r": 2}), Row("vit-mini", "gps", "gps", {"k": 1}),
              Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"),
              Row("vim-mini", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
              Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, adapter_sites
+from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, StreamSite, adapter_sites
 
 from ..errors import UserError
 
@@ -198,6 +198,25 @@ def add_serial(site: LinearSite | OutputSite, branch: nn.Module) -> None:
     to the site's columns of that output (y -> y + branch(y) for an OutputSite)."""
     out = site.out if isinstance(site, LinearSite) else slice(0, site.d_out)
     _add(site.parent, site.attr, branch, out, serial=True)
+
+
+class StreamBranch(nn.Module):
+    """A serial branch on a block's branch output a that also reads the stream x entering the branch (from a
+    Tap): it returns f(x + a), so the stream x + a becomes x + a + f(x + a) (a StreamSite)."""
+
+    def __init__(self, f: nn.Module, tap: Tap):
+        super().__init__()
+        self.f = f
+        object.__setattr__(self, "tap", tap)  # lives in the model tree at the read site
+
+    def forward(self, a):
+        return self.f(self.tap.pop() + a)
+
+
+def add_stream(site: StreamSite, branch: nn.Module) -> None:
+    """Attach `branch` on the residual stream `site`: the stream s becomes s + branch(s)."""
+    _add(site.parent, site.write_attr, StreamBranch(branch, _tap(site.parent, site.read_attr)), slice(0, site.d),
+         serial=True)
 
 
 def set_hook(site: HookSite, module: nn.Module) -> None:
