@@ -50,7 +50,8 @@ def test_one_file_hash_for_weights_lists_and_method_modules(tmp_path):
     assert sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
     users = sorted(str(p.relative_to(ROOT)) for folder in ("backbones", "vtab_lily", "analysis")
                    for p in (ROOT / folder).rglob("*.py") if "hashlib.sha256(" in p.read_text())
-    assert users == ["backbones/weights.py", "vtab_lily/provenance.py"]  # the file hash; a digest over split lists
+    # the file hash; a digest over a pre-pass's selection; a digest over split lists
+    assert users == ["backbones/weights.py", "vtab_lily/adapters/prepass.py", "vtab_lily/provenance.py"]
 
 
 def test_router_weights_are_the_branches_own_router_step(images):

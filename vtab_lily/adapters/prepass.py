@@ -2,6 +2,7 @@
 the split handed to it (TrainingData, set by `training_data` around building the model), and its record."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,8 +81,11 @@ def prepass_data(what: str) -> TrainingData | None:
     return data
 
 
-def record_prepass(model: nn.Module, summary: dict) -> None:
-    """Keep a pre-pass's summary (what it selected: counts, a hash) on the model, for the run's record."""
+def record_prepass(model: nn.Module, what: str, k: int, selections: list[torch.Tensor]) -> None:
+    """Keep a pre-pass's summary on the model, for the run's record: what it selected, k, how many entries and the
+    SHA-256 of their indices (int64, concatenated in order)."""
+    joined = torch.cat([t.flatten() for t in selections]).to("cpu", torch.int64)
     if not hasattr(model, "prepass"):
         model.prepass = {}
-    model.prepass[current_method() or "method"] = summary
+    model.prepass[current_method() or "method"] = {"what": what, "k": k, "count": joined.numel(),
+                                                   "sha256": hashlib.sha256(joined.numpy().tobytes()).hexdigest()}

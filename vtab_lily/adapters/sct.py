@@ -19,7 +19,6 @@ Parameters on ViT-B/16 at K = 96: 12 x (96*96 + 96) = 111,744.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -98,8 +97,6 @@ def attach_sct(model: nn.Module, cfg: SCTConfig) -> None:
             picks = salient_channels(model, sites, model_sites(model)["blocks"].prefix, batches, cfg.k)
         for branch, idx in zip(branches, picks):
             getattr(branch, SELECTION).copy_(idx)
-        joined = torch.cat(picks).to("cpu", torch.int64).numpy().tobytes()
-        record_prepass(model, {"what": "salient channels per block (after the attention)", "k": cfg.k,
-                               "count": len(picks) * cfg.k, "sha256": hashlib.sha256(joined).hexdigest()})
+        record_prepass(model, "salient channels per block (after the attention)", cfg.k, picks)
     for site, branch in zip(sites, branches):
         add_stream(site, branch)
