@@ -13,20 +13,23 @@ two directions' mean) and adds to the mixer's output (out_proj's output): site `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import nn
 
+from ..options import option
 from .base import attach_each, register
 
 
 @dataclass
 class AdaptFormerConfig:
-    width: int = 32
-    s: float = 0.1
-    dropout: float = 0.1
-    bias: bool = False
-    site: str | None = None
+    width: int = option(32, "bottleneck width (AdaptFormer's ffn_num)")
+    s: float = option(0.1, "scale of the branch's output (AdaptFormer's adapter_scalar)")
+    dropout: float = option(0.1, "dropout after the ReLU", (0.0, 1.0))
+    bias: bool = option(False, "biases in down and up (the original AdaptFormer; the Lily copy has none)")
+    site: Literal["mlp_residual", "out_proj"] | None = option(
+        None, "where the branch reads and adds: mlp_residual (ViT: beside the MLP), out_proj (Vim: beside the "
+        "mixer's out_proj)")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"site": "mlp_residual"}, "vim": {"site": "out_proj"}}
 
 
