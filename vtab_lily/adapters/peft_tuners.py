@@ -109,7 +109,7 @@ def _options_fields(config_cls, changed: dict) -> list[tuple]:
     for f in dataclasses.fields(config_cls):
         if not f.init or f.name in EXCLUDED or f.name.endswith("_config"):
             continue
-        help = f.metadata.get("help", "")
+        help = " ".join(f.metadata.get("help", "").split())  # peft's help, on one line
         if f.name in SITE_FIELDS:
             out.append((f.name, tuple[str, ...], option((), f"site names joined by '+' ({help})")))
             continue
