@@ -13,7 +13,7 @@ two directions' mean) and adds to the mixer's output (out_proj's output): site `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from torch import nn
 
@@ -27,9 +27,8 @@ class AdaptFormerConfig:
     s: float = option(0.1, "scale of the branch's output (AdaptFormer's adapter_scalar)")
     dropout: float = option(0.1, "dropout after the ReLU", (0.0, 1.0))
     bias: bool = option(False, "biases in down and up (the original AdaptFormer; the Lily copy has none)")
-    site: Literal["mlp_residual", "out_proj"] | None = option(
-        None, "where the branch reads and adds: mlp_residual (ViT: beside the MLP), out_proj (Vim: beside the "
-        "mixer's out_proj)")
+    site: str | None = option(None, "the site the branch reads and adds to (a site name: mlp_residual on ViT reads "
+                                    "before norm2 and adds after the MLP; out_proj on Vim)")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"site": "mlp_residual"}, "vim": {"site": "out_proj"}}
 
 
