@@ -18,12 +18,13 @@ from torch import nn
 
 from backbones import adapter_sites
 from vtab_lily.adapters import TargetedConfig, add_branch, register
+from vtab_lily.options import option
 
 
 @dataclass
 class TiedLoRAConfig(TargetedConfig):  # `targets`: site names, default q, v on ViT and in_proj on Vim
-    r: int = 8
-    s: float = 1.0
+    r: int = option(8, "rank of the shared pair A, B")
+    s: float = option(1.0, "scale of the update")
 
 
 class Tied(nn.Module):

@@ -421,7 +421,7 @@ def _numeric_options():
     for owner, cls in owners.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            kinds, _ = _kinds(hints[f.name])
+            kinds, _, _ = _kinds(hints[f.name])
             if (int in kinds or float in kinds) and bool not in kinds:
                 found.add((owner, f.name))
     return found

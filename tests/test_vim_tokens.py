@@ -187,7 +187,8 @@ def test_load_model_rebuilds_prompt_and_affix(method, options, tmp_path):
 
 
 def test_user_errors_are_one_line():
-    with pytest.raises(OptionError, match="prompt type must be one of prefix, suffix, prefix_suffix, got 'infix'"):
+    with pytest.raises(OptionError, match=r"prompt type must be one of \('prefix', 'suffix', 'prefix_suffix'\), "
+                                          r"got 'infix'"):
         make_config("prompt", {"type": "infix"}, "vim-s")
     with pytest.raises(UnknownName, match="prompt needs the token-sequence hook 'tokens'.*'vit-tiny' has none"):
         build_model("vit-tiny", "prompt", 5, pretrained=False, backbone_options=dict(img_size=32, patch_size=8))

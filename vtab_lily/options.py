@@ -1,12 +1,15 @@
-"""Checking option values against their dataclass field's type and range, before any work starts.
+"""Declaring options and checking their values, before any work starts.
 
-Used for every method config and for the training recipe, so `--set r=abc`, `--set r=0`, `--set s=nan`
-or `--epochs 0` end in one clear error instead of a traceback (or a silently useless run).
+Used for every method config and for the training recipe, so `--set r=abc`, `--set r=0`, `--set s=nan`,
+`--set router=nosuch` or `--epochs 0` end in one clear error instead of a traceback (or a silently useless run).
 
-Types come from the field annotations (int, float, bool, str, tuple[str, ...], each optionally `| None`).
-Ranges: a class may declare `RANGES = {"field": (low, high)}` (inclusive, None = open); otherwise an int
-must be >= 1 (sizes, counts, ranks), except fields named `*seed*` (>= 0); a field named `*dropout*` or
-`drop_path` lies in [0, 1]; every float must be finite.
+An option is a dataclass field declared with `option(default, help, range=...)`:
+- its type is the field's annotation: int, float, bool, str, tuple[str, ...], or `Literal[...]` (the values
+  it may take: its choices), each optionally `| None` (None: a default filled in later, e.g. per family);
+- `range=(low, high)` bounds a number (inclusive; None = open). Without one, an int is a size, count or rank
+  (>= 1: INT_RANGE) and a float may be any finite number; every float must be finite;
+- `help` says what it does (shown by `python -m vtab_lily.run --method NAME --list-options`).
+A plain field (a plugin's, `x: int = 3`) is checked by the same rules with no help text.
 
 Also the checks of a run's other options, before any work: the seed, the image size against the
 backbone's patches, the device, a folder that must be writable.
@@ -23,16 +26,70 @@ from pathlib import Path
 
 from .errors import UserError
 
+INT_RANGE = (1, None)  # an int option without a declared range: a size, count or rank
+NUMBER_RANGE = (None, None)  # a float option without a declared range: any finite number
+
 
 class OptionError(UserError, ValueError):
     """An option value of the wrong type or outside its range; the message names the option."""
 
 
-def _kinds(hint) -> tuple[set, bool]:
-    """The base types an annotation admits, and whether None is allowed."""
+def option(default=dataclasses.MISSING, help: str = "", range: tuple | None = None, *, default_factory=None):
+    """A dataclass field for an option: its default, its help text and, for a number, its range."""
+    metadata = {"help": help, **({"range": range} if range is not None else {})}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _kinds(hint) -> tuple[set, bool, tuple]:
+    """The base types an annotation admits, whether None is allowed, and its Literal choices (or ())."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     optional = type(None) in args
-    return {typing.get_origin(a) or a for a in args if a is not type(None)}, optional
+    choices = tuple(c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a))
+    kinds = {typing.get_origin(a) or a for a in args
+             if a is not type(None) and typing.get_origin(a) is not typing.Literal}
+    return kinds | {type(c) for c in choices}, optional, choices
+
+
+def describe(cls) -> list[dict]:
+    """Each option of config class `cls`: name, type (as written), default, range (numbers), choices, help."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kinds, optional, choices = _kinds(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        numeric = not choices and bool(kinds & {int, float}) and bool not in kinds
+        out.append({"name": f.name, "type": _type_name(hints[f.name]),
+                    "default": None if default is dataclasses.MISSING else default,
+                    "range": field_range(f, kinds) if numeric else None, "choices": choices or None,
+                    "help": f.metadata.get("help", "")})
+    return out
+
+
+def _type_name(hint) -> str:
+    """int, float, bool, str, 'names' (tuple[str, ...]: names joined by '+'), each with '| None' if optional;
+    a Literal by its values' type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(hint)))
+    if origin is typing.Literal:
+        return type(typing.get_args(hint)[0]).__name__
+    if origin is tuple:
+        return "names"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def range_text(low, high) -> str:
+    """A range as messages and listings write it: '>= 1', '<= 2', 'in [0.0, 1.0]', 'any'."""
+    if low is None and high is None:
+        return "any"
+    return f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {round(high, 6)}]"
+
+
+def field_range(f: dataclasses.Field, kinds: set) -> tuple:
+    """A numeric field's (low, high): its declared range, else INT_RANGE for an int, NUMBER_RANGE for a float."""
+    return f.metadata.get("range", INT_RANGE if int in kinds else NUMBER_RANGE)
 
 
 def _coerce(name: str, value, kinds: set):
@@ -64,17 +121,6 @@ def _coerce(name: str, value, kinds: set):
     return value
 
 
-def _range(cls, name: str) -> tuple:
-    ranges = getattr(cls, "RANGES", {})
-    if name in ranges:
-        return ranges[name]
-    if "dropout" in name or name == "drop_path":
-        return (0.0, 1.0)
-    if "seed" in name:
-        return (0, None)
-    return (1, None)
-
-
 def check_fields(obj, prefix: str = "", first=()) -> None:
     """Coerce and check every field of dataclass instance `obj` in place; raise OptionError on the first
     bad one, checking the fields named in `first` (those the user gave) before the others (which a config's
@@ -83,21 +129,21 @@ def check_fields(obj, prefix: str = "", first=()) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in sorted(dataclasses.fields(obj), key=lambda f: f.name not in first):
         value = getattr(obj, f.name)
-        kinds, optional = _kinds(hints[f.name])
+        kinds, optional, choices = _kinds(hints[f.name])
         if value is None:
             if optional:
                 continue
             raise OptionError(f"{prefix}{f.name} may not be None")
         label = f"{prefix}{f.name}"
+        if choices:
+            if isinstance(value, bool) or value not in choices:
+                raise OptionError(f"{label} must be one of {choices}, got {value!r}")
+            continue
         value = _coerce(label, value, kinds)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (int in kinds or float in kinds):
-            low, high = _range(type(obj), f.name)
-            if float in kinds and int not in kinds and (low, high) == (1, None):
-                low = None  # a float without a declared range: any finite value
+            low, high = field_range(f, kinds)
             if (low is not None and value < low) or (high is not None and value > high):
-                bounds = (f">= {low}" if high is None else f"<= {high}" if low is None
-                          else f"in [{low}, {round(high, 6)}]")
-                raise OptionError(f"{label} must be {bounds}, got {value!r}")
+                raise OptionError(f"{label} must be {range_text(low, high)}, got {value!r}")
         object.__setattr__(obj, f.name, value)  # frozen dataclasses too
 
 

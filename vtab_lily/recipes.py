@@ -29,50 +29,53 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from PIL import Image
 
 from .errors import UserError
-from .options import OptionError, check_fields
+from .options import OptionError, check_fields, option
 from .tasks import VTAB_TASKS
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 # a recipe's `interpolation` -> the PIL filter that data.py resizes images with
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-LR_SCHEDULES = ("timm", "mmengine")
-RECIPE_NAMES = ("vit", "vim", "mambapeft", "vpetl")  # --set recipe=NAME; vit / vim: the Lily and hustvl recipes
+RecipeName = Literal["vit", "vim", "mambapeft", "vpetl"]  # --set recipe=NAME; vit / vim: the Lily and hustvl ones
+RECIPE_NAMES = get_args(RecipeName)
 
 @dataclass(frozen=True)
 class Recipe:
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    no_decay_1d: bool = False  # timm create_optimizer: no decay on biases, 1-d tensors, the no_weight_decay() names
-    batch_size: int = 64
-    epochs: int = 100
-    warmup_epochs: int = 10
-    warmup_lr_init: float = 1e-6
-    lr_min: float = 1e-5
-    drop_path: float = 0.1
-    normalize: bool = False
-    eval_every: int = 10
-    eval_batch_size: int = 256
-    image_size: int = 224
-    interpolation: str = "bicubic"
-    precision: str = "fp32"  # on CUDA: "fp32" (official), "tf32" or "bf16" autocast; the CPU always runs fp32
-    checkpoint_every: int = 10  # epochs between resumable states (does not change results)
+    lr: float = option(1e-3, "AdamW's peak learning rate", (1e-12, None))
+    weight_decay: float = option(1e-4, "AdamW's weight decay", (0.0, None))
+    no_decay_1d: bool = option(False, "no weight decay on biases, 1-d tensors and the model's no_weight_decay() "
+                                      "names (timm's create_optimizer)")
+    batch_size: int = option(64, "training batch size")
+    epochs: int = option(100, "training epochs")
+    warmup_epochs: int = option(10, "epochs of linear warm-up from warmup_lr_init to lr", (0, None))
+    warmup_lr_init: float = option(1e-6, "learning rate at the start of the warm-up", (0.0, None))
+    lr_min: float = option(1e-5, "learning rate at the end of the cosine decay", (0.0, None))
+    drop_path: float = option(0.1, "the backbone's stochastic-depth rate", (0.0, 1.0))
+    normalize: bool = option(False, "normalise images with ImageNet's mean / std (the Lily code does not)")
+    eval_every: int = option(10, "epochs between test evaluations")
+    eval_batch_size: int = option(256, "evaluation batch size (does not change results)")
+    image_size: int = option(224, "side of the resized square images, in pixels", (8, None))
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = option("bicubic", "the resize filter (PIL)")
+    precision: Literal["fp32", "tf32", "bf16"] = option(
+        "fp32", "on CUDA: fp32 (the official codes), TF32 matmuls, or bf16 autocast; the CPU always runs fp32")
+    checkpoint_every: int = option(10, "epochs between resumable states (does not change results)")
     # Added after records existed: in the run id only where they differ from these defaults (the behaviour
     # before them), so every earlier run id stays as it was (Recipe.ID_IF_SET).
-    recipe: str | None = None  # the named base recipe (RECIPE_NAMES); None: the backbone's own
-    lr_schedule: str = "timm"  # "timm" | "mmengine" (train.make_scheduler says what each does)
-    clip_grad: float | None = None  # max L2 norm of all trainable gradients together (mmengine clip_grad); None: off
-    no_decay: tuple[str, ...] = ()  # parameter names (a dotted name's last part, e.g. A_log) without weight decay
-    drop_last: bool = True  # drop the last incomplete training batch (the Lily / timm loaders; mmengine keeps it)
-    label_smoothing: float = 0.0  # of the training loss (V-PETL Bench: 0.1, timm LabelSmoothingCrossEntropy)
+    recipe: RecipeName | None = option(
+        None, "the named base recipe (vit, vim: the Lily and hustvl ones; None: the backbone's own)")
+    lr_schedule: Literal["timm", "mmengine"] = option(
+        "timm", "timm's CosineLRScheduler per epoch, or mmengine's LinearLR then CosineAnnealingLR (MambaPEFT)")
+    clip_grad: float | None = option(None, "max L2 norm of all trainable gradients together (None: off)",
+                                     (1e-12, None))
+    no_decay: tuple[str, ...] = option((), "parameter names (a dotted name's last part, e.g. A_log) without weight "
+                                           "decay, joined by '+'")
+    drop_last: bool = option(True, "drop the last incomplete training batch (the Lily / timm loaders; mmengine "
+                                   "keeps it)")
+    label_smoothing: float = option(0.0, "label smoothing of the training loss (V-PETL Bench: 0.1)", (0.0, 1.0))
 
-    RANGES: ClassVar[dict] = {"lr": (1e-12, None), "weight_decay": (0.0, None), "warmup_epochs": (0, None),
-                              "warmup_lr_init": (0.0, None), "lr_min": (0.0, None), "image_size": (8, None),
-                              "clip_grad": (1e-12, None), "label_smoothing": (0.0, 1.0)}
     # Left out of the run id: checkpoint_every does not change results; the precision the run computes in
     # (fp32 on the CPU whatever is asked) is in the id's provenance instead.
     NOT_IN_ID: ClassVar[tuple] = ("checkpoint_every", "precision")
@@ -80,14 +83,6 @@ class Recipe:
 
     def __post_init__(self):
         check_fields(self)
-        if self.precision not in PRECISIONS:
-            raise OptionError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise OptionError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise OptionError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
-            raise OptionError(f"recipe must be one of {RECIPE_NAMES}, got {self.recipe!r}")
         object.__setattr__(self, "no_decay", tuple(self.no_decay.split("+")) if isinstance(self.no_decay, str)
                            else tuple(self.no_decay))
 

@@ -26,16 +26,25 @@ from backbones.ssm import BACKENDS, set_backend
 from backbones.ssm import chosen as scan_backend
 
 from .adapters.base import TrainingData, option_names
+from .adapters.config import families, option_table
 from .choices import choices_help
 from .data import Batches, load_split, read_list, task_dir, to_float
 from .errors import UnknownName, UserError, cli
 from .locks import RunLock
 from .model import build_model, count_params, save_adapter, storage_bytes
-from .options import OptionError, check_device, check_image_size, check_seed, check_writable_folder
+from .options import (
+    OptionError,
+    check_device,
+    check_image_size,
+    check_seed,
+    check_writable_folder,
+    describe,
+    range_text,
+)
 from .predictions import Predictions, predictions_path, write_predictions
 from .prepare import ensure_prepared
 from .provenance import data_provenance, file_sha256, weights_provenance
-from .recipes import RECIPE_FIELDS, effective_precision
+from .recipes import RECIPE_FIELDS, RECIPES, Recipe, effective_precision, recipe_for
 from .records import RunSpec, environment, finished, read_record, write_record
 from .tasks import get_task
 from .train import NonFiniteLoss, fit
@@ -272,13 +281,48 @@ def summary(path: Path) -> str:
     return "\n".join([head, "|---|---|---|---|---|---|---|---|", row, f"record: {path}"])
 
 
+def list_options(method: str, backbone: str | None = None) -> str:
+    """`--list-options`: the method's options, then the recipe's, each with its type, default (per backbone
+    family where the families differ; the backbone's alone with `backbone`), range or choices, and help."""
+    recipes = {family(backbone): recipe_for(backbone)} if backbone else {f: RECIPES[f] for f in families()}
+    recipe_rows = describe(Recipe)
+    for row in recipe_rows:
+        values = {f: getattr(r, row["name"]) for f, r in recipes.items()}
+        row["defaults"] = values if len({repr(v) for v in values.values()}) > 1 else {None: values.popitem()[1]}
+    where = f" on {backbone}" if backbone else ""
+    return "\n".join([*_option_lines(f"{method} options{where} (--set NAME=VALUE):", option_table(method, backbone)),
+                      "", *_option_lines(f"recipe options{where} (--set NAME=VALUE):", recipe_rows)])
+
+
+def _option_lines(title: str, rows: list[dict]) -> list[str]:
+    lines = [title] if rows else [title, "  (none)"]
+    for row in rows:
+        default = ", ".join(f"{f}: {_shown(v)}" if f else _shown(v) for f, v in row["defaults"].items())
+        allowed = (f"one of {', '.join(map(str, row['choices']))}" if row["choices"]
+                   else range_text(*row["range"]) if row["range"] else "")
+        lines.append(f"  {row['name']} ({row['type']}) default {default}" + (f"; {allowed}" if allowed else ""))
+        if row["help"]:
+            lines.append(f"      {row['help']}")
+    return lines
+
+
+def _shown(value) -> str:
+    """A default as --set takes it: names joined by '+'."""
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return "+".join(value) if value else "(none)"
+    return str(value)
+
+
 @cli(os_hint="; fix it and run again (an interrupted run resumes from its last saved state)")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtab_lily.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True, help=choices_help("backbone") + ", or timm:<model name>[.<tag>] "
+    parser.add_argument("--backbone", help=choices_help("backbone") + ", or timm:<model name>[.<tag>] "
                         "(any timm ViT-family model)")
-    parser.add_argument("--task", required=True, help=choices_help("task"))
+    parser.add_argument("--task", help=choices_help("task"))
+    parser.add_argument("--list-options", action="store_true",
+                        help="list the options of --method (and the recipe's): type, default per backbone family "
+                        "(or --backbone's), range or choices, help; then exit")
     parser.add_argument("--method", default="lily", help=choices_help("method", "default lily; ") + ", or "
                         "peft:<tuner> (e.g. peft:lora), or your own: <module>:<name> or an entry-point name; "
                         "compose methods with '+' (e.g. lora+bitfit: attached in that order, options prefixed: "
@@ -304,6 +348,12 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-backend", choices=BACKENDS, help="Vim's selective scan (default auto: the mamba-ssm "
                         "kernels, else Triton, on CUDA; PyTorch elsewhere); the record says which ran")
     args = parser.parse_args(argv)
+    if args.list_options:
+        print(list_options(args.method, args.backbone))
+        return 0
+    missing = [f"--{name}" for name in ("backbone", "task") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if args.scan_backend:
         set_backend(args.scan_backend)
     settings = parse_settings(args.set)

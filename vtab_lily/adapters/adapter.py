@@ -17,31 +17,28 @@ default). "zero": up projection zero (Houlsby's near-identity start). Only "zero
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites
 
-from ..options import OptionError
+from ..options import option
 from .base import add_serial, register
 
 PLACEMENTS = {"mlp": ("mlp_out",), "houlsby": ("attn_out", "mlp_out")}
-INITS = ("trunc_normal", "xavier", "zero")
 
 
 @dataclass
 class AdapterConfig:
-    width: int = 8
-    placement: str = "mlp"  # "mlp": NOAH (after the MLP); "houlsby": after attention and after the MLP
-    dropout: float = 0.1  # NOAH's --drop_rate_adapter
-    init: str = "trunc_normal"  # one of INITS (see the module docstring)
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise OptionError(f"adapter placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
-        if self.init not in INITS:
-            raise OptionError(f"adapter init must be one of {INITS}, got {self.init!r}")
+    width: int = option(8, "bottleneck width of each adapter (NOAH: 8)")
+    placement: Literal["mlp", "houlsby"] = option(
+        "mlp", "mlp: one adapter after each block's MLP (NOAH, Pfeiffer's placement); houlsby: also after attention")
+    dropout: float = option(0.1, "dropout after the activation (NOAH's --drop_rate_adapter)", (0.0, 1.0))
+    init: Literal["trunc_normal", "xavier", "zero"] = option(
+        "trunc_normal", "trunc_normal: timm's ViT init (NOAH's effective one); xavier: the adapter's own; "
+        "zero: zero up projection (an identity at init)")
 
 
 class QuickGELU(nn.Module):

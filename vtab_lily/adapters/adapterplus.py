@@ -33,13 +33,14 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import option
 from .base import add_serial, register
 
 
 @dataclass
 class AdapterPlusConfig:
-    width: int = 8  # conf/adapter/base_adapter.yaml L6 dim
-    drop_path: float = 0.1  # conf/adapter/base_adapter.yaml L9
+    width: int = option(8, "bottleneck width of the post-adapter (conf/adapter/base_adapter.yaml L6 dim)")
+    drop_path: float = option(0.1, "drop-path rate of the adapter's branch (base_adapter.yaml L9)", (0.0, 1.0))
 
 
 class AdapterPlusBranch(nn.Module):

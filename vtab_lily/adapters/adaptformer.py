@@ -17,16 +17,18 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..options import option
 from .base import attach_each, register
 
 
 @dataclass
 class AdaptFormerConfig:
-    width: int = 32
-    s: float = 0.1
-    dropout: float = 0.1
-    bias: bool = False
-    site: str | None = None
+    width: int = option(32, "bottleneck width (AdaptFormer's ffn_num)")
+    s: float = option(0.1, "scale of the branch's output (AdaptFormer's adapter_scalar)")
+    dropout: float = option(0.1, "dropout after the ReLU", (0.0, 1.0))
+    bias: bool = option(False, "biases in down and up (the original AdaptFormer; the Lily copy has none)")
+    site: str | None = option(None, "the site the branch reads and adds to (a site name: mlp_residual on ViT reads "
+                                    "before norm2 and adds after the MLP; out_proj on Vim)")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"site": "mlp_residual"}, "vim": {"site": "out_proj"}}
 
 

@@ -22,6 +22,7 @@ matched as substrings) exempts the new A_log and decays the new x_proj rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,21 +30,15 @@ from torch import nn
 from backbones import adapter_sites
 
 from ..errors import UnknownName
-from ..options import OptionError
+from ..options import option
 from .base import Switch, conflict, module_path, register
-
-POSITIONS = ("prefix", "suffix")
 
 
 @dataclass
 class AddScanConfig:
-    n: int = 6  # scan_addition_num
-    pos: str = "prefix"  # scan_addition_pos
-    copy_A: bool = True  # scan_A_copy_from_last
-
-    def __post_init__(self):
-        if self.pos not in POSITIONS:
-            raise OptionError(f"addscan pos must be one of {POSITIONS}, got {self.pos!r}")
+    n: int = option(6, "number of added scan states (MambaPEFT's scan_addition_num)")
+    pos: Literal["prefix", "suffix"] = option("prefix", "where the added states join the scan (scan_addition_pos)")
+    copy_A: bool = option(True, "initialise the added A from the layer's last state (scan_A_copy_from_last)")
 
 
 class AdditionalScan(Switch, nn.Module):

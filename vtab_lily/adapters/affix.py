@@ -28,14 +28,15 @@ from torch import nn
 from backbones import adapter_sites
 
 from ..errors import UnknownName
+from ..options import option
 from .base import Switch, register, set_hook
 from .prompt import PrefixEncoder
 
 
 @dataclass
 class AffixConfig:
-    n: int = 3
-    project: bool = True
+    n: int = option(3, "virtual tokens per layer and scan direction (MambaPEFT's prefix3dual configs: 3)")
+    project: bool = option(True, "the PrefixEncoder's projection (Linear, Tanh, Linear) after its Embedding")
 
 
 class AffixTokens(Switch, nn.Module):

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import write_errors
 from ..fileio import atomic_path
+from ..options import option
 from .base import attach_each, register
 from .lora import LoRABranch, LoRAConfig
 
@@ -54,7 +55,7 @@ class BiLinear(nn.Linear):
 
 @dataclass
 class BiLoRAConfig(LoRAConfig):
-    r: int = 32
+    r: int = option(32, "rank of the 1-bit low-rank update (Binary Adapter code: 32)")
 
 
 class BiLoRABranch(LoRABranch):

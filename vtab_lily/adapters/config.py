@@ -1,14 +1,15 @@
 """Building a method's config from options, and back: `make_config` (options -> checked config, family
-defaults filled in), `config_dict` (config -> the options that rebuild it), `option_names`."""
+defaults filled in), `config_dict` (config -> the options that rebuild it), `option_names`, and
+`option_table` (each option's type, default per family, range or choices and help: `run --list-options`)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from backbones import family
+from backbones import BACKBONES, family
 
 from ..errors import UnknownName
-from ..options import check_fields
+from ..options import check_fields, describe
 from .compose import ComposedConfig, parts_of
 from .registry import get_method
 
@@ -60,3 +61,26 @@ def config_dict(cfg) -> dict[str, Any]:
     """A method's config as the options that rebuild it (build_model(**options)), for records and adapter
     files: the config's fields; a composition's flat, as `<method>.<field>`."""
     return cfg.options() if isinstance(cfg, ComposedConfig) else dataclasses.asdict(cfg)
+
+
+def families() -> tuple[str, ...]:
+    """The backbone families, in the order the registry first names them ('vit', 'vim')."""
+    return tuple(dict.fromkeys(spec.family for spec in BACKBONES.values()))
+
+
+def option_table(method: str, backbone: str | None = None) -> list[dict]:
+    """`method`'s options as options.describe gives them, each with `defaults`: {family: default} for every
+    family (only the backbone's with `backbone`), or {None: default} where no family sets its own; a
+    composition's options are prefixed by their method, as `--set` takes them."""
+    spec = get_method(method)
+    if spec.parts:
+        return [{**row, "name": f"{part}.{row['name']}"} for part in spec.parts for row in option_table(part, backbone)]
+    per_family = getattr(spec.config, "FAMILY_DEFAULTS", {})
+    shown = (family(backbone),) if backbone else families()
+    rows = describe(spec.config)
+    for row in rows:
+        if any(row["name"] in per_family.get(f, {}) for f in families()):
+            row["defaults"] = {f: per_family.get(f, {}).get(row["name"], row["default"]) for f in shown}
+        else:
+            row["defaults"] = {None: row["default"]}
+    return rows

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from torch import nn
 from backbones import adapter_sites, model_sites
 
 from ..errors import UnknownName
-from ..options import OptionError
+from ..options import option
 from .adapter import QuickGELU
 from .base import add_branch, register
 
@@ -46,15 +47,12 @@ PLACEMENTS = {"block": ("attn", "mlp"), "attn": ("attn",)}
 
 @dataclass
 class ConvPassConfig:
-    width: int = 8  # train.py L69 dim=8
-    s: float = 1.0  # convpass.py L188 set_Convpass(s=1) (per task: configs/convpass/<task>.yaml `scale`)
-    xavier_init: bool = False  # convpass.py L107 (per task: configs/convpass/<task>.yaml)
-    dropout: float = 0.1  # convpass.py L126
-    placement: str = "block"  # "block": convpass (train.py L61 default); "attn": convpass_attn
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise OptionError(f"convpass placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
+    width: int = option(8, "channels of the convolutional bypass (train.py L69 dim=8)")
+    s: float = option(1.0, "scale of the bypass's output (convpass.py L188; per task: configs/convpass/<task>.yaml)")
+    xavier_init: bool = option(False, "Xavier-uniform init of the 3x3 conv (convpass.py L107; per task)")
+    dropout: float = option(0.1, "dropout inside the bypass (convpass.py L126)", (0.0, 1.0))
+    placement: Literal["block", "attn"] = option(
+        "block", "block: a bypass beside attention and one beside the MLP (convpass); attn: beside attention only")
 
 
 class ConvPassBranch(nn.Module):

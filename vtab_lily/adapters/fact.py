@@ -20,13 +20,14 @@ it folds into its weight (base.fold_linear); the shared factors then compute not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites
 
-from ..options import OptionError
+from ..options import option
 from .base import add_branch, fold_linear, merges, register
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
@@ -34,14 +35,10 @@ TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
 
 @dataclass
 class FacTConfig:
-    type: str = "tt"  # "tt" or "tk"
-    r: int = 8
-    s: float = 1.0
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        if self.type not in ("tt", "tk"):
-            raise OptionError(f"fact type must be 'tt' or 'tk', got {self.type!r}")
+    type: Literal["tt", "tk"] = option("tt", "tt: tensor-train factors (fact_tt.py); tk: Tucker (fact_tk.py)")
+    r: int = option(8, "rank of the shared factors U, V (per task: FacT/configs/{tt,tk})")
+    s: float = option(1.0, "scale of the increment (per task: FacT/configs)")
+    dropout: float = option(0.1, "dropout on the r-dim code", (0.0, 1.0))
 
 
 class FacTShared(nn.Module):

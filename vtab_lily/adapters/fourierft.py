@@ -8,26 +8,22 @@ default (so the model does NOT start as the plain backbone); `init="zeros"` star
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import TargetedConfig, attach_each, register
 
 
 @dataclass
 class FourierFTConfig(TargetedConfig):
-    n: int = 3000
-    scale: float = 300.0
-    loc_seed: int = 777  # seed of the spectral locations (peft's random_loc_seed default)
-    init: str = "normal"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.init not in ("normal", "zeros"):
-            raise OptionError(f"fourierft init must be 'normal' or 'zeros', got {self.init!r}")
+    n: int = option(3000, "number of trained spectral coefficients per weight (the paper's n)")
+    scale: float = option(300.0, "scale of the inverse DFT's output (the paper's alpha)")
+    loc_seed: int = option(777, "seed of the spectral locations (peft's random_loc_seed default)", (0, None))
+    init: Literal["normal", "zeros"] = option("normal", "init of the coefficients: N(0, 1) (the paper) or zeros")
 
 
 class FourierFTBranch(nn.Module):

@@ -26,7 +26,7 @@ scaled by 1/ne_2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,8 @@ from torch import nn
 
 from backbones import adapter_sites
 
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import add_branch, register, split_targets
-
-ROUTINGS = ("batch", "sample", "token")
-ROUTERS = ("layer", "lp", "model", "none")
 
 # Vim-S presets (Table 5). The paper's ranks are lost in its PDF; these settings reproduce its parameter
 # counts: P = r (24 * 384 + 1537 ne_2) + 2688 dt_r on Vim-S (see README).
@@ -50,21 +47,23 @@ PRESETS = {
 
 @dataclass
 class LilyConfig:
-    r: int | None = None
-    s: float = 1.0
-    ne_1: int | None = None  # number of LPs per target (None: one per layer)
-    ne_2: int | None = None  # number of HP experts
-    ne: int | None = None  # shorthand: ne_1 = ne_2 = ne (the paper's ViT sweeps)
-    targets: tuple[str, ...] | None = None
-    mlp_r: int | None = None  # LP width of parallel targets; None: 2r (official)
-    mlp_relu: bool = True  # ReLU after the LP of parallel targets (official)
-    router: str | None = None
-    routing: str | None = None
-    lp_dropout: float | None = None  # dropout on the LP output (official Vim: 0.1)
-    dt_r: int | None = None  # Vim: rank of the dt_proj / dt_proj_b update (0: off)
-    preset: str | None = None  # Vim: "lily-s" or "lily-l" (Table 5)
-
-    RANGES: ClassVar[dict] = {"dt_r": (0, None)}
+    r: int | None = option(None, "rank of the LPs and HPs")
+    s: float = option(1.0, "scale of the output, s * LP(x) @ sum_j w_j HP_j (Eq. 18)")
+    ne_1: int | None = option(None, "LPs per target, each shared by depth // ne_1 consecutive layers "
+                                    "(None: one per layer)")
+    ne_2: int | None = option(None, "HP experts per target, shared by all layers")
+    ne: int | None = option(None, "shorthand: ne_1 = ne_2 = ne (the paper's ViT sweeps)")
+    targets: tuple[str, ...] | None = option(None, "adapted sites joined by '+'")
+    mlp_r: int | None = option(None, "LP width of parallel targets such as mlp (None: 2r, official)")
+    mlp_relu: bool = option(True, "ReLU after the LP of parallel targets (official)")
+    router: Literal["layer", "lp", "model", "none"] | None = option(
+        None, "one router per layer, one per LP, one for the whole model, or none (HPs averaged: Appendix G)")
+    routing: Literal["batch", "sample", "token"] | None = option(
+        None, "router weights averaged over the batch and tokens, per sample, or per token")
+    lp_dropout: float | None = option(None, "dropout on the LP output", (0.0, 1.0))
+    dt_r: int | None = option(None, "Vim: rank of the dt_proj / dt_proj_b update (0: off)", (0, None))
+    preset: Literal["lily-s", "lily-l"] | None = option(
+        None, "Vim-S settings of Table 5 (r, ne_2, dt_r), for the options not given")
 
     FAMILY_DEFAULTS: ClassVar[dict] = {
         "vit": dict(r=16, ne_1=4, ne_2=4, targets=("k", "v", "mlp"), router="layer", routing="batch",
@@ -73,19 +72,12 @@ class LilyConfig:
     }
 
     def __post_init__(self):
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise OptionError(f"lily preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-            for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) is None:
-                    setattr(self, key, value)
+        for key, value in PRESETS.get(self.preset, {}).items():  # an unknown preset: make_config names it
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.ne is not None:
             self.ne_1 = self.ne_2 = self.ne
         self.targets = split_targets(self.targets)
-        if self.routing not in (None, *ROUTINGS):
-            raise OptionError(f"lily routing must be one of {ROUTINGS}, got {self.routing!r}")
-        if self.router not in (None, *ROUTERS):
-            raise OptionError(f"lily router must be one of {ROUTERS}, got {self.router!r}")
 
 
 @dataclass(frozen=True)

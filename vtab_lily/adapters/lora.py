@@ -22,14 +22,15 @@ from torch import nn
 from backbones import ConvSite, model_sites
 
 from ..errors import UnknownName
+from ..options import option
 from .base import Adapted, TargetedConfig, add_branch, attach_each, fold_linear, merges, register
 
 
 @dataclass
 class LoRAConfig(TargetedConfig):
-    r: int = 8
-    s: float = 1.0
-    dropout: float = 0.1
+    r: int = option(8, "rank of the update B A")
+    s: float = option(1.0, "scale of the update (LoRA's alpha / r)")
+    dropout: float = option(0.1, "dropout on the branch's input", (0.0, 1.0))
 
 
 class LoRABranch(nn.Module):

@@ -24,6 +24,7 @@ from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import option
 from .base import add_branch, register, site_module, split_names
 from .lora import LoRABranch
 
@@ -34,10 +35,11 @@ DROPOUT = {"x": 0.1, "z": 0.1, "dt": 0.0, "B": 0.0, "C": 0.0}  # Adapter's nn.Dr
 
 @dataclass
 class LoRApConfig:
-    targets: tuple[str, ...] = ("x",)  # LoRAp(X), their best LoRAp row
-    r: int = 64  # dim_X = 64 etc. in every 2_small_lorap_* config (L20-21)
-    s: float = 0.1  # s_X = 0.1 etc. (same lines)
-    dora: bool = False  # use_dora (2_small_lorap_X_64_dora.py L20)
+    targets: tuple[str, ...] = option(("x",), "parts of in_proj / x_proj joined by '+' (x, z, dt, B, C; "
+                                               "LoRAp(X), their best row)")
+    r: int = option(64, "rank (dim_X = 64 in every 2_small_lorap_* config, L20-21)")
+    s: float = option(0.1, "scale of the update (s_X = 0.1, same lines)")
+    dora: bool = option(False, "DoRA's magnitude / direction split (use_dora, 2_small_lorap_X_64_dora.py L20)")
 
     def __post_init__(self):
         self.targets = split_names(self.targets, SITES, "lorap targets")

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..options import OptionError
+from ..options import OptionError, option
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def split_names(value, known, what: str) -> tuple[str, ...]:
 class TargetedConfig:
     """Base of the per-target methods: `targets` default to q, v on ViT and in_proj on Vim."""
 
-    targets: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | None = option(None, "adapted sites joined by '+'")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"targets": ("q", "v")}, "vim": {"targets": ("in_proj",)}}
 
     def __post_init__(self):

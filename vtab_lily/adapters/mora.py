@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..options import OptionError
+from ..options import option
 from .base import TargetedConfig, attach_each, register
 
 
@@ -26,15 +27,10 @@ def mora_rank(d_in: int, d_out: int, r: int, kind: int) -> int:
 
 @dataclass
 class MoRAConfig(TargetedConfig):
-    r: int = 8
-    type: int = 1
-    s: float = 1.0
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.type not in (1, 6):
-            raise OptionError(f"mora type must be 1 or 6, got {self.type}")
+    r: int = option(8, "the LoRA rank whose parameter count the square matrix matches (r_hat^2 ~ r (d_in + d_out))")
+    type: Literal[1, 6] = option(1, "compression / decompression: 1 (sharing rows) or 6 (rotation), MoRA's mora_type")
+    s: float = option(1.0, "scale of the update")
+    dropout: float = option(0.1, "dropout on the branch's input", (0.0, 1.0))
 
 
 class MoRABranch(nn.Module):

@@ -21,7 +21,6 @@ position embedding have no config (their deltas match no custom key and decay at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from torch.nn.utils import parametrize
 from backbones import TensorSite, adapter_sites, model_sites
 
 from ..errors import UnknownName
+from ..options import option
 from .base import Switch, register, split_names
 
 PARTS = ("A", "D", "conv1d", "dt_bias", "cls_token", "pos_embed")
@@ -37,10 +37,11 @@ PARTS = ("A", "D", "conv1d", "dt_bias", "cls_token", "pos_embed")
 
 @dataclass
 class PartialConfig:
-    parts: tuple[str, ...] = ("conv1d",)  # conv1d tuning, their best partial-tuning row
-    delta: bool = True  # learnable_*_v2=True in every 3_small_learnable_*_v2_*.py (L20)
-    wd_mult: float = 1.0  # no custom key (their x10 / x100: see the module docstring)
-    RANGES: ClassVar[dict] = {"wd_mult": (0.0, None)}
+    parts: tuple[str, ...] = option(("conv1d",), "trained tensors joined by '+' (A, D, conv1d, dt_bias, cls_token, "
+                                                 "pos_embed; conv1d: their best partial-tuning row)")
+    delta: bool = option(True, "train an increment on the frozen tensor (learnable_*_v2=True, L20 of their configs)")
+    wd_mult: float = option(1.0, "weight-decay multiplier of the trained tensors (their custom keys: x10 / x100)",
+                            (0.0, None))
 
     def __post_init__(self):
         self.parts = split_names(self.parts, PARTS, "partial parts")

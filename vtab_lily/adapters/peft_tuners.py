@@ -22,7 +22,7 @@ from torch import nn
 from backbones import LinearSite, adapter_sites
 
 from ..errors import UnknownName, UserError
-from ..options import OptionError
+from ..options import OptionError, option
 from .method import Method, split_targets
 from .wrappers import Switch, conflict, module_path
 
@@ -68,7 +68,7 @@ def tuners() -> dict[str, tuple[str, dict]]:
 class PeftOptions:
     """Base of the generated config classes: site names instead of peft's target_modules."""
 
-    targets: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | None = option(None, "the sites whose Linear modules peft adapts, joined by '+'")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"targets": ("qkv",)}, "vim": {"targets": ("in_proj",)}}
     PEFT_TYPE: ClassVar[str] = ""
 
@@ -101,23 +101,26 @@ def _json_simple(value) -> bool:
 
 
 def _options_fields(config_cls, changed: dict) -> list[tuple]:
-    """(name, type, field) of peft's options. Types for the suite's option checks: int and float where
-    peft's default is one (int ranges are left to peft: OFT's r=0 is valid), anything else as object (peft
-    accepts True or "gaussian" for init_lora_weights); peft's config checks the values."""
+    """(name, type, field) of peft's options, with peft's own help text. Types for the suite's option checks:
+    int and float where peft's default is one (any value: OFT's r=0 is valid, peft checks the ranges),
+    anything else as object (peft accepts True or "gaussian" for init_lora_weights); peft's config checks the
+    values."""
     out = []
     for f in dataclasses.fields(config_cls):
         if not f.init or f.name in EXCLUDED or f.name.endswith("_config"):
             continue
+        help = " ".join(f.metadata.get("help", "").split())  # peft's help, on one line
         if f.name in SITE_FIELDS:
-            out.append((f.name, tuple[str, ...], dataclasses.field(default=())))
+            out.append((f.name, tuple[str, ...], option((), f"site names joined by '+' ({help})")))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         default = changed.get(f.name, default)
         if default is dataclasses.MISSING or not _json_simple(default):
             continue
         kind = type(default) if type(default) in (int, float) else object | None
-        out.append((f.name, kind, dataclasses.field(default_factory=lambda d=default: type(d)(d))
-                    if isinstance(default, (dict, list)) else dataclasses.field(default=default)))
+        numbers = (None, None) if kind in (int, float) else None
+        out.append((f.name, kind, option(default_factory=lambda d=default: type(d)(d), help=help, range=numbers)
+                    if isinstance(default, (dict, list)) else option(default, help, numbers)))
     return out
 
 
@@ -133,9 +136,8 @@ def peft_method(tuner: str) -> Method:
     peft_type, changed = known[tuner]
     config_cls = configs[peft.PeftType[peft_type]]
     fields = _options_fields(config_cls, changed)
-    ranges = {name: (None, None) for name, kind, _ in fields if kind is int}  # e.g. OFT's r=0: peft checks them
     cls = dataclasses.make_dataclass(f"Peft{tuner.title()}Options", fields, bases=(PeftOptions,),
-                                     namespace={"PEFT_TYPE": peft_type, "RANGES": ranges})
+                                     namespace={"PEFT_TYPE": peft_type})
     tuner_cls = tuner_classes[peft.PeftType[peft_type]]
 
     def attach(model: nn.Module, cfg: PeftOptions) -> None:

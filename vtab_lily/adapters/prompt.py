@@ -18,6 +18,7 @@ The encoder (`PrefixEncoder`) is shared with `affix`, which builds it for every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,21 +26,16 @@ from torch import nn
 from backbones import model_sites
 
 from ..errors import UnknownName
-from ..options import OptionError
+from ..options import option
 from .base import Switch, register, set_hook
-
-PROMPT_TYPES = ("prefix", "suffix", "prefix_suffix")
 
 
 @dataclass
 class PromptConfig:
-    n: int = 8
-    type: str = "prefix_suffix"
-    project: bool = True
-
-    def __post_init__(self):
-        if self.type not in PROMPT_TYPES:
-            raise OptionError(f"prompt type must be one of {', '.join(PROMPT_TYPES)}, got {self.type!r}")
+    n: int = option(8, "prompt tokens (their prefixsuffix_8 configs: 8)")
+    type: Literal["prefix", "suffix", "prefix_suffix"] = option(
+        "prefix_suffix", "where the prompts join: before the patches, after them, or half before and half after")
+    project: bool = option(True, "the PrefixEncoder's projection (Linear, Tanh, Linear) after its Embedding")
 
 
 class PrefixEncoder(nn.Module):

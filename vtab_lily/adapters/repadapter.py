@@ -27,13 +27,14 @@ own `drop_path2`, the same rate on every timm ViT.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites
 
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import Adapted, add_serial, merges, register
 
 PLACEMENTS = {"block": (("norm1", ("q", "k", "v")), ("norm2", ("fc1",))), "attn": (("norm1", ("q", "k", "v")),)}
@@ -41,15 +42,12 @@ PLACEMENTS = {"block": (("norm1", ("q", "k", "v")), ("norm2", ("fc1",))), "attn"
 
 @dataclass
 class RepAdapterConfig:
-    width: int = 8  # train.py L79 --dim
-    groups: int = 2  # repadapter.py L154
-    s: float = 1.0  # repadapter.py L155 (per task: configs/repblock/<task>.yaml)
-    dropout: float = 0.1  # repadapter.py L160
-    placement: str = "block"  # "block": repblock (train.py L77 default); "attn": repattn
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise OptionError(f"repadapter placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
+    width: int = option(8, "bottleneck width (train.py L79 --dim)")
+    groups: int = option(2, "groups of the up projection's grouped conv (repadapter.py L154)")
+    s: float = option(1.0, "scale of the adapter's output (repadapter.py L155; per task: configs/repblock)")
+    dropout: float = option(0.1, "dropout on the adapter's input (repadapter.py L160)", (0.0, 1.0))
+    placement: Literal["block", "attn"] = option(
+        "block", "block: before attention and before the MLP (repblock); attn: before attention only (repattn)")
 
 
 class GroupedLinear(nn.Module):

@@ -15,14 +15,14 @@ where there was none); modules without a bias to receive the shift (Vim's RMSNor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites, model_sites
 
-from ..options import OptionError
+from ..options import option
 from .base import Adapted, add_serial, merges, register, split_targets
 
 VIT_SITES = ("patch_embed", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "norm")
@@ -31,14 +31,14 @@ VIM_SITES = ("norm", "in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "o
 
 @dataclass
 class SSFConfig:
-    targets: tuple[str, ...] | None = None  # layer sites, then model sites (e.g. patch_embed, norm)
-    init: str = "official"  # "official": N(1, .02) / N(0, .02); "identity": scale 1, shift 0
+    targets: tuple[str, ...] | None = option(None, "scaled and shifted sites joined by '+': layer sites, then model "
+                                                    "sites (default: every Linear and norm of the official code)")
+    init: Literal["official", "identity"] = option(
+        "official", "official: scale N(1, 0.02), shift N(0, 0.02); identity: scale 1, shift 0")
     FAMILY_DEFAULTS: ClassVar[dict] = {"vit": {"targets": VIT_SITES}, "vim": {"targets": VIM_SITES}}
 
     def __post_init__(self):
         self.targets = split_targets(self.targets)
-        if self.init not in ("official", "identity"):
-            raise OptionError(f"ssf init must be 'official' or 'identity', got {self.init!r}")
 
 
 class ScaleShift(nn.Module):

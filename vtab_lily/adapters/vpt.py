@@ -27,14 +27,16 @@ from torch import nn
 from backbones import TokenSite, model_sites
 
 from ..errors import UnknownName
+from ..options import option
 from .base import Switch, register
 
 
 @dataclass
 class VPTConfig:
-    length: int = 10
-    deep: bool = True
-    dropout: float | None = None  # None: 0.1 when deep, 0.0 when shallow (the official VTAB commands)
+    length: int = option(10, "prompt tokens per prompted block (the paper's p)")
+    deep: bool = option(True, "prompts before every block (VPT-Deep) or before the first only (VPT-Shallow)")
+    dropout: float | None = option(None, "dropout on the prompts (None: 0.1 deep, 0.0 shallow: the official VTAB "
+                                         "commands)", (0.0, 1.0))
 
     def __post_init__(self):
         if self.dropout is None:
