@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,16 +27,16 @@ from torch import nn
 from backbones import model_sites
 
 from ..errors import UnknownName
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import Switch, register
 
 
 @dataclass
 class DTLConfig:
-    r: int = 2  # train_dtl.sh --r 2
-    beta: float = 100.0  # train_dtl.sh --beta 100.0
-    add_from: int | None = None  # train_dtl.sh --add_after_blocks 6-11 on ViT-B's 12: None = half the depth
-    RANGES: ClassVar[dict] = {"r": (1, None), "add_from": (0, None)}
+    r: int = option(2, "rank of the side network's linears (train_dtl.sh --r 2)", (1, None))
+    beta: float = option(100.0, "scale of the side network's output fed back (train_dtl.sh --beta 100.0)")
+    add_from: int | None = option(None, "first block whose side output is added back (train_dtl.sh "
+                                  "--add_after_blocks 6-11 on ViT-B's 12); None: half the depth", (0, None))
 
 
 class LowRank(nn.Module):

@@ -25,7 +25,7 @@ many: 167,424.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +35,20 @@ from torchvision.transforms import v2
 
 from backbones import head_of
 
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import SELECTION, Switch, TrainingData, prepass_data, record_prepass, register
-
-LOSSES = ("supcon", "ce")
 
 
 @dataclass
 class GPSConfig:
-    k: int = 1  # train_gps.sh --times_para 1
-    prepass_batch: int = 32  # train_gps.sh bz=32: the gradient pass's batch (their training batch too)
-    loss: str = "supcon"  # train_gps.sh --contrastive; "ce": cross-entropy on the un-augmented images
-    temperature: float = 0.07  # SupConLoss(temperature=0.07, base_temperature=0.07), loss_utils.py L9
-    RANGES: ClassVar[dict] = {"k": (1, None), "prepass_batch": (2, None), "temperature": (1e-6, None)}
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise OptionError(f"gps loss must be one of {LOSSES}, got {self.loss!r}")
+    k: int = option(1, "weight entries tuned per output row, by largest |gradient| (train_gps.sh --times_para 1)",
+                    (1, None))
+    prepass_batch: int = option(32, "batch of the gradient pass (train_gps.sh bz=32, their training batch too)",
+                                (2, None))
+    loss: Literal["supcon", "ce"] = option("supcon", "the gradient pass's loss: supcon (train_gps.sh --contrastive) "
+                                           "or ce (cross-entropy on the un-augmented images)")
+    temperature: float = option(0.07, "SupCon's temperature (SupConLoss(temperature=0.07), loss_utils.py L9)",
+                                (1e-6, None))
 
 
 class SparseDelta(Switch, nn.Module):

@@ -24,21 +24,21 @@ is not the trained model's; see docs/methods-vit.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
 from backbones import adapter_sites
 
+from ..options import option
 from .base import add_branch, add_serial, register
 
 
 @dataclass
 class HydraConfig:
-    r: int = 2  # train_hydra.sh L5 dim=2
-    s: float = 0.1  # configs/hydra_both/<task>.yaml `scale` (recipes.HYDRA)
-    dropout: float = 0.2  # configs/hydra_both/<task>.yaml `dropout`
-    RANGES: ClassVar[dict] = {"r": (1, None), "dropout": (0.0, 1.0)}
+    r: int = option(2, "rank of each low-rank branch (train_hydra.sh L5 dim=2)")
+    s: float = option(0.1, "scale of both branches (configs/hydra_both/<task>.yaml `scale`; recipes.HYDRA)")
+    dropout: float = option(0.2, "dropout on the branches' input (configs/hydra_both/<task>.yaml `dropout`)",
+                            (0.0, 1.0))
 
 
 class HydraBranch(nn.Module):

@@ -20,21 +20,20 @@ Parameters on ViT-B/16 at K = 96: 12 x (96*96 + 96) = 111,744.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from backbones import adapter_sites, model_sites
 
-from ..options import OptionError
+from ..options import OptionError, option
 from .base import SELECTION, add_stream, prepass_data, record_prepass, register
 
 
 @dataclass
 class SCTConfig:
-    k: int = 96  # run_model_sct.sh L6 topN=96
-    RANGES: ClassVar[dict] = {"k": (1, None)}
+    k: int = option(96, "salient channels per block, chosen on the training split (run_model_sct.sh L6 topN=96)",
+                    (1, None))
 
 
 class ChannelTuning(nn.Module):
