@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_tables import _record
 
@@ -176,3 +177,25 @@ def test_headless_chromium_renders_the_page_without_errors(tmp_path):
     broken = out / "broken.html"
     broken.write_text('<html><body><script>console.error("boom-21")</script><p>x</p></body></html>')
     assert any(":CONSOLE" in line and "boom-21" in line for line in run("--dump-dom", page=broken).stderr.splitlines())
+
+
+def test_default_ranks_and_the_cost_table(tmp_path):
+    from vtab_lily.cost import COLUMNS
+    _records(tmp_path / "runs", seeds=(1,))
+    cost = pd.DataFrame([{c: 1.0 for c in COLUMNS} | {"backbone": "vit-mini", "method": m, "options": "{}",
+                                                      "params": 1000 * (k + 1), "merges": False}
+                         for k, m in enumerate(CHANCE)])
+    cost.to_csv(tmp_path / "cost.csv", index=False)
+    out = tmp_path / "report"
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--cost", str(tmp_path / "cost.csv")]) == 0
+    index = _parse(out / "index.html")
+    # no --compare: the ranks of the three rows with records, with their CD diagram, in the mini and runs tables
+    assert sum("_ranks_" in i for i in index.imgs) == 2 and all((out / i).is_file() for i in index.imgs)
+    records = load_records(tmp_path / "runs")
+    want = tables.cost_table(cost, records, "paper", tables.read_paper())
+    rows = index.tables["cost-table"]
+    assert rows[0][:2] == [] and len(rows) == 4  # the header row (th cells), one row per method
+    for row, (_, w) in zip(rows[1:], want.iterrows()):
+        assert row[:2] == ["vit-mini", w["method"]] and np.isfinite(w["Mean"])
+        assert float(row[-3]) == pytest.approx(w["Mean"], rel=1e-3) and float(row[-1]) == pytest.approx(w["ppt"],
+                                                                                                      rel=1e-3)

@@ -48,7 +48,8 @@ from .tables import (
 )
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:12px;
-margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 5px;text-align:right}th{background:#eee}
+margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 5px;text-align:right}td.cell{white-space:nowrap}
+th{background:#eee}
 td:first-child,th:first-child{text-align:left}a{color:#036}img{max-width:100%}pre{background:#f6f6f6;padding:.5em;
 font-size:12px;overflow-x:auto}.card{font-size:12px;color:#444}sup a{font-size:9px}svg{border:1px solid #ccc;
 margin:4px}"""
@@ -74,13 +75,13 @@ def _write(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _frame_html(frame: pd.DataFrame) -> str:
+def _frame_html(frame: pd.DataFrame, table_id: str) -> str:
     """A data frame as an HTML table, every value escaped; floats to 4 significant digits."""
     def text(v):
         return "" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
     head = "".join(f"<th>{_e(c)}</th>" for c in frame.columns)
     rows = "".join("<tr>" + "".join(f"<td>{_e(text(v))}</td>" for v in r) + "</tr>" for r in frame.itertuples(False))
-    return f"<table><tr>{head}</tr>{rows}</table>"
+    return f'<table id="{_e(table_id)}"><tr>{head}</tr>{rows}</table>'
 
 
 def table_html(result: dict, name: str) -> str:
@@ -89,7 +90,10 @@ def table_html(result: dict, name: str) -> str:
     mean, std, n, tasks = result["mean"], result["std"], result["n"], result["tasks"]
     ci = ci_shown(result, DEFAULT_CI)
     summary = summary_columns(tasks)
-    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, "paper Mean", "diff"]
+    paper = bool(mean["paper_Mean"].notna().any())  # as tables.to_markdown: published Means only where some are
+    paper19 = bool(mean.get("paper_Mean19", pd.Series(dtype=float)).notna().any())
+    header = ["row", "params (M)", "storage (KB)", *tasks, *summary, *(["paper Mean", "diff"] if paper else []),
+              *(["paper Mean19", "diff19"] if paper19 else []), *(["PPT"] if "ppt" in mean else [])]
     lines = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
     for row, r in mean.iterrows():
         cells = result["cells"][row]
@@ -102,8 +106,14 @@ def table_html(result: dict, name: str) -> str:
                              for s, p in zip(runs["seed"], runs["path"]))
             out.append(f"<td class=\"cell\">{_e(text)}" + (f"<sup>{links}</sup>" if links else "") + "</td>")
         out += [f"<td>{_e(_cell(r[c], np.nan, 1, _bound(result, row, c), ci))}</td>" for c in summary]
-        diff = "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"
-        out += [f"<td>{_e(_fmt(r['paper_Mean']))}</td>", f"<td>{_e(diff)}</td>"]
+        if paper:
+            diff = "" if pd.isna(r["diff_Mean"]) else f"{r['diff_Mean']:+.1f}"
+            out += [f"<td>{_e(_fmt(r['paper_Mean']))}</td>", f"<td>{_e(diff)}</td>"]
+        if paper19:
+            diff = "" if pd.isna(r["diff_Mean19"]) else f"{r['diff_Mean19']:+.1f}"
+            out += [f"<td>{_e(_fmt(r['paper_Mean19']))}</td>", f"<td>{_e(diff)}</td>"]
+        if "ppt" in mean:
+            out.append(f"<td>{_e(_fmt(r['ppt'], digits=2))}</td>")
         lines.append("<tr>" + "".join(out) + "</tr>")
     lines.append("</table>")
     return "\n".join(lines)
@@ -123,7 +133,7 @@ def svg_curve(title: str, series: dict[str, tuple[list, list]], width: int = 300
         for (label, (xs, ys)), color, k in zip(series.items(), colors, range(len(series))):
             coords = " ".join(f"{40 + (x - x0) * sx:.1f},{height - 20 - (y - y0) * sy:.1f}" for x, y in zip(xs, ys))
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>'
-                         f'<text x="{width - 120}" y="{14 + 12 * k}" font-size="10" fill="{color}">{_e(label)}</text>')
+                         f'<text x="{width - 60}" y="{30 + 12 * k}" font-size="10" fill="{color}">{_e(label)}</text>')
         parts.append(f'<text x="2" y="{height - 20}" font-size="9">{y0:.3g}</text><text x="2" y="32" font-size="9">'
                      f'{y1:.3g}</text><text x="40" y="{height - 5}" font-size="9">epoch {x0:g}</text>'
                      f'<text x="{width - 60}" y="{height - 5}" font-size="9">{x1:g}</text>')
@@ -204,7 +214,8 @@ def cost_html(cost: pd.DataFrame, meta: dict | None, records: pd.DataFrame, prot
     return ("<h2 id=\"cost\">Cost</h2><p class=\"card\">python -m vtab_lily.cost: ratios over `linear` (the frozen "
             f"backbone); memory: {_e(memory)}; Mean and mean_plain from the `runs` table; PPT = V-PETL Bench's "
             "score (docs/cost.md)</p>" +
-            _frame_html(table[["backbone", "method", "options", *COST_SHOWN, "Mean", "mean_plain", "ppt"]]))
+            _frame_html(table[["backbone", "method", "options", *COST_SHOWN, "Mean", "mean_plain", "ppt"]],
+                        "cost-table"))
 
 
 def write_report(records: pd.DataFrame, out: Path, protocol: str = "paper", epoch: str | None = None,
