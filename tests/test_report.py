@@ -138,9 +138,14 @@ def test_every_cell_links_to_its_runs_and_their_pages_hold_the_records_numbers(t
 
 def test_mistakes_are_one_error_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
+    _records(tmp_path / "runs", seeds=(1,))
     for argv, words in ((["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no finished run"),
                         (["--runs", str(tmp_path), "--out", str(tmp_path / "file" / "o")], "cannot write"),
-                        (["--runs", str(tmp_path), "--out", str(tmp_path / "o"), "--compare", "lily"], "two rows")):
+                        (["--runs", str(tmp_path), "--out", str(tmp_path / "o"), "--compare", "lily"], "two rows"),
+                        (["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--compare", "lily", "mora"],
+                         "no table with records has these rows"),
+                        (["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--cost",
+                          str(tmp_path / "file")], "not a")):
         assert report.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and err.count("\n") == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def _page(title: str, body: list[str]) -> str:
             f"</head><body>\n<h1>{_e(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path, durable=False) as tmp:
+def _write(path: Path, text: str, durable: bool = False) -> None:
+    """The run pages are many small files: not durable one by one; os.sync() before index.html, which is."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -241,7 +243,8 @@ def write_report(records: pd.DataFrame, out: Path, protocol: str = "paper", epoc
              f"s&lt;seed&gt;). Protocol {_e(protocol)}, epoch rule {_e(epoch or DEFAULT_EPOCH[protocol])}. "
              f"Tables: {nav}</p>")
     index = out / "index.html"
-    _write(index, _page("vtab-lily report", [intro, *sections]))
+    os.sync()
+    _write(index, _page("vtab-lily report", [intro, *sections]), durable=True)
     return index
 
 
