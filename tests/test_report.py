@@ -143,7 +143,7 @@ def test_mistakes_are_one_error_line(tmp_path, capsys):
                         (["--runs", str(tmp_path), "--out", str(tmp_path / "file" / "o")], "cannot write"),
                         (["--runs", str(tmp_path), "--out", str(tmp_path / "o"), "--compare", "lily"], "two rows"),
                         (["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--compare", "lily", "mora"],
-                         "no table with records has these rows"),
+                         "no table has these rows with records"),
                         (["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--cost",
                           str(tmp_path / "file")], "not a")):
         assert report.main(argv) == 2

@@ -195,10 +195,10 @@ def table_section(result: dict, table: str, out: Path, protocol: str, compare: l
     parts = [f'<h2 id="table-{_e(table)}">{_e(name)}</h2>',
              '<ul class="card">' + "".join(f"<li>{_e(line)}</li>" for line in card_lines(protocol_card(result)))
              + "</ul>", table_html(result, table), _figure(heat, out, f"heat map of {name}")]
-    rows = [r for r in result["mean"].index if result["n"].loc[r].sum() > 0]
+    rows = rows_with_records(result)
     if compare:
         try:
-            names = resolve_rows(compare, list(result["mean"].index), table)
+            names = resolve_rows(compare, rows, table)
         except TableError:
             names = []  # this table does not have the rows: no comparison here
         if names:
@@ -229,8 +229,11 @@ def write_report(records: pd.DataFrame, out: Path, protocol: str = "paper", epoc
         result = build_table(table, records, protocol, paper, epoch)
         if result["n"].values.sum() > 0:
             results[table] = result
+    if not results:
+        raise TableError(f"no table has a cell from the {len(records)} records under protocol {protocol} (e.g. only "
+                         "val200 runs under the paper protocol: pass --protocol vtab)")
     if compare and not any(_has_rows(r, t, compare) for t, r in results.items()):
-        raise TableError(f"--compare {' '.join(compare)}: no table with records has these rows")
+        raise TableError(f"--compare {' '.join(compare)}: no table has these rows with records")
     sections = [table_section(r, t, out, protocol, compare) for t, r in results.items()]
     if cost is not None:
         sections.append(cost_html(*cost, records, protocol, paper, epoch))
@@ -248,9 +251,13 @@ def write_report(records: pd.DataFrame, out: Path, protocol: str = "paper", epoc
     return index
 
 
+def rows_with_records(result: dict) -> list[str]:
+    return [r for r in result["mean"].index if result["n"].loc[r].sum() > 0]
+
+
 def _has_rows(result: dict, table: str, names: list[str]) -> bool:
     try:
-        resolve_rows(names, list(result["mean"].index), table)
+        resolve_rows(names, rows_with_records(result), table)
     except TableError:
         return False
     return True
