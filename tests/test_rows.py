@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vtab_lily import tables
-from vtab_lily.recipes import PRESET_TASKS, PRESETS
+from vtab_lily.rows import PRESET_TASKS, PRESETS
 from vtab_lily.sweep import expand
 from vtab_lily.tasks import TASK_SETS
 
