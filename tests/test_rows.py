@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vtab_lily import tables
-from vtab_lily.rows import PRESET_TASKS, PRESETS
+from vtab_lily.rows import PRESET_ORDER, PRESET_TASKS, PRESETS, ROWS, PaperRow, paper_tables, sweep_presets
 from vtab_lily.sweep import expand
 from vtab_lily.tasks import TASK_SETS
 
@@ -67,6 +67,20 @@ def test_preset_runs_are_todays(name):
 @pytest.mark.parametrize("name", TABLE_NAMES)
 def test_table_rows_are_todays(name):
     assert table_rows(name) == FROZEN_DATA["tables"][name]
+
+
+def test_preset_orders_are_permutations_of_their_tables():
+    assert {t: sorted(order) for t, order in PRESET_ORDER.items()} == {t: [*range(len(ROWS[t]))] for t in PRESET_ORDER}
+
+
+def test_a_new_row_is_one_entry():
+    """One PaperRow appended to the mini table is a row of the `mini` preset and of the `mini` table: its label
+    and filters derived from its fixed options (the recipe setting lr is no filter)."""
+    fixed, grid = {"r": 2, "targets": ("q",), "lr": 0.01}, {"s": [1.0, 2.0]}
+    rows = {**ROWS, "mini": [*ROWS["mini"], PaperRow("vit-mini", "lora", fixed, grid)]}
+    assert sweep_presets(rows)["mini"] == [*PRESETS["mini"], ("vit-mini", "lora", fixed, grid)]
+    assert paper_tables(rows)["mini"] == [*tables.TABLES["mini"],
+                                          tables.Row("vit-mini", "lora-q", "lora", {"r": 2, "targets": ("q",)})]
 
 
 if __name__ == "__main__":  # python tests/test_rows.py: rewrite the fixture (only when rows change on purpose)

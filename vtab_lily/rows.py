@@ -213,7 +213,19 @@ TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "exte
 # The order a preset sweeps its table's rows in (row indices of ROWS), where it is not the table's: Table 5's
 # backbones one after the other, V-PETL Bench's rows in the order its preset was first swept.
 PRESET_ORDER = {"5": [0, 2, 6, 7, 8, 1, 3, 4, 5], "vpetl": [0, 1, 3, 4, 5, 2, 8, 9, 6, 7]}
-PRESETS = {TABLE_PRESET[t]: [rows[i].sweep_row() for i in PRESET_ORDER.get(t, range(len(rows)))]
-           for t, rows in ROWS.items()}
-TABLES = {t: table_rows(rows) for t, rows in ROWS.items()}
+
+
+def sweep_presets(rows: dict[str, list[PaperRow]]) -> dict[str, list[tuple]]:
+    """Per preset: the sweep rows (backbone, method, fixed, grid) of its table's paper rows, in PRESET_ORDER."""
+    return {TABLE_PRESET[t]: [table[i].sweep_row() for i in PRESET_ORDER.get(t, range(len(table)))]
+            for t, table in rows.items()}
+
+
+def paper_tables(rows: dict[str, list[PaperRow]]) -> dict[str, list[Row]]:
+    """Per table: its rows (tables.Row), in the table's order."""
+    return {t: table_rows(table) for t, table in rows.items()}
+
+
+PRESETS = sweep_presets(ROWS)
+TABLES = paper_tables(ROWS)
 PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)
