@@ -1,6 +1,6 @@
 """Training-step time of each PEFT method on Vim-S (random weights, batch 2 at 224 px, the CPU) over MambaPEFT's
 LoRA(in_proj) (r=32, s=0.1: `2_small_lora_in_proj_32.py`), timed interleaved in one run, with its trainable
-parameter count: every row of `sweep --preset mambapeft` at their configs' sizes (recipes.mambapeft_rows), one
+parameter count: every row of `sweep --preset mambapeft` at their configs' sizes (rows.mambapeft_rows), one
 composition (lorap+partial) and the suite's other Vim methods; then one scan direction alone (fwd+bwd,
 d_inner 768, L=197) at Vim's 16 states and at addscan's 16 + 6, the part of addscan's cost that grows with the
 state."""
@@ -13,10 +13,10 @@ from vim import scan_step
 
 from backbones import ssm
 from vtab_lily import build_model, count_params
-from vtab_lily.recipes import mambapeft_rows
+from vtab_lily.rows import mambapeft_rows
 
 BASELINE = ("lora", dict(targets=("in_proj",), r=32, s=0.1))
-MAMBAPEFT = [(method, options) for _, method, options, _ in mambapeft_rows("vim-s", {})]
+MAMBAPEFT = [(r.method, r.fixed) for r in mambapeft_rows("vim-s", {})]
 assert BASELINE in MAMBAPEFT
 CONFIGS = [BASELINE, *[c for c in MAMBAPEFT if c != BASELINE],  # (method, options)
            ("lorap+partial", {"lorap.targets": "x", "partial.parts": "conv1d", "partial.wd_mult": 10}),

@@ -330,7 +330,8 @@ def test_serial_and_parallel_branches_cannot_share_a_module():
 
 
 def test_extended_preset_uses_each_papers_settings_per_task():
-    from vtab_lily.recipes import PRESETS, VPT_LENGTHS
+    from vtab_lily.recipes import VPT_LENGTHS
+    from vtab_lily.rows import PRESETS
     from vtab_lily.sweep import expand
     specs = [p.spec for p in expand(PRESETS["extended"], ["dtd", "svhn"], [42], {}, {})]
     assert len(specs) == 2 * (6 + 6 + 1 + 1 + 1 + 2)  # VPT grids, BitFit, Adapter, SSF, FacT-TT and -TK
@@ -555,7 +556,7 @@ def test_extended_rows_follow_each_official_code():
     """Inputs ImageNet-normalised for FacT, VPT, Adapter, BitFit; NOAH's Adapter with dropout 0.1, trunc_normal
     init and no weight decay on 1-d tensors; BitFit with drop_path 0 (encoder in eval mode)."""
     from vtab_lily.adapters.adapter import AdapterConfig
-    from vtab_lily.recipes import PRESETS
+    from vtab_lily.rows import PRESETS
     from vtab_lily.sweep import expand
     specs = [p.spec for p in expand(PRESETS["extended"], ["dtd"], [42], {}, {})]
     by = {}

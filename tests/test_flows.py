@@ -32,8 +32,9 @@ from vtab_lily import tables as tables_cli
 from vtab_lily.data import Batches, load_split
 from vtab_lily.intervals import bootstrap
 from vtab_lily.predictions import read_predictions
-from vtab_lily.recipes import PRESETS, PerTask, recipe_for
+from vtab_lily.recipes import PerTask, recipe_for
 from vtab_lily.records import load_records, read_record
+from vtab_lily.rows import PRESETS
 from vtab_lily.tables import TABLES, Row
 from vtab_lily.tasks import MINI_TASKS, VTAB_TASKS
 from vtab_lily.train import evaluate

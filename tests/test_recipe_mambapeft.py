@@ -12,8 +12,9 @@ from vtab_lily import build_model, tables
 from vtab_lily import run as run_cli
 from vtab_lily.fileio import write_json
 from vtab_lily.model import param_groups
-from vtab_lily.recipes import PRESETS, RECIPES, recipe_for
+from vtab_lily.recipes import RECIPES, recipe_for
 from vtab_lily.records import RunSpec, digest, read_record, recipe_identity
+from vtab_lily.rows import PRESETS, preset_label
 from vtab_lily.run import execute
 from vtab_lily.train import WarmupCosine
 
@@ -220,7 +221,7 @@ MAMBAPEFT = {"recipe": "mambapeft"}
 
 
 def test_presets_name_their_methods_sizes_and_recipe():
-    rows = {tables.preset_label(m, f): (m, f) for _, m, f, _ in PRESETS["mambapeft"]}
+    rows = {preset_label(m, f): (m, f) for _, m, f, _ in PRESETS["mambapeft"]}
     assert all(f["recipe"] == "mambapeft" for _, f in rows.values()) and len(rows) == len(PRESETS["mambapeft"])
     assert rows["lora-out_proj"][1]["r"] == 96 and rows["lora-x_proj"][1]["targets"] == ("x_proj", "x_proj_b")
     assert rows["lora-x_proj"][1]["dropout"] == rows["lora-dt_proj"][1]["dropout"] == 0.0  # merged weights

@@ -14,7 +14,8 @@ from test_classic import naive_vit, plain_vit
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
 from vtab_lily.adapters import repadapter
 from vtab_lily.errors import UserError
-from vtab_lily.recipes import ADAPTER_PLUS, CONVPASS, LNTUNE_RECIPE, PRESETS, REPADAPTER_SCALE, recipe_for
+from vtab_lily.recipes import ADAPTER_PLUS, CONVPASS, LNTUNE_RECIPE, REPADAPTER_SCALE, recipe_for
+from vtab_lily.rows import PRESETS
 from vtab_lily.tables import TABLES
 from vtab_lily.tasks import VTAB_TASKS
 

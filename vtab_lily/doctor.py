@@ -33,7 +33,8 @@ from .errors import cli
 from .fileio import write_json
 from .options import OptionError, check_writable_folder
 from .prepare import read_manifest
-from .recipes import PRESET_TASKS, PRESETS, recipe_for
+from .recipes import recipe_for
+from .rows import PRESET_TASKS, PRESETS
 from .run import DEFAULT_DATA, execute
 from .tasks import SPLIT_SIZES, TASK_SETS, VTAB_TASKS, get_task
 

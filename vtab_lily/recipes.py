@@ -1,4 +1,4 @@
-"""The paper's training recipes and the presets behind each row of Tables 4 and 5.
+"""The paper's training recipes and the settings of the rows of its tables (vtab_lily/rows.py).
 
 ViT (Lily / Binary Adapter code): AdamW lr 1e-3, weight decay 1e-4, batch 64 (drop_last),
 100 epochs, timm CosineLRScheduler stepped after each epoch (t_initial 100, warmup_t 10,
@@ -260,131 +260,6 @@ def recipe_for(backbone: str, recipe: str | None = None, **overrides) -> Recipe:
     return dataclasses.replace(base, recipe=None if name == family else name, **overrides)
 
 
-# Rows of the paper's tables: (backbone, method, fixed options, searched grid).
-# Lily on ViT: rank 16, lily_s in {0.01, 0.1, 1, 10, 100}, ne_1 = ne_2 = ne in {2, 3, 4}, chosen per task
-# (the official per-task choices are unpublished, so the row is a sweep).
-PRESETS = {
-    "table4": [
-        ("vit-b", "fft", {}, {}),
-        ("vit-b", "linear", {}, {}),
-        ("vit-b", "adaptformer", {"width": 32}, {}),
-        ("vit-b", "bilora", {"r": 32}, {}),
-        ("vit-b", "lora", {"r": 32}, {}),
-        ("vit-b", "fourierft", {"n": 3000, "scale": 300.0}, {}),
-        ("vit-b", "mora", {"r": 29, "type": 6}, {}),  # 24 x 210^2 = 1,058,400: Table 4's 1.058M
-        ("vit-b", "lily", {"r": 16}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne": [2, 3, 4]}),
-    ],
-    "table5": [
-        ("vim-s", "fft", {}, {}),
-        ("vim-s", "linear", {}, {}),
-        ("vim-s", "lora", {"r": 1, "targets": ("in_proj",)}, {}),
-        ("vim-s", "lily", {"preset": "lily-s"}, {}),
-        ("vim-s", "lily", {"preset": "lily-l"}, {}),
-        ("vit-b-in1k", "fft", {}, {}),
-        ("vit-b-in1k", "linear", {}, {}),
-        ("vit-b-in1k", "adaptformer", {"width": 8}, {}),
-        ("vit-b-in1k", "lora", {"r": 8}, {}),
-    ],
-    # The classic VTAB-1K baselines, each with its official code's settings, inputs ImageNet-normalised as
-    # theirs: VPT's backbone runs without dropout (its ViT has no stochastic depth) and searches the prompt
-    # length; Adapter as NOAH (width 8, dropout 0.1, trunc_normal init, no decay on 1-d tensors); BitFit
-    # with the encoder in eval mode (drop_path 0); SSF and FacT with their per-task settings. SSF's published
-    # numbers come from the AugReg ImageNet-21K ViT-B/16 (timm `vit_base_patch16_224_in21k` of its era),
-    # normalised with mean = std = 0.5; its row here runs on `vit-b` unnormalised, like the other rows.
-    "extended": [
-        ("vit-b", "vpt", {"deep": False, "drop_path": 0.0, **IMAGENET_NORM}, {"length": VPT_LENGTHS}),
-        ("vit-b", "vpt", {"deep": True, "drop_path": 0.0, **IMAGENET_NORM}, {"length": VPT_LENGTHS}),
-        ("vit-b", "bitfit", BITFIT, {}),
-        ("vit-b", "adapter", NOAH_ADAPTER, {}),
-        ("vit-b", "ssf", SSF_RECIPE, {}),
-        *[("vit-b", "fact", {"type": kind, "r": FACT_RANK[kind], "s": FACT_SCALE[kind], **IMAGENET_NORM}, {})
-          for kind in ("tt", "tk")],
-    ],
-    # Appendix D: Lily on different modules without LP sharing (one LP per layer); the paper tunes the
-    # settings to similar parameter counts without publishing them, so the row is a sweep over s and ne_2.
-    "table15": [
-        ("vit-b", "lily", {"targets": targets, "ne_1": 12}, {"s": [0.01, 0.1, 1.0, 10.0, 100.0], "ne_2": [2, 3, 4]})
-        for targets in (("q", "v"), ("mlp",), ("q", "v", "mlp"), ("k", "v", "mlp"))
-    ],
-    # The offline mini-benchmark: Table 4's methods on vit-mini and Table 5's on vim-mini (width 64 / 48, so
-    # ranks and widths are scaled down from ViT-B's 768; FourierFT keeps ViT-B's dW magnitude, scale
-    # sqrt(n) / (d_in d_out)), over the mini VTAB, Lily's grid reduced to ne in {2, 4}.
-    "mini": [
-        ("vit-mini", "fft", {}, {}),
-        ("vit-mini", "linear", {}, {}),
-        ("vit-mini", "adaptformer", {"width": 8}, {}),
-        ("vit-mini", "bilora", {"r": 8}, {}),
-        ("vit-mini", "lora", {"r": 8}, {}),
-        ("vit-mini", "fourierft", {"n": 256, "scale": 8.0}, {}),
-        ("vit-mini", "mora", {"r": 8}, {}),
-        ("vit-mini", "lily", {"r": 8}, {"ne": [2, 4]}),
-        ("vit-mini", "repadapter", {}, {}),
-        ("vit-mini", "lntune", {}, {}),
-        ("vit-mini", "convpass", {}, {}),
-        ("vit-mini", "adapterplus", {}, {}),
-        # V-PETL Bench's methods at their official sizes (SCT's 96 of 768 channels scaled to 8 of 64)
-        ("vit-mini", "hydra", {"r": 2}, {}),
-        ("vit-mini", "sct", {"k": 8}, {}),
-        ("vit-mini", "dtl", {"r": 2}, {}),
-        ("vit-mini", "gps", {"k": 1}, {}),
-        ("vim-mini", "fft", {}, {}),
-        ("vim-mini", "linear", {}, {}),
-        ("vim-mini", "lora", {"r": 1, "targets": ("in_proj",)}, {}),
-        ("vim-mini", "lily", {"preset": "lily-s"}, {}),
-        ("vim-mini", "lily", {"preset": "lily-l"}, {}),
-    ],
-}
-# MambaPEFT's Vim-S rows (sony/MambaPEFT vision/configs/mmpretrain/vim/vtab1k/1_small/<config>.py, named per
-# row) with their recipe. LoRA(embed) has no config: its sizes are vim_peft_all.py's defaults (L735
-# dim_patch_embed=32, s_patch_embed=1). Their Hybrid rows come from an Optuna search whose chosen settings are
-# not published (5_small_peft_search_step{1,2}.py give search spaces and a starting point), so they are no rows.
-MAMBAPEFT = {"recipe": "mambapeft"}
-
-
-def mambapeft_rows(backbone: str, recipe: dict) -> list:
-    """MambaPEFT's methods at their configs' sizes on `backbone`, each with `recipe`'s settings."""
-    # '+'-joined names as tuples, as the configs hold them (and records, so that table rows match)
-    lorap = [((t,), {}) for t in ("x", "z", "dt", "B", "C")] + [(("x",), {"dora": True})]  # 2_small_lorap_*_64[_dora]
-    return [
-        (backbone, "fft", {**recipe}, {}),  # 1_small_ft
-        (backbone, "linear", {**recipe}, {}),  # 1_small_lp
-        *[(backbone, "partial", {"parts": (part,), **({"wd_mult": wd} if wd != 1 else {}), **recipe}, {})
-          for part, wd in (("cls_token", 1), ("pos_embed", 1), ("dt_bias", 100), ("D", 10), ("A", 10), ("conv1d", 10))],
-        *[(backbone, "prompt", {"n": 8, "type": "prefix_suffix", "project": proj, **recipe}, {})  # 4_small_prompt_*
-          for proj in (False, True)],
-        *[(backbone, "affix", {"n": 3, "project": proj, **recipe}, {}) for proj in (False, True)],  # 4_small_affixtune
-        (backbone, "addscan", {"n": 6, "pos": "prefix", "copy_A": True, **recipe}, {}),  # 4_small_addiscan_prefix_6
-        (backbone, "adaptformer", {"width": 32, "s": 0.1, **recipe}, {}),  # 4_small_adaptf_32
-        (backbone, "lora", {"targets": ("patch_embed",), "r": 32, "s": 1.0, **recipe}, {}),
-        # x_proj_dim64, dt_dim64: merged into the weights (W + s up @ down, vim_peft_all.py L115-123, L161-171), so
-        # no dropout
-        (backbone, "lora", {"targets": ("x_proj", "x_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
-        (backbone, "lora", {"targets": ("dt_proj", "dt_proj_b"), "r": 64, "s": 0.1, "dropout": 0.0, **recipe}, {}),
-        (backbone, "lora", {"targets": ("out_proj",), "r": 96, "s": 0.1, **recipe}, {}),  # out_proj_96
-        (backbone, "lora", {"targets": ("in_proj",), "r": 32, "s": 0.1, **recipe}, {}),  # in_proj_32
-        *[(backbone, "lorap", {"targets": t, "r": 64, "s": 0.1, **extra, **recipe}, {}) for t, extra in lorap],
-    ]
-
-
-PRESETS["mambapeft"] = mambapeft_rows("vim-s", MAMBAPEFT)
-# Every Vim method of the suite on vim-s (Table 5's, BitFit, MambaPEFT's) under the recipe the sweep names
-# with `--set recipe=...` (default: the hustvl recipe), so both papers' methods meet under one protocol.
-PRESETS["vim"] = [row for row in PRESETS["table5"] if row[0] == "vim-s"] + [
-    ("vim-s", "bitfit", {}, {})] + [row for row in mambapeft_rows("vim-s", {}) if row[1] not in ("fft", "linear")]
-# The mini benchmark's vim section: one row per MambaPEFT method family on vim-mini (width 48: ranks and widths
-# scaled down; the conv1d partial row and LoRAp(X) at their configs' other settings) and one composition, as their
-# Hybrid rows (its settings are ours: their searched ones are unpublished). The full list is the `mambapeft` preset.
-MINI_SIZES = {"r": 4, "width": 8}
-MINI_VIM = [("vim-mini", method, {**fixed, **{k: v for k, v in MINI_SIZES.items() if k in fixed}}, {})
-            for _, method, fixed, _ in mambapeft_rows("vim-mini", {})
-            if (method, fixed.get("parts"), fixed.get("targets"), fixed.get("project"), fixed.get("dora"))
-            in {("partial", ("conv1d",), None, None, None), ("prompt", None, None, True, None),
-                ("affix", None, None, True, None), ("addscan", None, None, None, None),
-                ("adaptformer", None, None, None, None), ("lora", None, ("out_proj",), None, None),
-                ("lorap", None, ("x",), None, None)}]
-MINI_VIM.append(("vim-mini", "lorap+partial", {"lorap.targets": ("x",), "lorap.r": 4, "partial.parts": ("conv1d",),
-                                               "partial.wd_mult": 10}, {}))
-PRESETS["mini"] += MINI_VIM
 # V-PETL Bench's per-task lr and weight decay (ImageClassification/scripts/run_vit_lora.sh L16-52, every second
 # line, VTAB_TASKS order; run_vit_adaptformer.sh L16-52: the same but cifar100's lr 0.01, wd 1.0).
 VPETL_LORA = {"recipe": "vpetl",
@@ -394,11 +269,3 @@ VPETL_LORA = {"recipe": "vpetl",
                                         "0.0001 0.001 0.05 0.005 0.0005")}
 VPETL_ADAPTFORMER = {**VPETL_LORA, "lr": PerTask({**VPETL_LORA["lr"], "cifar100": 0.01}),
                      "weight_decay": PerTask({**VPETL_LORA["weight_decay"], "cifar100": 1.0})}
-# V-PETL Bench's VTAB-1K methods the suite has (tables.TABLES["vpetl"]), at the sizes of its Params column. LoRA
-# (r 8: its scripts' topN 8) and AdaptFormer (width 8) at V-PETL Bench's settings; the others' rows are the
-# published numbers of their own papers (equal to the `extended` table's), so they run at their official settings
-# as in `extended`. Not reproduced: its per-task train_aug (e.g. configs/model_lora/vtab/dtd.yaml L3).
-PRESETS["vpetl"] = [*PRESETS["table4"][:2], *[row for row in PRESETS["extended"] if row[2].get("type") != "tt"],
-                    ("vit-b", "lora", {"r": 8, **VPETL_LORA}, {}),
-                    ("vit-b", "adaptformer", {"width": 8, **VPETL_ADAPTFORMER}, {})]
-PRESET_TASKS = {"mini": "mini"}  # a preset's default task set (tasks.TASK_SETS; others: "all", the 19)

@@ -33,8 +33,8 @@ from . import doctor, sweep, tables
 from .errors import cli
 from .options import OptionError, check_writable_folder
 from .prepare import manual_download, prepare_task, tfds_data_dir
+from .rows import TABLE_PRESET
 from .run import DEFAULT_DATA, DEFAULT_RUNS
-from .tables import TABLE_PRESET
 from .tasks import get_task
 
 TABLES = ("4", "5", "15", "extended", "mini")  # the tables with a preset to sweep

@@ -50,8 +50,9 @@ from .errors import UserError, cli, error_line, os_error_line
 from .locks import LockLost, RunLock
 from .options import OptionError, check_seed
 from .prepare import ensure_prepared
-from .recipes import PRESET_TASKS, PRESETS, RECIPE_FIELDS, for_task
+from .recipes import RECIPE_FIELDS, for_task
 from .records import RecordError, RunSpec, finished, read_record, selection_order
+from .rows import PRESET_TASKS, PRESETS
 from .run import (
     DEFAULT_DATA,
     DEFAULT_RUNS,

@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -52,8 +51,9 @@ from . import intervals
 from .errors import UserError, cli
 from .fileio import atomic_path
 from .options import check_writable_folder
-from .recipes import MINI_BACKBONES, MINI_VIM, PRESETS, RECIPE_FIELDS, RECIPE_NAMES, NoTaskSetting, Recipe, for_task
+from .recipes import MINI_BACKBONES, RECIPE_NAMES, NoTaskSetting, Recipe, for_task
 from .records import VAL_SELECTION, load_records, recipe_identity, selection_order
+from .rows import PRESETS, TABLE_PRESET, TABLES, Row
 from .tasks import GROUPS, MINI_TASKS, TASKS, VTAB_TASKS
 
 # vtab_lily/paper/ (package data): the Lily paper's Tables 4, 5 and 15, and the classic baselines' own
@@ -70,83 +70,6 @@ class ProvenanceConflict(TableError):
     """Records that would be pooled into one cell were made on different weights, data or precision."""
 
 
-@dataclass(frozen=True)
-class Row:
-    backbone: str
-    label: str  # the paper's row label (column `method` of paper_tables.csv)
-    method: str
-    filters: dict = field(default_factory=dict)  # method-config values a record must have
-    origin: str | None = None  # the records' origin label (records.load_records), when it must match
-    recipe: str | None = None  # the records' recipe (JSON, `runs` rows); None: the table's preset's
-
-
-def _lily15(targets):
-    return Row("vit-b", f"lily-{''.join(targets)}", "lily", {"targets": list(targets), "ne_1": 12})
-
-
-TABLES = {
-    "4": [Row("vit-b", "fft", "fft"), Row("vit-b", "linear", "linear"),
-          Row("vit-b", "adaptformer", "adaptformer", {"width": 32}), Row("vit-b", "bilora", "bilora", {"r": 32}),
-          Row("vit-b", "lora", "lora", {"r": 32}), Row("vit-b", "fourierft", "fourierft"),
-          Row("vit-b", "mora", "mora"), Row("vit-b", "lily", "lily", {"targets": ["k", "v", "mlp"], "r": 16})],
-    "5": [Row("vim-s", "fft", "fft"), Row("vit-b-in1k", "fft", "fft"), Row("vim-s", "linear", "linear"),
-          Row("vit-b-in1k", "linear", "linear"), Row("vit-b-in1k", "adaptformer", "adaptformer", {"width": 8}),
-          Row("vit-b-in1k", "lora", "lora", {"r": 8}),
-          Row("vim-s", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
-          Row("vim-s", "lily-s", "lily", {"preset": "lily-s"}), Row("vim-s", "lily-l", "lily", {"preset": "lily-l"})],
-    "15": [_lily15(("q", "v")), _lily15(("mlp",)), _lily15(("q", "v", "mlp")), _lily15(("k", "v", "mlp"))],
-    # the classic VTAB-1K baselines beside their own papers' numbers (vtab_lily/paper/extended.csv)
-    "extended": [Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
-                 Row("vit-b", "bitfit", "bitfit"),
-                 Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "trunc_normal"}),
-                 Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact-tt", "fact", {"type": "tt"}),
-                 Row("vit-b", "fact-tk", "fact", {"type": "tk"})],
-    # the `mini` preset's rows (vtab_lily/recipes.py)
-    "mini": [Row("vit-mini", "fft", "fft"), Row("vit-mini", "linear", "linear"),
-             Row("vit-mini", "adaptformer", "adaptformer", {"width": 8}), Row("vit-mini", "bilora", "bilora", {"r": 8}),
-             Row("vit-mini", "lora", "lora", {"r": 8}), Row("vit-mini", "fourierft", "fourierft", {"n": 256}),
-             Row("vit-mini", "mora", "mora", {"r": 8}), Row("vit-mini", "lily", "lily", {"r": 8}),
-             Row("vit-mini", "repadapter", "repadapter"), Row("vit-mini", "lntune", "lntune"),
-             Row("vit-mini", "convpass", "convpass"), Row("vit-mini", "adapterplus", "adapterplus"),
-             Row("vit-mini", "hydra", "hydra", {"r": 2}), Row("vit-mini", "sct", "sct", {"k": 8}),
-             Row("vit-mini", "dtl", "dtl", {"r": 2}), Row("vit-mini", "gps", "gps", {"k": 1}),
-             Row("vim-mini", "fft", "fft"), Row("vim-mini", "linear", "linear"),
-             Row("vim-mini", "lora", "lora", {"r": 1, "targets": ("in_proj",)}),
-             Row("vim-mini", "lily-s", "lily", {"preset": "lily-s"}),
-             Row("vim-mini", "lily-l", "lily", {"preset": "lily-l"})],
-}
-
-
-def preset_label(method: str, fixed: dict) -> str:
-    """A MambaPEFT-style row's label (the `method` column of vtab_lily/paper/mambapeft.csv)."""
-    if method == "partial":
-        return f"partial-{'+'.join(fixed['parts'])}"
-    if method in ("prompt", "affix"):
-        return method + ("" if fixed.get("project", True) else "-noproj")
-    if method == "lora" and "targets" in fixed:
-        return f"lora-{fixed['targets'][0]}"
-    if method == "lorap":
-        return f"lorap-{'+'.join(fixed['targets'])}" + ("-dora" if fixed.get("dora") else "")
-    return fixed.get("preset") or method
-
-
-def preset_rows(rows) -> list[Row]:
-    """Table rows of preset rows: labelled by preset_label (with -r<rank> where two would share one),
-    filtered on the method options they fix."""
-    labels = [preset_label(method, fixed) for _, method, fixed, _ in rows]
-    return [Row(backbone, f"{label}-r{fixed['r']}" if labels.count(label) > 1 else label, method,
-                {k: v for k, v in fixed.items() if k not in RECIPE_FIELDS})
-            for (backbone, method, fixed, _), label in zip(rows, labels)]
-
-
-# V-PETL Bench's VTAB-1K table (vtab_lily/paper/vpetl.csv): its methods the suite has, at the sizes its
-# Params column prints (LoRA 0.29M: r 8 on q, v; AdaptFormer 0.16M: width 8; FacT 0.07M: TK); one line per row
-TABLES["vpetl"] = [Row("vit-b", "fft", "fft"), Row("vit-b", "linear", "linear"),
-                   Row("vit-b", "adapter", "adapter", {"width": 8, "placement": "mlp", "init": "trunc_normal"}),
-                   Row("vit-b", "vpt-shallow", "vpt", {"deep": False}), Row("vit-b", "vpt-deep", "vpt", {"deep": True}),
-                   Row("vit-b", "bitfit", "bitfit"), Row("vit-b", "lora", "lora", {"r": 8}),
-                   Row("vit-b", "adaptformer", "adaptformer", {"width": 8}),
-                   Row("vit-b", "ssf", "ssf", {"init": "official"}), Row("vit-b", "fact", "fact", {"type": "tk"})]
 PPT_C = 1e7  # V-PETL Bench's normalisation constant C of PPT (ppt)
 
 
@@ -160,16 +83,7 @@ def ppt(acc, params):
     return np.asarray(acc, dtype=float) / 100 * np.exp(-np.log10(np.asarray(params, dtype=float) / PPT_C + 1))
 
 
-# MambaPEFT's Vim-S rows beside their published numbers (vtab_lily/paper/mambapeft.csv), and every Vim method
-# of the suite under one recipe (`sweep --preset vim --set recipe=...`)
-TABLES["mambapeft"] = preset_rows(PRESETS["mambapeft"])
-TABLES["vim"] = preset_rows(PRESETS["vim"])
-TABLES["mini"] += preset_rows(MINI_VIM)
 RUNS_TABLE = "runs"  # not a paper table: one row per backbone, method, origin and recipe in the records
-
-
-TABLE_PRESET = {"4": "table4", "5": "table5", "15": "table15", "extended": "extended", "mini": "mini",
-                "mambapeft": "mambapeft", "vim": "vim", "vpetl": "vpetl"}
 BENCHMARKS = {"VTAB-1K": VTAB_TASKS, "mini": MINI_TASKS}  # a table's columns are grouped by these
 
 
