@@ -155,7 +155,7 @@ def test_sweep_preset_vpetl_dry_run_count(tmp_path, capsys):
     from vtab_lily import sweep
     assert sweep.main(["--preset", "vpetl", "--dry-run", "--runs", str(tmp_path)]) == 0
     # fft, linear, bitfit, adapter, ssf, fact-tk, lora, adaptformer: 19 each; VPT shallow and deep: 6 lengths x 19
-    assert "380 runs: 0 done, 380 to run" in capsys.readouterr().out
+    assert "494 runs: 0 done, 494 to run" in capsys.readouterr().out
 
 
 def test_cost_table_sets_the_records_mean_and_ppt_beside_the_costs(tmp_path, capsys):
