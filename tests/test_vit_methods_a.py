@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, randomize_trainable, tiny
-from test_classic import naive_vit, plain_vit
+from test_classic import check_naive, plain_vit
 
 from vtab_lily import build_model, count_params, disable_adapters, load_adapter, save_adapter
 from vtab_lily.adapters import repadapter
@@ -92,19 +92,7 @@ NAIVE = [("repadapter", dict(s=0.7), repadapter_edit), ("repadapter", dict(width
 
 @pytest.mark.parametrize("method,options,edit", NAIVE, ids=lambda v: v if isinstance(v, str) else None)
 def test_equals_the_official_forward_outputs_and_gradients(method, options, edit, images):
-    """float64 on both sides, every trainable tensor (the zero-init ones included) perturbed."""
-    model = tiny(method, **options).eval().double()
-    randomize_trainable(model, std=0.2)
-    params = [p for p in model.parameters() if p.requires_grad]
-    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    images = images.double()
-    got = model(images)
-    kw = edit(model)
-    kw["params"] = {**kw.get("params", {}), "head.weight": model.head.weight, "head.bias": model.head.bias}
-    want = naive_vit(plain_vit().double(), images, **kw)
-    assert_close(got, want, 1e-9)
-    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
-        assert_close(a, b, 1e-9)
+    check_naive(method, options, edit, images)
 
 
 # ---------------------------------------------------------------- parameter counts on ViT-B/16

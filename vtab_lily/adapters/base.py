@@ -28,6 +28,7 @@ from .wrappers import (
     conflict,
     current_method,
     fold_linear,
+    model_site,
     module_path,
     set_hook,
     site_module,
@@ -37,6 +38,6 @@ from .wrappers import (
 __all__ = ["FROM_FILE", "METHODS", "SELECTION", "Adapted", "Method", "NeedsTrainingData", "SiteConflict",
            "StreamBranch", "Switch", "Tap", "TargetedConfig", "TrainingData", "adapted_modules", "add_branch",
            "add_serial", "add_stream", "attach_each", "attaching", "conflict", "config_dict", "current_method",
-           "fold_linear", "get_method", "make_config", "merges", "module_path", "option_names", "prepass_data",
-           "record_prepass", "register", "set_hook", "site_module", "split_names", "split_targets",
+           "fold_linear", "get_method", "make_config", "merges", "model_site", "module_path", "option_names",
+           "prepass_data", "record_prepass", "register", "set_hook", "site_module", "split_names", "split_targets",
            "training_data", "unwrapped"]

@@ -35,12 +35,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from backbones import adapter_sites, model_sites
+from backbones import adapter_sites
 
-from ..errors import UnknownName
 from ..options import option
 from .adapter import QuickGELU
-from .base import add_branch, register
+from .base import add_branch, model_site, register
 
 PLACEMENTS = {"block": ("attn", "mlp"), "attn": ("attn",)}
 
@@ -94,10 +93,7 @@ class ConvPassBranch(nn.Module):
 
 @register("convpass", ConvPassConfig)
 def attach_convpass(model: nn.Module, cfg: ConvPassConfig) -> None:
-    sequence = model_sites(model).get("blocks")
-    if sequence is None:
-        raise UnknownName(f"convpass needs a token-sequence site (`blocks`, its patch grid); "
-                          f"{model.backbone_name} has none")
+    sequence = model_site(model, "blocks", "a token-sequence site", " (its patch grid)")
     for layer in adapter_sites(model):
         for name in PLACEMENTS[cfg.placement]:
             site = layer.get(name)

@@ -24,11 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backbones import model_sites
-
-from ..errors import UnknownName
 from ..options import OptionError, option
-from .base import Switch, register
+from .base import Switch, model_site, register
 
 
 @dataclass
@@ -82,9 +79,7 @@ class DisentangledBlocks(Switch, nn.Sequential):
 
 @register("dtl", DTLConfig)
 def attach_dtl(model: nn.Module, cfg: DTLConfig) -> None:
-    site = model_sites(model).get("blocks")
-    if site is None:
-        raise UnknownName(f"dtl needs a token-sequence site ('blocks'); backbone {model.backbone_name!r} has none")
+    site = model_site(model, "blocks", "a token-sequence site")
     blocks = getattr(site.parent, site.attr)
     add_from = len(blocks) // 2 if cfg.add_from is None else cfg.add_from
     if add_from >= len(blocks):

@@ -23,11 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from backbones import model_sites
-
-from ..errors import UnknownName
 from ..options import option
-from .base import Switch, register, set_hook
+from .base import Switch, model_site, register, set_hook
 
 
 @dataclass
@@ -81,10 +78,7 @@ class PromptTokens(Switch, nn.Module):
 
 @register("prompt", PromptConfig)
 def attach_prompt(model: nn.Module, cfg: PromptConfig) -> None:
-    site = model_sites(model).get("tokens")
-    if site is None:
-        raise UnknownName(f"prompt needs the token-sequence hook 'tokens' (Vision Mamba backbones have it; on a ViT "
-                          f"use vpt); backbone {model.backbone_name!r} has none")
+    site = model_site(model, "tokens", "the token-sequence hook", " (Vision Mamba backbones have it; on a ViT use vpt)")
     before = {"prefix": cfg.n, "suffix": 0, "prefix_suffix": -(-cfg.n // 2)}[cfg.type]
     model.prompt = PrefixEncoder(cfg.n, site.d, site.d, 1, cfg.project)
     set_hook(site, PromptTokens(model.prompt, before))

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backbones import TokenSite, model_sites
+from backbones import TokenSite
 
-from ..errors import UnknownName
 from ..options import option
-from .base import Switch, register
+from .base import Switch, model_site, register
 
 
 @dataclass
@@ -78,10 +77,7 @@ class PromptedBlocks(Switch, nn.Sequential):
 
 
 def prompt_site(model: nn.Module) -> TokenSite:
-    site = model_sites(model).get("blocks")
-    if site is None:
-        raise UnknownName(f"vpt needs a token-sequence site ('blocks'); backbone {model.backbone_name!r} has none")
-    return site
+    return model_site(model, "blocks", "a token-sequence site")
 
 
 @register("vpt", VPTConfig)

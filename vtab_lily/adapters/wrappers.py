@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, StreamSite, adapter_sites
+from backbones import ConvSite, HookSite, LinearSite, OutputSite, ParallelSite, StreamSite, adapter_sites, model_sites
 
-from ..errors import UserError
+from ..errors import UnknownName, UserError
 
 
 class SiteConflict(UserError, ValueError):
@@ -264,3 +264,13 @@ def fold_linear(model: nn.Module, kinds: tuple[type, ...]) -> int:
             setattr(parent, name, base)
             folded += 1
     return folded
+
+
+def model_site(model: nn.Module, name: str, what: str, hint: str = ""):
+    """The model-level site `name` (backbones.model_sites) the method being attached needs, or one UnknownName
+    line naming the method, what the site is (`what`), a `hint` and the backbone."""
+    site = model_sites(model).get(name)
+    if site is None:
+        raise UnknownName(f"{current_method() or 'this method'} needs {what} {name!r}{hint}; backbone "
+                          f"{model.backbone_name!r} has none")
+    return site
