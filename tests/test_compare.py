@@ -160,6 +160,7 @@ def _mini_records(runs, methods=("lily", "lora"), seeds=(1, 2, 3), predictions=T
     return truth
 
 
+@pytest.mark.slow
 def test_tables_compare_end_to_end_writes_the_paired_numbers(tmp_path, capsys):
     truth = _mini_records(tmp_path / "runs")
     out = tmp_path / "out"
@@ -194,6 +195,7 @@ def test_tables_compare_end_to_end_writes_the_paired_numbers(tmp_path, capsys):
     assert _not_blank(stem.with_suffix(".png"))
 
 
+@pytest.mark.slow
 def test_three_rows_rank_and_old_records_say_no_predictions(tmp_path, capsys):
     _mini_records(tmp_path / "runs", methods=("lily", "lora", "fft"), predictions=False)
     out = tmp_path / "out"

@@ -29,6 +29,7 @@ def test_the_family_is_the_backbone_specs_field_for_methods_and_recipes(monkeypa
     assert family("vimlike-vit") == "vit" and recipe_for("vimlike-vit") == recipe_for("vit-b")
 
 
+@pytest.mark.slow
 def test_every_hub_download_fails_with_one_message(monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

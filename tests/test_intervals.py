@@ -31,6 +31,7 @@ def test_one_seed_interval_covers_a_binomial_accuracy_95_percent_of_the_time():
         assert 0.92 <= _coverage(correct, 100 * p) <= 0.98, (n, p)  # 95% +- 2.7 s.e. of 400 simulations
 
 
+@pytest.mark.slow
 def test_seeds_and_shared_images_crossed_coverage():
     """Truth: image i is right for seed s when mu + a_s + b_i + e_si > 0 (a: the seed's effect, b: the image's
     difficulty, shared by all seeds, e: their interaction); the target is the expected accuracy over seeds and
@@ -118,6 +119,7 @@ def test_one_seed_mean_interval_matches_the_binomial_variance_of_a_mean_of_group
     assert result["draws"]["vit-mini lily"]["Mean"].std() == pytest.approx(np.sqrt(var), rel=0.08)
 
 
+@pytest.mark.slow
 def test_ci_choices_print_mean_std_or_interval_and_the_outputs_carry_bounds_and_card(tmp_path, capsys):
     _runs(tmp_path / "runs")
     result = _mini(tmp_path / "runs")

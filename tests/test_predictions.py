@@ -18,6 +18,7 @@ TINY = {"image_size": 32, "batch_size": 50, "epochs": 4, "eval_every": 2, "warmu
         "checkpoint_every": 100}
 
 
+@pytest.mark.slow
 def test_a_done_run_writes_predictions_that_agree_with_its_record(data_root, tmp_path):
     path = execute(RunSpec("vit-tiny", "digits", "lora", {"r": 2}, 3, "test", TINY), tmp_path, data_root,
                    progress=False)
@@ -34,6 +35,7 @@ def test_a_done_run_writes_predictions_that_agree_with_its_record(data_root, tmp
     assert predictions_path(path).stat().st_size <= 2 * p.preds.size + 2048  # <= 2 bytes per image and evaluation
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_predictions_of_every_evaluation(data_root, tmp_path):
     spec = RunSpec("vit-tiny", "digits", "lily", {"r": 4}, 1, "test", TINY)
     whole = read_predictions(execute(spec, tmp_path / "a", data_root, progress=False))

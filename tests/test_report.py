@@ -96,6 +96,7 @@ def _parse(path: Path) -> Page:
     return page
 
 
+@pytest.mark.slow
 def test_every_cell_links_to_its_runs_and_their_pages_hold_the_records_numbers(tmp_path, capsys):
     records = _records(tmp_path / "runs")
     out = tmp_path / "report"
@@ -136,6 +137,7 @@ def test_every_cell_links_to_its_runs_and_their_pages_hold_the_records_numbers(t
         assert "../index.html" in page.links
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_error_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     _records(tmp_path / "runs", seeds=(1,))
@@ -155,6 +157,7 @@ def test_mistakes_are_one_error_line(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian's package; .ci/run installs it)")
 def test_headless_chromium_renders_the_page_without_errors(tmp_path):
     from PIL import Image
@@ -184,6 +187,7 @@ def test_headless_chromium_renders_the_page_without_errors(tmp_path):
     assert any(":CONSOLE" in line and "boom-21" in line for line in run("--dump-dom", page=broken).stderr.splitlines())
 
 
+@pytest.mark.slow
 def test_default_ranks_and_the_cost_table(tmp_path):
     from vtab_lily.cost import COLUMNS
     _records(tmp_path / "runs", seeds=(1,))

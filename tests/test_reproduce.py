@@ -19,6 +19,7 @@ def folders(tmp_path) -> list[str]:
             "--calibration", str(tmp_path / "calibration.json")]
 
 
+@pytest.mark.slow
 def test_mini_table_end_to_end_prepares_runs_and_writes_what_tables_writes(tmp_path, capsys):
     argv = ["--table", "mini", "--tasks", "digits", "--backbones", "vit-mini", "--methods", "linear", "--seeds", "1",
             *folders(tmp_path)]  # the mini table's cheapest cell
@@ -49,6 +50,7 @@ def test_mini_table_end_to_end_prepares_runs_and_writes_what_tables_writes(tmp_p
         assert (tmp_path / "again" / name).read_text() == (tmp_path / "t" / name).read_text(), name
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_the_presets_run_count_and_the_calibrated_gpu_hours_and_writes_nothing(tmp_path,
                                                                                                    capsys):
     rate = {"batch": 64, "train_ips": 100.0, "eval_ips": 400.0, "precision": "bf16", "device": "cuda:0"}

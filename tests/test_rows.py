@@ -57,6 +57,7 @@ def test_the_presets_and_tables_are_the_frozen_ones():
     assert sum(p["points"] for p in FROZEN_DATA["presets"].values()) == 3782
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_preset_runs_are_todays(name):
     points = preset_points(name)

@@ -184,6 +184,7 @@ def test_status_never_unpickles_a_result_file_from_the_logs_folder(data_root, tm
     assert f"failed: job {job['job_id']} ended COMPLETED without finishing the run" in out.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_a_run_killed_inside_a_multi_run_job_fails_alone_and_resumes_when_submitted_again(data_root, tmp_path, slurm,
                                                                                          capsys, monkeypatch):
     import glob
@@ -232,6 +233,7 @@ def test_a_run_killed_inside_a_multi_run_job_fails_alone_and_resumes_when_submit
     assert outcome["outcome"] == "done" and outcome["statuses"][killed - 1].startswith("failed: its run process")
 
 
+@pytest.mark.slow
 def test_reproduce_submits_to_slurm_returns_and_its_tables_only_writes_the_table(data_root, tmp_path, slurm, capsys,
                                                                                monkeypatch):
     import shlex

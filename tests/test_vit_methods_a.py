@@ -97,6 +97,7 @@ def test_equals_the_official_forward_outputs_and_gradients(method, options, edit
 
 # ---------------------------------------------------------------- parameter counts on ViT-B/16
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options,expected", [
     # per adapter: down 768 * 8 + 8, grouped up 768 * (8 / 2) + 768 = 9,992; 2 per layer, 12 layers: 239,808
     ("repadapter", {}, 239_808),

@@ -111,6 +111,7 @@ def hydra_edits(model):
     return dict(linear=linear)
 
 
+@pytest.mark.slow
 def test_hydra_parameter_count_on_vit_b():
     # per block (hydra.py L81-84, Hydra_layer with biases): attn par + seq 2 x (768*2 + 2 + 2*768 + 768) = 7,684;
     # mlp par 3072*2 + 2 + 2*768 + 768 = 8,450; mlp seq 768*2 + 2 + 2*768 + 768 = 3,842 -> 19,976 x 12 = 239,712
